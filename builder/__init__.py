@@ -1,0 +1,1 @@
+"""Builder side: model definitions, checkpoint loading, export (imports torch model code)."""
