@@ -43,7 +43,28 @@ def upsampler_config(version: ModelVersion, *, tiny: bool = False) -> dict[str, 
 # Each section is owned by the stage that reads it (dit/text: "transformer"; video VAE: "vae"; audio VAE:
 # "audio_vae"; vocoder: "vocoder"; upsampler: TINY_UPSAMPLER).
 
-TINY_TRANSFORMER: dict[str, Any] = {}
+TINY_TRANSFORMER: dict[str, Any] = {
+    # 2 blocks, 2 heads. Video head_dim 8 over 3 RoPE axes leaves a non-zero split-RoPE pad (8 - 3*2 = 2), so
+    # the front-padding path runs. Latent channels (128 video, 8x16 audio) keep their released values.
+    "num_layers": 2,
+    "num_attention_heads": 2,
+    "attention_head_dim": 8,
+    "cross_attention_dim": 16,
+    "audio_num_attention_heads": 2,
+    "audio_attention_head_dim": 4,
+    "audio_cross_attention_dim": 8,
+    "connector_num_layers": 2,
+    "caption_channels": 32,  # = the tiny Gemma's hidden size (3840 for Gemma-3 12B)
+    # LTX-2: the connectors run at the Gemma width (30 x 128 = 3840 released), so 2 x 16 = 32 here.
+    "2.0": {"connector_num_attention_heads": 2, "connector_attention_head_dim": 16},
+    # LTX-2.3: connectors run at the DiT widths (video 32 x 128, audio 32 x 64 released).
+    "2.3": {
+        "connector_num_attention_heads": 2,
+        "connector_attention_head_dim": 8,
+        "audio_connector_num_attention_heads": 2,
+        "audio_connector_attention_head_dim": 4,
+    },
+}
 TINY_VAE: dict[str, Any] = {}
 TINY_AUDIO_VAE: dict[str, Any] = {}
 TINY_VOCODER: dict[str, Any] = {}
