@@ -1,0 +1,35 @@
+# Thin wrappers over pip, pytest and the fvrt CLIs. `make setup` then `make test` is what CI runs.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# CPU machines and CI: torch 2.13 (CPU build). The GPU machines ship torch 2.11 and install nothing.
+TORCH  ?= torch==2.13.0
+# The official implementation, our numerical oracle (test-only). It pins torch~=2.7 and torchaudio, so it is
+# installed without dependencies; the modules it imports come with the [test] extra.
+ORACLE := ltx-core==1.0.0 ltx-pipelines==1.0.0
+
+.PHONY: setup test test-gpu lint demo clean
+
+setup:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-deps $(ORACLE)
+
+test:
+	$(BIN)/pytest -q
+
+test-gpu:
+	$(BIN)/pytest -q -m gpu
+
+lint:
+	$(BIN)/ruff check builder runtime plugins src tests
+	$(BIN)/ruff format --check builder runtime plugins src tests
+
+demo:
+	$(BIN)/fvrt-model make-random out/tiny-2.3 --version 2.3 --size tiny
+	$(BIN)/fvrt-model check out/tiny-2.3/ltx-2.3-random.safetensors --upsampler out/tiny-2.3/upsampler.safetensors
+
+clean:
+	rm -rf out .pytest_cache

@@ -1,0 +1,175 @@
+"""The engine-directory contract: `manifest.json`, written by the builder, verified by the runtime.
+
+One `Manifest` type serves the writer, the reader and the tests. The runtime refuses, with one clear line, an
+engine directory that is incomplete or tampered with (sha256), or built for another GPU (compute capability),
+another torch / TensorRT version, or another manifest format. This module imports only the standard library so
+that the lean runtime can validate a directory before it imports anything heavy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+BACKENDS = ("torch-aot", "tensorrt", "tensorrt-rtx")
+_HASH_CHUNK = 1 << 24
+
+
+class EngineError(ValueError):
+    """An engine directory is unusable here; the message says which file or field and why."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One engine input or output: name, dtype (torch name, e.g. "bfloat16") and shape per profile."""
+
+    name: str
+    dtype: str
+    shapes: dict[str, list[int]]  # profile name -> static shape
+
+
+@dataclass(frozen=True)
+class StageEntry:
+    name: str
+    backend: str
+    file: str
+    sha256: str
+    precision: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    weights: str | None = None  # separate safetensors file when the backend keeps weights apart
+    weights_sha256: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BuildEnv:
+    fvrt_version: str
+    torch_version: str
+    tensorrt_version: str | None
+    gpu_name: str | None
+    compute_capability: str | None  # "9.0"; for CPU-only AOT builds the target list, e.g. "8.9,12.0"
+    model_version: str
+    checkpoint_sha256: str | None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    format_version: int
+    profiles: dict[str, dict[str, int]]  # profile name -> {"height":..,"width":..,"frames":..,...}
+    stages: dict[str, StageEntry]
+    build: BuildEnv
+    config: dict[str, Any]  # the checkpoint's `config` metadata, so the directory is self-describing
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> Manifest:
+        try:
+            stages = {
+                k: StageEntry(
+                    **{
+                        **v,
+                        "inputs": [TensorSpec(**t) for t in v["inputs"]],
+                        "outputs": [TensorSpec(**t) for t in v["outputs"]],
+                    }
+                )
+                for k, v in raw["stages"].items()
+            }
+            return cls(
+                format_version=int(raw["format_version"]),
+                profiles={k: dict(v) for k, v in raw["profiles"].items()},
+                stages=stages,
+                build=BuildEnv(**raw["build"]),
+                config=dict(raw["config"]),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise EngineError(f"manifest is malformed: {type(e).__name__}: {e}") from None
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_manifest(engine_dir: str | Path) -> Manifest:
+    """Parse `engine_dir/manifest.json` (no file hashing; see `verify`)."""
+    root = Path(engine_dir)
+    if not root.is_dir():
+        raise EngineError(f"engine directory not found: {root}")
+    path = root / MANIFEST_NAME
+    if not path.is_file():
+        raise EngineError(f"{root} is not an engine directory (no {MANIFEST_NAME})")
+    try:
+        raw = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EngineError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict) or raw.get("format_version") != FORMAT_VERSION:
+        got = raw.get("format_version") if isinstance(raw, dict) else None
+        raise EngineError(f"{path}: manifest format {got!r}, this fvrt reads format {FORMAT_VERSION}")
+    return Manifest.from_dict(raw)
+
+
+def verify(
+    engine_dir: str | Path,
+    manifest: Manifest,
+    *,
+    torch_version: str | None = None,
+    compute_capability: str | None = None,
+    tensorrt_version: str | None = None,
+    stages: list[str] | None = None,
+) -> None:
+    """Refuse an engine directory that does not match this machine or has been altered.
+
+    Each given environment value must equal the manifest's; every stage file (and weights file) must exist and
+    hash to the recorded sha256.
+    """
+    root = Path(engine_dir)
+    env = manifest.build
+    checks = (
+        ("torch", torch_version, env.torch_version),
+        ("TensorRT", tensorrt_version, env.tensorrt_version),
+    )
+    for what, have, built in checks:
+        if have is not None and built is not None and have != built:
+            raise EngineError(f"{root}: engines were built with {what} {built}, this machine has {what} {have}")
+    if compute_capability is not None and env.compute_capability is not None:
+        targets = env.compute_capability.split(",")
+        if compute_capability not in targets:
+            raise EngineError(
+                f"{root}: engines were built for compute capability {env.compute_capability}, "
+                f"this GPU is {compute_capability}"
+            )
+    for name in stages or list(manifest.stages):
+        if name not in manifest.stages:
+            raise EngineError(f"{root}: manifest has no stage '{name}'")
+        entry = manifest.stages[name]
+        if entry.backend not in BACKENDS:
+            raise EngineError(f"{root}: stage '{name}' has unknown backend '{entry.backend}'")
+        for file, digest in ((entry.file, entry.sha256), (entry.weights, entry.weights_sha256)):
+            if file is None:
+                continue
+            path = root / file
+            if not path.is_file():
+                raise EngineError(f"{root}: stage '{name}' file {file} is missing")
+            if sha256_file(path) != digest:
+                raise EngineError(f"{root}: stage '{name}' file {file} does not match its sha256 (tampered?)")
+
+
+def write_manifest(engine_dir: str | Path, manifest: Manifest) -> Path:
+    """Write the manifest atomically (temporary file, then rename)."""
+    path = Path(engine_dir) / MANIFEST_NAME
+    tmp = path.with_name(MANIFEST_NAME + ".partial")
+    tmp.write_text(manifest.to_json())
+    tmp.replace(path)
+    return path

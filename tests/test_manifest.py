@@ -1,0 +1,97 @@
+"""The engine-directory contract: round trip, and every refusal the runtime must make."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from fvrt.runtime.manifest import (
+    FORMAT_VERSION,
+    BuildEnv,
+    EngineError,
+    Manifest,
+    StageEntry,
+    TensorSpec,
+    read_manifest,
+    sha256_file,
+    verify,
+    write_manifest,
+)
+
+
+def _engine_dir(tmp_path: Path) -> tuple[Path, Manifest]:
+    (tmp_path / "dit.pt2").write_bytes(b"engine-bytes")
+    (tmp_path / "dit.safetensors").write_bytes(b"weights-bytes")
+    entry = StageEntry(
+        name="dit",
+        backend="torch-aot",
+        file="dit.pt2",
+        sha256=sha256_file(tmp_path / "dit.pt2"),
+        precision="bf16",
+        inputs=[TensorSpec("video", "bfloat16", {"s1": [1, 8160, 128], "s2": [1, 32640, 128]})],
+        outputs=[TensorSpec("video_v", "bfloat16", {"s1": [1, 8160, 128], "s2": [1, 32640, 128]})],
+        weights="dit.safetensors",
+        weights_sha256=sha256_file(tmp_path / "dit.safetensors"),
+    )
+    env = BuildEnv("0.1.0", "2.11.0+cu130", None, "NVIDIA H100 80GB HBM3", "9.0", "2.3", "ab" * 32)
+    manifest = Manifest(FORMAT_VERSION, {"s2": {"height": 1088, "width": 1920, "frames": 121}}, {"dit": entry}, env, {})
+    write_manifest(tmp_path, manifest)
+    return tmp_path, manifest
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    root, manifest = _engine_dir(tmp_path)
+    assert read_manifest(root) == manifest
+    verify(root, manifest, torch_version="2.11.0+cu130", compute_capability="9.0")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"torch_version": "2.13.0+cpu"}, "built with torch 2.11.0"),
+        ({"compute_capability": "8.9"}, "built for compute capability 9.0"),
+    ],
+)
+def test_refuses_other_machine(tmp_path: Path, kwargs: dict, message: str) -> None:
+    root, manifest = _engine_dir(tmp_path)
+    with pytest.raises(EngineError, match=message):
+        verify(root, manifest, **kwargs)
+
+
+def test_refuses_tampered_and_missing_files(tmp_path: Path) -> None:
+    root, manifest = _engine_dir(tmp_path)
+    (root / "dit.safetensors").write_bytes(b"weights-bytez")
+    with pytest.raises(EngineError, match=r"dit.safetensors does not match its sha256"):
+        verify(root, manifest)
+    (root / "dit.pt2").unlink()
+    with pytest.raises(EngineError, match="dit.pt2 is missing"):
+        verify(root, manifest)
+
+
+def test_refuses_bad_manifests(tmp_path: Path) -> None:
+    with pytest.raises(EngineError, match="not found"):
+        read_manifest(tmp_path / "nope")
+    with pytest.raises(EngineError, match="not an engine directory"):
+        read_manifest(tmp_path)
+    root, manifest = _engine_dir(tmp_path)
+    raw = json.loads((root / "manifest.json").read_text())
+    (root / "manifest.json").write_text(json.dumps({**raw, "format_version": 99}))
+    with pytest.raises(EngineError, match="format 99"):
+        read_manifest(root)
+    del raw["build"]
+    (root / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(EngineError, match="malformed"):
+        read_manifest(root)
+    (root / "manifest.json").write_text("{not json")
+    with pytest.raises(EngineError, match="not valid JSON"):
+        read_manifest(root)
+
+
+def test_unknown_backend(tmp_path: Path) -> None:
+    root, manifest = _engine_dir(tmp_path)
+    bad = dataclasses.replace(manifest, stages={"dit": dataclasses.replace(manifest.stages["dit"], backend="onnx")})
+    with pytest.raises(EngineError, match="unknown backend 'onnx'"):
+        verify(root, bad)
