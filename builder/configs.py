@@ -65,10 +65,90 @@ TINY_TRANSFORMER: dict[str, Any] = {
         "audio_connector_attention_head_dim": 4,
     },
 }
-TINY_VAE: dict[str, Any] = {}
-TINY_AUDIO_VAE: dict[str, Any] = {}
-TINY_VOCODER: dict[str, Any] = {}
-TINY_UPSAMPLER: dict[str, Any] = {}
+TINY_TEXT_ENCODER: dict[str, Any] = {
+    # Gemma-3 text model size; not part of the released metadata (ltx-core hard-codes Gemma-3 12B: 3840 wide,
+    # 48 layers), so the tiny config adds this section and the text projection reads it (default: 12B).
+    # 4 layers = sliding and global layers alternate in the tiny Gemma (tests/tiny_gemma.py).
+    "hidden_size": 32,  # = TINY_TRANSFORMER["caption_channels"]
+    "num_hidden_layers": 4,
+}
+TINY_VAE: dict[str, Any] = {
+    # Every block kind of the released lists, in the released order, with 1-2 res layers each. The decoder
+    # starts at 8 x 8 = 64 channels (released 1024). The encoder's first width is the latent width in ltx-core
+    # (128, kept), so the tiny encoder doubles once (to 256) and then keeps its width with multiplier-1
+    # downsamplers instead of growing to 2048 / 1024; the space-to-depth skips then average groups of
+    # 2/2/8/8 (2.0) and 4/1/8/8 (2.3) channels.
+    "decoder_base_channels": 8,
+    "2.0": {
+        "encoder_blocks": [
+            ["res_x", {"num_layers": 1}],
+            ["compress_space_res", {"multiplier": 2}],
+            ["res_x", {"num_layers": 1}],
+            ["compress_time_res", {"multiplier": 1}],
+            ["res_x", {"num_layers": 1}],
+            ["compress_all_res", {"multiplier": 1}],
+            ["res_x", {"num_layers": 1}],
+            ["compress_all_res", {"multiplier": 1}],
+            ["res_x", {"num_layers": 2}],
+        ],
+        # released: res x5 and residual compress_all (multiplier 2) x3
+        "decoder_blocks": [
+            ["res_x", {"num_layers": 1, "inject_noise": False}],
+            ["compress_all", {"residual": True, "multiplier": 2}],
+            ["res_x", {"num_layers": 1, "inject_noise": False}],
+            ["compress_all", {"residual": True, "multiplier": 2}],
+            ["res_x", {"num_layers": 1, "inject_noise": False}],
+            ["compress_all", {"residual": True, "multiplier": 2}],
+            ["res_x", {"num_layers": 2, "inject_noise": False}],
+        ],
+    },
+    "2.3": {
+        "encoder_blocks": [
+            ["res_x", {"num_layers": 1}],
+            ["compress_space_res", {"multiplier": 1}],
+            ["res_x", {"num_layers": 1}],
+            ["compress_time_res", {"multiplier": 2}],
+            ["res_x", {"num_layers": 1}],
+            ["compress_all_res", {"multiplier": 1}],
+            ["res_x", {"num_layers": 1}],
+            ["compress_all_res", {"multiplier": 1}],
+            ["res_x", {"num_layers": 2}],
+        ],
+        # released multipliers kept (plain, non-residual upsamplers; 64 -> 32 -> 32 -> 16 -> 8 channels)
+        "decoder_blocks": [
+            ["res_x", {"num_layers": 1}],
+            ["compress_space", {"multiplier": 2}],
+            ["res_x", {"num_layers": 1}],
+            ["compress_time", {"multiplier": 2}],
+            ["res_x", {"num_layers": 1}],
+            ["compress_all", {"multiplier": 1}],
+            ["res_x", {"num_layers": 1}],
+            ["compress_all", {"multiplier": 2}],
+            ["res_x", {"num_layers": 2}],
+        ],
+    },
+}
+TINY_AUDIO_VAE: dict[str, Any] = {
+    # Widths 128/128/256 instead of 128/256/512, 2 blocks per level instead of 3. ch stays 128 (it sizes the
+    # latent statistics, = 8 x 16 latent bins), 3 levels stay (x4 time/mel), and the width change between the
+    # two coarse levels keeps a `nin_shortcut` in the tiny model.
+    "model": {"params": {"ddconfig": {"ch_mult": [1, 1, 2], "num_res_blocks": 1}}},
+}
+TINY_VOCODER: dict[str, Any] = {
+    # Channels only: upsample rates (they set the sample rates), kernels, the three resblock kernels with their
+    # dilations, SnakeBeta/anti-aliasing, the STFT (n_fft 512, hop 80, 64 mels) all keep their released values.
+    # Channels halve per upsample, so the width must stay >= 2**len(rates): finals here are 2 channels.
+    "2.0": {"upsample_initial_channel": 64},  # HiFi-GAN, 5 upsamples (1024 released)
+    "2.3": {
+        "vocoder": {"upsample_initial_channel": 128},  # BigVGAN, 6 upsamples (1536 released)
+        "bwe": {"upsample_initial_channel": 64},  # BWE generator, 5 upsamples (512 released)
+    },
+}
+TINY_UPSAMPLER: dict[str, Any] = {
+    # GroupNorm(32, .) needs a multiple of 32; in_channels stays 128 (the video latent).
+    "mid_channels": 64,
+    "num_blocks_per_stage": 2,
+}
 
 
 def _merge(dst: dict[str, Any], src: dict[str, Any]) -> None:
@@ -91,4 +171,5 @@ def tiny_config(version: ModelVersion) -> dict[str, Any]:
         # keys "2.0" / "2.3" hold per-version sizes on top of the shared ones
         _merge(cfg[section], {k: v for k, v in override.items() if k not in ("2.0", "2.3")})
         _merge(cfg[section], override.get(version.value, {}))
+    cfg["text_encoder"] = copy.deepcopy(TINY_TEXT_ENCODER)
     return cfg

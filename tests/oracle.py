@@ -6,6 +6,7 @@ and loads files back with the official loader. Used only by tests; ltx-core is a
 
 from __future__ import annotations
 
+import importlib.machinery
 import sys
 import types
 from collections.abc import Callable, Mapping
@@ -24,6 +25,10 @@ def install_torchaudio_stub() -> None:
     rest import; touching it raises."""
     if "torchaudio" in sys.modules:
         return
+    # transformers probes `importlib.util.find_spec("torchaudio")` on first import and caches the answer; let it
+    # see the real absence before the stub exists (a stub without __spec__ would make that probe raise).
+    import transformers  # noqa: F401
+
     try:
         import torchaudio  # noqa: F401
 
@@ -35,6 +40,7 @@ def install_torchaudio_stub() -> None:
         raise RuntimeError("torchaudio is stubbed in fvrt tests")
 
     stub = types.ModuleType("torchaudio")
+    stub.__spec__ = importlib.machinery.ModuleSpec("torchaudio", loader=None)
     stub.transforms = types.SimpleNamespace(MelSpectrogram=_unavailable)  # type: ignore[attr-defined]
     stub.functional = types.SimpleNamespace(resample=_unavailable)  # type: ignore[attr-defined]
     sys.modules["torchaudio"] = stub

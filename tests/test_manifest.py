@@ -67,7 +67,7 @@ def test_refuses_tampered_and_missing_files(tmp_path: Path) -> None:
     with pytest.raises(EngineError, match=r"dit.safetensors does not match its sha256"):
         verify(root, manifest)
     (root / "dit.pt2").unlink()
-    with pytest.raises(EngineError, match="dit.pt2 is missing"):
+    with pytest.raises(EngineError, match=r"dit\.pt2 is missing"):
         verify(root, manifest)
 
 
@@ -76,7 +76,7 @@ def test_refuses_bad_manifests(tmp_path: Path) -> None:
         read_manifest(tmp_path / "nope")
     with pytest.raises(EngineError, match="not an engine directory"):
         read_manifest(tmp_path)
-    root, manifest = _engine_dir(tmp_path)
+    root, _ = _engine_dir(tmp_path)
     raw = json.loads((root / "manifest.json").read_text())
     (root / "manifest.json").write_text(json.dumps({**raw, "format_version": 99}))
     with pytest.raises(EngineError, match="format 99"):
