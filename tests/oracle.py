@@ -88,6 +88,9 @@ def official_random(stage: str, config: Mapping[str, Any], seed: int) -> nn.Modu
     """The official module of `stage`, fp32 on CPU, with weights drawn as fvrt's `build_random` draws them
     (parameter names are shared, so the stage's own `randomize` applies)."""
     module = _configurators()[stage](dict(config))
+    if any(t.is_meta for t in (*module.parameters(), *module.buffers())):
+        # ltx-core builds the LTX-2 caption projections on the meta device; materialise before randomising
+        module = module.to_empty(device="cpu")
     module = module.to(torch.float32)
     gen = torch.Generator().manual_seed(seed)
     spec = stage_spec(stage)

@@ -11,22 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
-# isort: off
-# transformers probes `importlib.util.find_spec("torchaudio")` once at import (lru_cached); after oracle.py has
-# installed its torchaudio stub (no __spec__) that probe raises ValueError. Importing transformers first caches
-# "not available" (same workaround as test_audio_vae.py).
-import transformers  # noqa: F401
-
-# isort: on
-from fvrt.builder.checkpoint import CheckpointError, ModelVersion, build_random, stage_spec
-from fvrt.builder.configs import full_config, tiny_config
-from fvrt.builder.models import dit as D
 from helpers import assert_rel_close
 from oracle import official_load, write_official_checkpoint
 from torch import nn
 
 from fvrt import load_checkpoint
+from fvrt.builder.checkpoint import CheckpointError, ModelVersion, build_random, stage_spec
+from fvrt.builder.configs import full_config, tiny_config
+from fvrt.builder.models import dit as D
 
 B = 1
 F_LAT, H_LAT, W_LAT = 3, 2, 3  # 18 video tokens, the first 6 (latent frame 0) conditioning

@@ -39,6 +39,8 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from fvrt.builder.checkpoint import (
     CheckpointError,
     ModelVersion,
@@ -48,7 +50,6 @@ from fvrt.builder.checkpoint import (
     require,
 )
 from fvrt.builder.models.common import Attention, FeedForward, RopeTables, rms_norm, rope_tables
-from torch import nn
 
 # --------------------------------------------------------------------------------------------------------------
 # constants
@@ -479,7 +480,6 @@ class AVTransformerBlock(nn.Module):
         v_pe = (video.cross_pe_cos, video.cross_pe_sin)
         a_pe = (audio.cross_pe_cos, audio.cross_pe_sin)
         vx = vx + self.audio_to_video_attn(vq, akv, pe=v_pe, k_pe=a_pe) * gate_v
-        vkv = _modulate(rms_norm(vx, self.eps), xv[:, :, 2], xv[:, :, 3])
         ax = ax + self.video_to_audio_attn(aq, vkv, pe=a_pe, k_pe=v_pe) * gate_a
 
         vx = vx + self._feed_forward(self.ff, vx, self.scale_shift_table, video)
@@ -591,39 +591,48 @@ class LTXDiT(nn.Module):
         sv = video_sigma.reshape(-1).expand(b) if video_sigma.numel() == 1 else video_sigma.reshape(b)
         sa = audio_sigma.reshape(-1).expand(b) if audio_sigma.numel() == 1 else audio_sigma.reshape(b)
         pe_v, pe_a, xpe_v, xpe_a = self.prepare_rope(video_positions, audio_positions, dtype)
-        streams = []
-        for ts, sigma, other_sigma, adaln, prompt_adaln, cross_ss, cross_gate, pe, xpe in (
-            (
-                video_timesteps,
-                sv,
-                sa,
-                self.adaln_single,
-                getattr(self, "prompt_adaln_single", None),
-                self.av_ca_video_scale_shift_adaln_single,
-                self.av_ca_a2v_gate_adaln_single,
-                pe_v,
-                xpe_v,
-            ),
-            (
-                audio_timesteps,
-                sa,
-                sv,
-                self.audio_adaln_single,
-                getattr(self, "audio_prompt_adaln_single", None),
-                self.av_ca_audio_scale_shift_adaln_single,
-                self.av_ca_v2a_gate_adaln_single,
-                pe_a,
-                xpe_a,
-            ),
-        ):
-            values, index = unique_timesteps(ts)
-            mod, embedded = self.prepare_modulation(adaln, values, dtype)
-            prompt = None
-            if prompt_adaln is not None:
-                prompt = prompt_adaln(sigma * self.cfg.timestep_scale, dtype)[0].view(b, 1, -1)
-            xss, xgate = self._cross_adaln(other_sigma, cross_ss, cross_gate, dtype)
-            streams.append(StreamInputs(mod, index, embedded, xss, xgate, prompt, *pe, *xpe))
-        return streams[0], streams[1]
+        video = self._prepare_stream(
+            video_timesteps,
+            sv,
+            sa,
+            self.adaln_single,
+            getattr(self, "prompt_adaln_single", None),
+            self.av_ca_video_scale_shift_adaln_single,
+            self.av_ca_a2v_gate_adaln_single,
+            dtype,
+        )
+        audio = self._prepare_stream(
+            audio_timesteps,
+            sa,
+            sv,
+            self.audio_adaln_single,
+            getattr(self, "audio_prompt_adaln_single", None),
+            self.av_ca_audio_scale_shift_adaln_single,
+            self.av_ca_v2a_gate_adaln_single,
+            dtype,
+        )
+        return StreamInputs(*video, *pe_v, *xpe_v), StreamInputs(*audio, *pe_a, *xpe_a)
+
+    def _prepare_stream(
+        self,
+        timesteps: torch.Tensor,
+        sigma: torch.Tensor,
+        other_sigma: torch.Tensor,
+        adaln: AdaLayerNormSingle,
+        prompt_adaln: AdaLayerNormSingle | None,
+        cross_scale_shift: AdaLayerNormSingle,
+        cross_gate: AdaLayerNormSingle,
+        dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The AdaLN fields of one modality's `StreamInputs` (all but the RoPE tables); sigmas are [B]."""
+        b = sigma.shape[0]
+        values, index = unique_timesteps(timesteps)
+        mod, embedded = self.prepare_modulation(adaln, values, dtype)
+        prompt = None
+        if prompt_adaln is not None:
+            prompt = prompt_adaln(sigma * self.cfg.timestep_scale, dtype)[0].view(b, 1, -1)
+        xss, xgate = self._cross_adaln(other_sigma, cross_scale_shift, cross_gate, dtype)
+        return mod, index, embedded, xss, xgate, prompt
 
     # ---- (b) the hot forward ----------------------------------------------------------------------------------
 
