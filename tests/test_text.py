@@ -11,13 +11,10 @@ op, and prompts through the official `GemmaTextEncoder.encode` + `EmbeddingsProc
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
-
-# transformers probes `importlib.util.find_spec("torchaudio")` once at import; after oracle.py has installed its
-# spec-less torchaudio stub that probe raises, so transformers must be imported first.
-import transformers  # noqa: F401
 
 import pytest
 import torch
@@ -25,7 +22,14 @@ from helpers import assert_rel_close
 from oracle import official_load, official_random, write_official_checkpoint
 from tiny_gemma import LAYOUTS, tiny_gemma_config_data, write_tiny_gemma
 
-from fvrt.builder.checkpoint import CheckpointError, ModelVersion, SafetensorsFile, load_checkpoint, save_safetensors
+from fvrt.builder.checkpoint import (
+    CheckpointError,
+    ModelVersion,
+    SafetensorsFile,
+    build_random,
+    load_checkpoint,
+    save_safetensors,
+)
 from fvrt.builder.configs import tiny_config
 from fvrt.builder.models.gemma import MAX_TOKENS, GemmaTextEncoder, load_gemma
 
@@ -238,7 +242,7 @@ def test_gemma_sharded_folder(tmp_path: Path) -> None:
     for name, shard_keys in shards.items():
         save_safetensors(folder / name, {k: f.tensor(k).clone() for k in shard_keys}, {"format": "pt"})
     index = {"metadata": {}, "weight_map": {k: n for n, ks in shards.items() for k in ks}}
-    (folder / "model.safetensors.index.json").write_text(__import__("json").dumps(index))
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     (folder / "model.safetensors").unlink()
     sharded = load_gemma(folder, dtype=torch.float32).state_dict()
     for key, value in single.items():
@@ -294,3 +298,20 @@ def test_long_prompt_is_truncated_with_warning(gemma_dir: Path, caplog: pytest.L
     with caplog.at_level(logging.WARNING, logger="fvrt.builder.models.gemma"):
         _, mask = encoder.tokenizer(PROMPT)
     assert not caplog.records and 0 < int(mask.sum()) < MAX_TOKENS
+
+
+def test_stages_export_without_graph_breaks(version: ModelVersion, gemma_dir: Path) -> None:
+    """torch.export (strict shapes, no data-dependent control flow) of both stages; the exported programs
+    reproduce eager exactly (register gather and masks are static-shape tensor ops)."""
+    projection = build_random("text_projection", tiny_config(version), seed=1)
+    hidden, mask = random_hidden_states(seed=6, hidden=32, num_states=5)
+    exported = torch.export.export(projection, (hidden, mask)).module()
+    with torch.no_grad():
+        for got, want, what in zip(exported(hidden, mask), projection(hidden, mask), ("video", "audio"), strict=True):
+            assert torch.equal(got, want), f"exported {what} context differs from eager"
+    if version is ModelVersion.LTX2:  # the encoder does not depend on the version
+        encoder = load_gemma(gemma_dir, dtype=torch.float32)
+        ids, ids_mask = encoder.tokenizer(PROMPT)
+        exported = torch.export.export(encoder, (ids, ids_mask)).module()
+        with torch.no_grad():
+            assert torch.equal(exported(ids, ids_mask), encoder(ids, ids_mask)), "exported Gemma differs from eager"

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import sentencepiece as spm
 import torch
+from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
 from fvrt.builder.checkpoint import save_safetensors
 from fvrt.builder.configs import TINY_TEXT_ENCODER
-from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
 SENTENCES = (
     "A cat sits on a red mat in the warm afternoon sun.",

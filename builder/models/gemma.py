@@ -15,8 +15,10 @@ rotary tables) but drives them itself, so that the graph is export-friendly:
 - no KV cache, no output-capturing hooks; the result is one stacked tensor `[B, T, D, N + 1]`, the layout the
   feature extractors consume (`torch.stack(hidden_states, dim=-1)` in the official code).
 
-Padded query rows attend to nothing (all keys masked), as in HF; SDPA's safe softmax makes their attention
-output zero. Those rows never reach valid tokens (they are masked as keys) and the feature extractor zeroes them.
+Padded query rows attend to nothing (all keys masked), as in HF. What SDPA returns for such a row depends on
+the backend (CPU, CUDA math and mem-efficient: 0; cuDNN, torch 2.11's bf16 default on H100: finite non-zero),
+so padded hidden states are backend-dependent, as they are in the official code; they never reach valid tokens
+(masked as keys) and the feature extractor zeroes them. An export backend must keep them finite.
 
 Weights come from a Hugging Face-layout folder (config.json, model.safetensors or a sharded index, tokenizer
 files), memory-mapped. Accepted key layouts (first match wins, see `GEMMA_KEY_RULES`): the official release
@@ -31,13 +33,13 @@ import json
 import logging
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import torch
-from fvrt.builder.checkpoint import CheckpointError, KeyRule, SafetensorsFile
 from torch import nn
 from transformers import AutoTokenizer, Gemma3Config, Gemma3TextConfig
 from transformers.models.gemma3.modeling_gemma3 import Gemma3RotaryEmbedding, Gemma3TextModel
+
+from fvrt.builder.checkpoint import CheckpointError, KeyRule, SafetensorsFile
 
 logger = logging.getLogger(__name__)
 
@@ -232,7 +234,9 @@ def _weight_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"{folder}: no {_SINGLE_FILE} or {_INDEX_FILE} (Gemma weights must be safetensors)")
 
 
-def _collect(files: Iterable[SafetensorsFile], expected: dict[str, torch.Tensor]) -> dict[str, tuple[Any, str]]:
+def _collect(
+    files: Iterable[SafetensorsFile], expected: dict[str, torch.Tensor]
+) -> dict[str, tuple[SafetensorsFile, str]]:
     """Module key -> (file, checkpoint key) for every tensor a rule maps into the module; strict on extras."""
     found: dict[str, tuple[SafetensorsFile, str]] = {}
     for f in files:
@@ -250,7 +254,7 @@ def _collect(files: Iterable[SafetensorsFile], expected: dict[str, torch.Tensor]
     return found
 
 
-def _checkpoint_name(module_key: str, found: dict[str, tuple[Any, str]]) -> str:
+def _checkpoint_name(module_key: str, found: dict[str, tuple[SafetensorsFile, str]]) -> str:
     """Name a missing module tensor in the layout the files use (official layout when nothing was found)."""
     prefix = "language_model.model."
     for mk, (_, ck) in found.items():

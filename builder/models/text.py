@@ -35,6 +35,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch import nn
+
 from fvrt.builder.checkpoint import (
     CheckpointError,
     StageSpec,
@@ -43,7 +45,6 @@ from fvrt.builder.checkpoint import (
     require,
 )
 from fvrt.builder.models.common import Attention, FeedForward, freq_grid, rms_norm
-from torch import nn
 
 # Gemma-3 12B text model, the encoder every LTX-2 / 2.3 release uses. Its size is not in the checkpoint's
 # `config` metadata (ltx-core hard-codes it in `GEMMA3_CONFIG_FOR_LTX`: hidden 3840, 48 layers -> 49 hidden
