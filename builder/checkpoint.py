@@ -246,8 +246,15 @@ _STAGE_MODULES: dict[str, str] = {
 }
 STAGE_NAMES: tuple[str, ...] = tuple(_STAGE_MODULES)
 
-IGNORED_PREFIXES: tuple[str, ...] = ("audio_vae.encoder.",)
-"""Official tensors fvrt never uses (the audio VAE encoder only serves audio-to-video training paths)."""
+IGNORED_PREFIXES: tuple[str, ...] = (
+    "audio_vae.encoder.",
+    "vae.per_channel_statistics.channel",
+    "vae.per_channel_statistics.mean-of-stds",
+    "audio_vae.per_channel_statistics.channel",
+    "audio_vae.per_channel_statistics.mean-of-stds",
+)
+"""Official tensors fvrt never uses: the audio VAE encoder (audio-to-video paths only) and the per-channel
+statistics that no official module reads (releases store `channel` and `mean-of-stds` beside the used ones)."""
 
 
 def stage_spec(name: str) -> StageSpec:

@@ -16,13 +16,13 @@ import torch
 import transformers  # noqa: F401
 
 # isort: on
-from fvrt.builder.checkpoint import CheckpointError, ModelVersion, stage_checkpoint_tensors
-from fvrt.builder.configs import full_config, tiny_config
-from fvrt.builder.models.audio_vae import build_audio_decoder
 from helpers import assert_rel_close
 from oracle import official_load, official_random, write_official_checkpoint
 
 from fvrt import load_checkpoint
+from fvrt.builder.checkpoint import CheckpointError, ModelVersion, stage_checkpoint_tensors
+from fvrt.builder.configs import full_config, tiny_config
+from fvrt.builder.models.audio_vae import build_audio_decoder
 
 T_A = 12  # latent frames -> 4 * 12 - 3 = 45 mel frames
 

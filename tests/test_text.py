@@ -20,7 +20,6 @@ import pytest
 import torch
 from helpers import assert_rel_close
 from oracle import official_load, official_random, write_official_checkpoint
-from tiny_gemma import LAYOUTS, tiny_gemma_config_data, write_tiny_gemma
 
 from fvrt.builder.checkpoint import (
     CheckpointError,
@@ -32,6 +31,7 @@ from fvrt.builder.checkpoint import (
 )
 from fvrt.builder.configs import tiny_config
 from fvrt.builder.models.gemma import MAX_TOKENS, GemmaTextEncoder, load_gemma
+from fvrt.builder.tiny_gemma import LAYOUTS, tiny_gemma_config_data, write_tiny_gemma
 
 TOL = 1e-5
 N_VALID = 37  # valid tokens of the random-input tests, left-padded to MAX_TOKENS

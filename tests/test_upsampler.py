@@ -18,13 +18,13 @@ import torch
 import transformers  # noqa: F401
 
 # isort: on
-from fvrt.builder.checkpoint import CheckpointError, ModelVersion
-from fvrt.builder.configs import tiny_config, upsampler_config
-from fvrt.builder.models.upsampler import LatentUpsampler, build_upsampler, upsample_video_latent
 from helpers import assert_rel_close
 from oracle import official_load, official_random, write_official_checkpoint
 
 from fvrt import load_checkpoint
+from fvrt.builder.checkpoint import CheckpointError, ModelVersion
+from fvrt.builder.configs import tiny_config, upsampler_config
+from fvrt.builder.models.upsampler import LatentUpsampler, build_upsampler, upsample_video_latent
 
 LATENT_SHAPE = (1, 128, 3, 4, 6)  # [B, C, F, H, W]
 

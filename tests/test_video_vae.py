@@ -12,52 +12,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from fvrt.builder.checkpoint import CheckpointError, ModelVersion, SafetensorsFile, save_safetensors, stage_spec
-from fvrt.builder.configs import full_config, tiny_config
 from helpers import assert_rel_close
-from oracle import write_official_checkpoint
+from oracle import official_load, official_random, write_official_checkpoint
 
 from fvrt import load_checkpoint
+from fvrt.builder.checkpoint import CheckpointError, ModelVersion, SafetensorsFile, save_safetensors, stage_spec
+from fvrt.builder.configs import full_config, tiny_config
 
 TOL = 1e-5
 LATENT = 128
 VIDEO = (9, 64, 96)  # frames, height, width -> latent (2, 2, 3)
 
 
-def official_vae(stage: str, config: dict, seed: int) -> torch.nn.Module:
-    """The official module, fp32, with the stage's random weights. Same as `oracle.official_random`, built from
-    the VAE configurators alone (that helper imports every stage's configurator, the Gemma stack included)."""
-    from ltx_core.model.video_vae import VideoDecoderConfigurator, VideoEncoderConfigurator
-
-    configurator = {"video_encoder": VideoEncoderConfigurator, "video_decoder": VideoDecoderConfigurator}[stage]
-    module = configurator.from_config(dict(config)).to(torch.float32)
-    stage_spec(stage).randomize(module, torch.Generator().manual_seed(seed))
-    return module.eval()
-
-
-def official_vae_load(stage: str, path: Path) -> torch.nn.Module:
-    """ltx-core's own loader (SingleGPUModelBuilder + the official key filters), fp32 on CPU. Same as
-    `oracle.official_load`, importing only the VAE's key ops."""
-    from ltx_core.loader.single_gpu_model_builder import SingleGPUModelBuilder
-    from ltx_core.model.video_vae import (
-        VAE_DECODER_COMFY_KEYS_FILTER,
-        VAE_ENCODER_COMFY_KEYS_FILTER,
-        VideoDecoderConfigurator,
-        VideoEncoderConfigurator,
-    )
-
-    configurator, ops = {
-        "video_encoder": (VideoEncoderConfigurator, VAE_ENCODER_COMFY_KEYS_FILTER),
-        "video_decoder": (VideoDecoderConfigurator, VAE_DECODER_COMFY_KEYS_FILTER),
-    }[stage]
-    builder = SingleGPUModelBuilder(model_class_configurator=configurator, model_path=str(path), model_sd_ops=ops)
-    return builder.build(device=torch.device("cpu"), dtype=torch.float32).eval()
-
-
 @pytest.fixture
 def vae_file(tmp_path: Path, version: ModelVersion) -> tuple[Path, dict[str, torch.nn.Module]]:
     cfg = tiny_config(version)
-    official = {s: official_vae(s, cfg, seed=i + 3) for i, s in enumerate(("video_encoder", "video_decoder"))}
+    official = {s: official_random(s, cfg, seed=i + 3) for i, s in enumerate(("video_encoder", "video_decoder"))}
     # both stages read the shared statistics: give the decoder the encoder's (one tensor per key in the file)
     official["video_decoder"].per_channel_statistics.load_state_dict(
         official["video_encoder"].per_channel_statistics.state_dict()
@@ -95,7 +65,7 @@ def test_decoder_matches_official(vae_file: tuple[Path, dict], version: ModelVer
 def test_official_loader_reads_the_file(vae_file: tuple[Path, dict]) -> None:
     path, official = vae_file
     for stage in ("video_encoder", "video_decoder"):
-        loaded = official_vae_load(stage, path).state_dict()
+        loaded = official_load(stage, path).state_dict()
         expected = official[stage].state_dict()
         assert list(loaded) == list(expected), stage
         for key, value in expected.items():
@@ -178,3 +148,20 @@ def test_19b_config_channel_plan() -> None:
     assert dec.conv_in.conv.weight.shape[0] == 1024 and dec.conv_out.conv.weight.shape[1] == 128
     assert [len(b.res_blocks) for b in dec.up_blocks if hasattr(b, "res_blocks")] == [5, 5, 5, 5]
     assert enc.conv_in.padding == "zeros" and dec.conv_in.padding == "reflect"
+
+
+def test_exports_with_static_shapes(vae_file: tuple[Path, dict], version: ModelVersion) -> None:
+    """Both stages trace with torch.export (no data-dependent control flow) and the exported graph computes
+    the same outputs."""
+    path, _ = vae_file
+    ckpt = load_checkpoint(path, stages=["video_encoder", "video_decoder"], dtype=torch.float32)
+    torch.manual_seed(2)
+    inputs = {
+        "video_encoder": torch.rand(1, 3, *VIDEO) * 2 - 1,
+        "video_decoder": torch.randn(1, LATENT, 2, VIDEO[1] // 32, VIDEO[2] // 32),
+    }
+    for stage, x in inputs.items():
+        module = getattr(ckpt, stage)
+        exported = torch.export.export(module, (x,), strict=False)
+        with torch.no_grad():
+            assert_rel_close(exported.module()(x), module(x), TOL, f"{version.value} exported {stage}")

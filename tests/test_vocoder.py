@@ -15,6 +15,9 @@ import torch
 import transformers  # noqa: F401
 
 # isort: on
+from helpers import assert_rel_close
+from oracle import official_load, official_random, write_official_checkpoint
+
 from fvrt.builder.checkpoint import (
     CheckpointError,
     ModelVersion,
@@ -31,8 +34,6 @@ from fvrt.builder.models.vocoder import (
     hann_sinc_filter,
     kaiser_sinc_filter,
 )
-from helpers import assert_rel_close
-from oracle import official_load, official_random, write_official_checkpoint
 
 T_MEL = 21  # = 4 * 6 - 3: the audio decoder's mel length for 6 latent frames
 SAMPLES_PER_FRAME = {ModelVersion.LTX2: 240, ModelVersion.LTX23: 160 * 3}  # 24 kHz; 16 kHz then BWE x3

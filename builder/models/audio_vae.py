@@ -26,8 +26,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from fvrt.builder.checkpoint import CheckpointError, StageSpec, default_randomize, require
 from torch import nn
+
+from fvrt.builder.checkpoint import CheckpointError, StageSpec, default_randomize, require
 
 LATENT_DOWNSAMPLE_FACTOR = 4
 """Mel frames per latent frame and mel bins per latent bin (ltx_core audio_vae.py LATENT_DOWNSAMPLE_FACTOR).

@@ -33,8 +33,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from fvrt.builder.checkpoint import CheckpointError, StageSpec, check_value, default_randomize, require
 from torch import nn
+
+from fvrt.builder.checkpoint import CheckpointError, StageSpec, check_value, default_randomize, require
 
 GROUP_NORM_GROUPS = 32
 """GroupNorm groups of every norm (official model.py / res_block.py: GroupNorm(32, channels), default eps)."""

@@ -24,8 +24,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from fvrt.builder.checkpoint import CheckpointError, StageSpec, require
 from torch import nn
+
+from fvrt.builder.checkpoint import CheckpointError, StageSpec, require
 
 # --- constants (all from ltx_core/model/audio_vae/vocoder.py and resnet.py, ltx-core 1.0.0) ----------------------
 STEREO = 2  # every production checkpoint is stereo; VocoderConfigurator refuses stereo != True
