@@ -1,0 +1,29 @@
+"""The runtime's view of a set of engines: call an engine by name and shape key; nothing else.
+
+Both the compiled engine directory (torch-aot today, TensorRT-family where it can run) and the builder's eager
+reference (`fvrt.builder.eager.EagerEngineSet`, used by tests as the "eager PyTorch" side of every parity
+check) implement this protocol, so the pipeline code is the same for both.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+
+class EngineSet(Protocol):
+    device: torch.device
+    dtype: torch.dtype  # activation dtype of the DiT and VAE engines (bf16 on GPU builds, fp32 for tiny CPU ones)
+    num_layers: int  # how many times `dit_block` is applied per DiT pass
+    config: dict[str, Any]  # the checkpoint's `config` metadata
+    profiles: dict[str, dict[str, Any]]  # name -> {"height", "width", "frames", "fps"}
+
+    def run(self, name: str, key: str, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Run engine `name` (e.g. "dit_prep", "video_decoder") built for shape key `key` ("1080p/s1",
+        "1080p", or "any" for the text encoder)."""
+        ...
+
+    def run_block(self, key: str, layer: int, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Apply the compiled DiT block with layer `layer`'s weights."""
+        ...
