@@ -227,10 +227,14 @@ class StageSpec:
         return None
 
     def checkpoint_key(self, module_key: str) -> str:
-        for ckpt_prefix, mod_prefix in self.rules:
-            if mod_prefix is not None and module_key.startswith(mod_prefix):
-                return ckpt_prefix + module_key[len(mod_prefix) :]
-        raise KeyError(f"stage {self.name}: no key rule maps module key '{module_key}'")
+        """Inverse of `module_key`: the most specific (longest) matching module prefix decides, so a rule like
+        `("vae.per_channel_statistics.", "per_channel_statistics.")` wins over a catch-all `("vae.decoder.", "")`
+        whatever their order."""
+        matches = [(m, c) for c, m in self.rules if m is not None and module_key.startswith(m)]
+        if not matches:
+            raise KeyError(f"stage {self.name}: no key rule maps module key '{module_key}'")
+        mod_prefix, ckpt_prefix = max(matches, key=lambda mc: len(mc[0]))
+        return ckpt_prefix + module_key[len(mod_prefix) :]
 
 
 # Stage name -> module that defines `STAGES` (a tuple of StageSpec). Imported lazily so that loading one stage

@@ -155,3 +155,23 @@ def test_key_rules_invert_the_official_key_ops(stage: str, version: ModelVersion
             assert mapped is not None, ckpt_key
             results = sd_ops.apply_to_key_value(mapped, torch.empty(0))
             assert [r.new_key for r in results] == [key], ckpt_key
+
+
+def test_written_files_use_the_release_key_layout(tiny_file: Path) -> None:
+    """Keys of a written file sit under the release's prefixes (ltx2-architecture.md §7), e.g. the VAE
+    statistics once under `vae.per_channel_statistics.`, not under each VAE half."""
+    prefixes = (
+        "model.diffusion_model.",
+        "text_embedding_projection.",
+        "vae.encoder.",
+        "vae.decoder.",
+        "vae.per_channel_statistics.",
+        "audio_vae.decoder.",
+        "audio_vae.per_channel_statistics.",
+        "vocoder.",
+    )
+    keys = list(SafetensorsFile(tiny_file).entries)
+    assert all(k.startswith(prefixes) for k in keys), [k for k in keys if not k.startswith(prefixes)][:5]
+    assert not any(".per_channel_statistics." in k for k in keys if k.startswith(("vae.encoder.", "vae.decoder.")))
+    assert "vae.per_channel_statistics.mean-of-means" in keys
+    assert "audio_vae.per_channel_statistics.mean-of-means" in keys
