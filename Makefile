@@ -7,6 +7,10 @@ TORCH  ?= torch==2.13.0
 # The official implementation, our numerical oracle (test-only). It pins torch~=2.7 and torchaudio, so it is
 # installed without dependencies; the modules it imports come with the [test] extra.
 ORACLE := ltx-core==1.0.0 ltx-pipelines==1.0.0
+# NVIDIA ModelOpt, core only: its extras pin onnx / transformers versions that conflict with ours. These are the
+# modules `import modelopt.torch.quantization` needs (measured; see docs/quantization.md).
+MODELOPT := nvidia-modelopt==0.47.0
+MODELOPT_DEPS := requests omegaconf pulp
 
 .PHONY: setup test test-gpu lint demo clean
 
@@ -16,6 +20,8 @@ setup:
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[test]"
 	$(BIN)/pip install -q --no-deps $(ORACLE)
+	$(BIN)/pip install -q --no-deps $(MODELOPT)
+	$(BIN)/pip install -q $(MODELOPT_DEPS)
 
 test:
 	$(BIN)/pytest -q

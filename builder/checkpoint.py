@@ -191,7 +191,7 @@ def save_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor], meta
             for _, t in ordered:
                 t = t.detach().to("cpu").contiguous()
                 if t.numel():
-                    f.write(t.view(torch.uint8).numpy().tobytes() if t.dtype != torch.uint8 else t.numpy().tobytes())
+                    f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-d scales: flatten first
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -294,6 +294,18 @@ def _cast(t: torch.Tensor, dtype: torch.dtype | None, device: torch.device) -> t
     return t.to(device)
 
 
+def _prepare_prequantized(module: nn.Module, spec: StageSpec, file: SafetensorsFile) -> set[str]:
+    """Hook for pre-quantised files (official `-fp8` releases: `<layer>.weight_scale` / `.input_scale` next to a
+    float8 `.weight`): those layers become quantised modules before loading, and the returned module keys keep
+    their stored dtypes. See fvrt.builder.quant.layers."""
+    if not any(k.endswith(".weight_scale") and spec.module_key(k) is not None for k in file.entries):
+        return set()
+    from fvrt.builder.quant.layers import prepare_prequantized
+
+    entries = {k: (e.dtype, e.shape) for k, e in file.entries.items()}
+    return prepare_prequantized(module, entries, spec.module_key)
+
+
 def load_stage(
     spec: StageSpec,
     file: SafetensorsFile,
@@ -305,6 +317,7 @@ def load_stage(
     """Build `spec` from `config` and load its tensors from `file`. Returns (module, checkpoint keys used)."""
     device = torch.device(device)
     module = _build_on_meta(spec, config)
+    stored_dtype = _prepare_prequantized(module, spec, file)
     expected = module.state_dict()
     found: dict[str, str] = {}  # module key -> checkpoint key
     for ck in file.entries:
@@ -326,7 +339,7 @@ def load_stage(
             raise CheckpointError(
                 f"{file.path}: tensor '{ck}' has shape {list(info.shape)}, stage {spec.name} expects {list(want)}"
             )
-        state[mk] = _cast(file.tensor(ck), dtype, device)
+        state[mk] = _cast(file.tensor(ck), None if mk in stored_dtype else dtype, device)
     module.load_state_dict(state, strict=True, assign=True)
     return _finalize(module), set(found.values())
 
