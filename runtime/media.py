@@ -1,0 +1,143 @@
+"""Output files: the MP4 (H.264 yuv420p + AAC stereo, through PyAV) and the raw `.npz`.
+
+Every file is written to a temporary name in its destination directory and renamed into place only when it
+is complete, so a failure never leaves a partial output. `Mp4Writer` can encode the video frames in a
+background thread while the caller is still decoding audio; the audio is encoded when `finish` gets it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import threading
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+VIDEO_CODEC = "libx264"
+VIDEO_PIX_FMT = "yuv420p"  # 4:2:0, what browsers play
+VIDEO_OPTIONS = {"crf": "18", "preset": "veryfast"}  # near-transparent quality; encoding stays a small share
+AUDIO_CODEC = "aac"
+AUDIO_LAYOUT = "stereo"
+MP4_OPTIONS = {"movflags": "+faststart"}  # index at the front: playback starts before the download ends
+FPS_MAX_DENOMINATOR = 1001  # 23.976 = 24000/1001, 29.97 = 30000/1001
+
+
+class OutputError(ValueError):
+    """An output path cannot be written; the message names the flag, the path and the reason."""
+
+
+def check_writable(path: str | Path, flag: str) -> Path:
+    """Refuse, before any work, an output path whose directory is missing or read-only, or that is a directory."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise OutputError(f"{flag} {path}: is a directory")
+    if not parent.is_dir():
+        raise OutputError(f"{flag} {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise OutputError(f"{flag} {path}: not writable")
+    return path
+
+
+def _partial(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.partial")
+
+
+def fps_fraction(fps: float) -> Fraction:
+    """The frame rate as the exact fraction the container stores (24 -> 24/1, 23.976 -> 24000/1001)."""
+    return Fraction(fps).limit_denominator(FPS_MAX_DENOMINATOR)
+
+
+class Mp4Writer:
+    """One MP4 with one H.264 and one AAC stream. Call `start_video(frames)`, then `finish(audio)`; on any error
+    call `abort()` (the context manager does), which removes the temporary file."""
+
+    def __init__(self, path: str | Path, *, fps: float, width: int, height: int, sample_rate: int) -> None:
+        self.path = Path(path)
+        self._tmp = _partial(self.path)
+        self._container = av.open(str(self._tmp), "w", format="mp4", options=MP4_OPTIONS)
+        video = self._container.add_stream(VIDEO_CODEC, rate=fps_fraction(fps), options=dict(VIDEO_OPTIONS))
+        video.width, video.height, video.pix_fmt = width, height, VIDEO_PIX_FMT
+        audio = self._container.add_stream(AUDIO_CODEC, rate=sample_rate, layout=AUDIO_LAYOUT)
+        self._video, self._audio, self.sample_rate = video, audio, sample_rate
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def __enter__(self) -> Mp4Writer:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if exc_type is not None:
+            self.abort()
+
+    def _encode_video(self, frames: np.ndarray) -> None:
+        try:
+            for i, pixels in enumerate(frames):
+                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format="rgb24")
+                frame.pts = i
+                self._container.mux(self._video.encode(frame))
+            self._container.mux(self._video.encode())
+        except BaseException as e:  # re-raised by finish() in the caller's thread
+            self._error = e
+
+    def start_video(self, frames: np.ndarray) -> None:
+        """Encode frames [F, H, W, 3] uint8 in a background thread."""
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+            raise ValueError(f"video frames must be [F, H, W, 3] uint8, got {frames.shape} {frames.dtype}")
+        self._thread = threading.Thread(target=self._encode_video, args=(frames,), name="mp4-video", daemon=True)
+        self._thread.start()
+
+    def finish(self, audio: np.ndarray) -> Path:
+        """Encode the waveform [2, S] float (clipped to [-1, 1]), close the file and rename it into place."""
+        if self._thread is None:
+            raise RuntimeError("start_video() must be called before finish()")
+        if audio.ndim != 2 or audio.shape[0] != 2:
+            raise ValueError(f"audio must be stereo [2, S], got {audio.shape}")
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        samples = np.ascontiguousarray(np.clip(audio, -1.0, 1.0), dtype=np.float32)
+        frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout=AUDIO_LAYOUT)
+        frame.sample_rate, frame.pts = self.sample_rate, 0
+        self._container.mux(self._audio.encode(frame))  # PyAV re-frames to the encoder's frame size
+        self._container.mux(self._audio.encode())
+        self._container.close()
+        self._tmp.replace(self.path)
+        return self.path
+
+    def abort(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+        with contextlib.suppress(av.FFmpegError, OSError, ValueError):  # half-written; deleted next
+            self._container.close()
+        self._tmp.unlink(missing_ok=True)
+
+
+def save_raw(path: str | Path, frames: np.ndarray, audio: np.ndarray, *, sample_rate: int, fps: float) -> Path:
+    """`.npz` with frames [F, H, W, 3] uint8, audio [2, S] float32, sample_rate and fps (for exact comparison)."""
+    path = Path(path)
+    buf = io.BytesIO()
+    np.savez(buf, frames=frames, audio=audio.astype(np.float32), sample_rate=sample_rate, fps=fps)
+    tmp = _partial(path)
+    try:
+        tmp.write_bytes(buf.getvalue())
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_atomic(path: str | Path, text: str) -> Path:
+    """Write a text file through a temporary name."""
+    path = Path(path)
+    tmp = _partial(path)
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -1,0 +1,315 @@
+# Ported from ltx_pipelines/distilled.py (DistilledPipeline.__call__) and ltx_pipelines/utils/helpers.py
+# (denoise_audio_video, simple_denoising_func; ltx-pipelines 1.0.0)
+"""The distilled two-stage text/image-to-audio+video pipeline over an `EngineSet`.
+
+Stage 1 denoises video (at half height and width) and audio jointly over the preset's stage-1 sigmas; the video
+latent is upsampled x2; video and audio are re-noised at the first stage-2 sigma and refined over the stage-2
+sigmas; then video and audio are decoded. With an image, its latent replaces latent frame 0 in both stages
+(re-encoded at each stage's size) with denoise mask 1 - strength. Same seed and inputs give the official
+pipeline's noise (see `sampler`). Only engines are called; nothing here imports model code.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from fvrt.runtime.conditioning import image_input, read_image
+from fvrt.runtime.graphs import GraphRunner
+from fvrt.runtime.protocol import EngineSet
+from fvrt.runtime.sampler import (
+    PRESETS,
+    LatentState,
+    Schedule,
+    add_noise,
+    denoised,
+    draw_noise,
+    euler_step,
+    initial_state,
+    schedule,
+    token_timesteps,
+)
+
+DEFAULT_SEED = 10  # ltx_pipelines/utils/constants.py PipelineParams.seed
+LATENT_CHANNELS = 128  # video latent channels = DiT token width (video and audio)
+AUDIO_CHANNELS, AUDIO_MEL_BINS = 8, 16  # audio latent [1, 8, T, 16] (AudioLatentShape defaults)
+AUDIO_LATENTS_PER_SECOND = 16000 / 160 / 4  # 16 kHz, hop 160, x4 time downsampling (AudioLatentShape)
+VIDEO_TIME_STRIDE, VIDEO_SPACE_STRIDE = 8, 32  # VAE scale factors: frames 8k+1 -> k+1 latent frames, 32 px
+TWO_STAGE_MULTIPLE = 64  # helpers.assert_resolution(is_two_stage=True): stage 1 runs at half size
+# `dit_prep` outputs the video fields then the audio fields, each in `StreamInputs` order (adaln, timestep_index,
+# embedded, ...): the output head needs each stream's embedded timestep and per-token index.
+FIELD_INDEX, FIELD_EMBEDDED = 1, 2
+LTX2_OUTPUT_SAMPLING_RATE = 24000  # ltx-core `_vocoder_from_config` default; the 19B metadata does not carry it
+
+Progress = Callable[[str, int, int], None]  # (stage, steps done, steps in the stage)
+
+
+@dataclass(frozen=True)
+class Request:
+    """One generation. height/width/frames/fps must be one of the engines' profiles (static shapes)."""
+
+    prompt: str
+    height: int
+    width: int
+    frames: int
+    fps: float
+    seed: int = DEFAULT_SEED
+    preset: str = "distilled"
+    image: Path | None = None
+    image_strength: float = 1.0
+
+
+class Output(NamedTuple):
+    frames: np.ndarray  # [F, H, W, 3] uint8
+    audio: np.ndarray  # [2, S] float32 in about [-1, 1]
+    sample_rate: int
+    fps: float
+    timings: dict[str, float]  # seconds per stage
+
+
+def audio_sample_rate(config: dict[str, Any]) -> int:
+    """The vocoder's output rate from the checkpoint config: 48 kHz (2.3, BWE section) or 24 kHz (19B)."""
+    vocoder = config["vocoder"]
+    if "bwe" in vocoder:
+        return int(vocoder["bwe"]["output_sampling_rate"])
+    return int(vocoder.get("output_sampling_rate", LTX2_OUTPUT_SAMPLING_RATE))
+
+
+def patchify_video(latent: torch.Tensor) -> torch.Tensor:
+    """[1, C, F, H, W] -> tokens [1, F*H*W, C] (VideoLatentPatchifier(1))."""
+    return latent.flatten(2).transpose(1, 2)
+
+
+def unpatchify_video(tokens: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *shape)
+
+
+def patchify_audio(latent: torch.Tensor) -> torch.Tensor:
+    """[1, C, T, M] -> tokens [1, T, C*M] (AudioPatchifier(1), channel-major)."""
+    return latent.permute(0, 2, 1, 3).flatten(2)
+
+
+def unpatchify_audio(tokens: torch.Tensor) -> torch.Tensor:
+    b, t, _ = tokens.shape
+    return tokens.view(b, t, AUDIO_CHANNELS, AUDIO_MEL_BINS).permute(0, 2, 1, 3)
+
+
+def to_uint8(video: torch.Tensor) -> np.ndarray:
+    """Decoder output [1, 3, F, H, W] in about [-1, 1] -> [F, H, W, 3] uint8 (official `convert_to_uint8`)."""
+    frames = (((video + 1.0) / 2.0).clamp(0.0, 1.0) * 255.0).to(torch.uint8)
+    return frames[0].permute(1, 2, 3, 0).cpu().numpy()
+
+
+def validate_request(req: Request, profiles: dict[str, dict[str, Any]]) -> str:
+    """Check a request before any work; raises ValueError naming the flag, the value and the rule. Returns the
+    name of the engine profile (static shape) it runs on. `profiles`: name -> {"height", "width", "frames", "fps"}.
+    """
+    if not req.prompt.strip():
+        raise ValueError("--prompt: the prompt is empty")
+    if req.frames < 1 or (req.frames - 1) % VIDEO_TIME_STRIDE:
+        raise ValueError(f"--frames {req.frames}: must be 8k+1 (9, 17, ..., 121)")
+    for flag, value in (("--height", req.height), ("--width", req.width)):
+        if value <= 0 or value % TWO_STAGE_MULTIPLE:
+            raise ValueError(f"{flag} {value}: must be a positive multiple of {TWO_STAGE_MULTIPLE}")
+    if req.preset not in PRESETS:
+        raise ValueError(f"--preset {req.preset}: must be one of {', '.join(PRESETS)}")
+    if not 0.0 <= req.image_strength <= 1.0:
+        raise ValueError(f"--image-strength {req.image_strength}: must be in [0, 1]")
+    shape = (req.height, req.width, req.frames, float(req.fps))
+    built = {n: (p["height"], p["width"], p["frames"], float(p["fps"])) for n, p in profiles.items()}
+    names = [n for n, s in built.items() if s == shape]
+    if not names:
+        have = "; ".join(f"{n}: {h}x{w}x{f} @ {r:g} fps" for n, (h, w, f, r) in built.items())
+        raise ValueError(
+            f"--height/--width/--frames/--fps {req.height}x{req.width}x{req.frames} @ {req.fps:g} fps: "
+            f"the engines were not built for this shape (built: {have})"
+        )
+    if req.image is not None:
+        read_image(req.image)
+    return names[0]
+
+
+class _Clock:
+    """Stage timings; synchronises the device only at stage boundaries, never inside a step loop."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.times = device, {}
+        self.start = self.last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.times[name], self.last = now - self.last, now
+
+
+class Pipeline:
+    """`Pipeline(engines, tokenizer)(request)` -> `Output`. `tokenizer(prompt)` gives (ids, mask) [1, 1024]."""
+
+    def __init__(
+        self,
+        engines: EngineSet,
+        tokenizer: Callable[[str], tuple[torch.Tensor, torch.Tensor]],
+        *,
+        cuda_graphs: bool = True,
+    ) -> None:
+        self.engines, self.tokenizer = engines, tokenizer
+        self.graphs = GraphRunner(engines.device, enabled=cuda_graphs)
+        self.sample_rate = audio_sample_rate(engines.config)
+
+    @torch.no_grad()
+    def __call__(
+        self, req: Request, *, progress: Progress | None = None, on_video: Callable[[np.ndarray], None] | None = None
+    ) -> Output:
+        """Generate. `progress(stage, done, total)` is called per stage and per step; `on_video(frames)` gets
+        the decoded frames before the audio is decoded (so the caller can start encoding them)."""
+        name = validate_request(req, self.engines.profiles)
+        progress = progress or (lambda *_: None)
+        dev, dtype = self.engines.device, self.engines.dtype
+        preset, clock = PRESETS[req.preset], _Clock(dev)
+        frames = 1 + (req.frames - 1) // VIDEO_TIME_STRIDE
+        shape_1 = (frames, req.height // (2 * VIDEO_SPACE_STRIDE), req.width // (2 * VIDEO_SPACE_STRIDE))
+        shape_2 = (frames, req.height // VIDEO_SPACE_STRIDE, req.width // VIDEO_SPACE_STRIDE)
+        audio_tokens = round(float(req.frames) / float(req.fps) * AUDIO_LATENTS_PER_SECOND)
+
+        # Prompt -> 1024 tokens -> video and audio contexts (no negative prompt: the distilled model runs CFG 1)
+        ids, mask = self.tokenizer(req.prompt)
+        context = self._run("text_encoder", "any", ids.to(dev), mask.to(dev))
+        clock.lap("text_encode")
+        progress("text encode", 1, 1)
+
+        # Stage 1 at half resolution; noise: video, then audio, from one generator (official draw order)
+        generator = torch.Generator(device=dev).manual_seed(req.seed)
+        key = f"{name}/s1"
+        video = initial_state(
+            torch.zeros(1, int(np.prod(shape_1)), LATENT_CHANNELS, device=dev, dtype=dtype),
+            self._image_tokens(req, key, shape_1),
+            req.image_strength,
+        )
+        video = add_noise(video, draw_noise(video, generator), 1.0)
+        audio = initial_state(torch.zeros(1, audio_tokens, LATENT_CHANNELS, device=dev, dtype=dtype))
+        audio = add_noise(audio, draw_noise(audio, generator), 1.0)
+        video, audio = self._denoise(
+            "stage 1", key, schedule(preset.stage_1, dev), video, audio, context, req, progress, shape_1
+        )
+        clock.lap("stage_1")
+
+        # x2 latent upsampling (un-normalise, upsample, re-normalise inside the engine)
+        (upsampled,) = self._run("upsampler", name, unpatchify_video(video.latent, shape_1))
+        upsampled = patchify_video(upsampled)
+        clock.lap("upsample")
+        progress("upsample", 1, 1)
+
+        # Stage 2 at full resolution: image re-encoded at full size; video and audio re-noised at sigma_0
+        key, sched = f"{name}/s2", schedule(preset.stage_2, dev)
+        video = initial_state(upsampled, self._image_tokens(req, key, shape_2), req.image_strength)
+        video = add_noise(video, draw_noise(video, generator), sched.sigma[0])  # official noise_scale=sigmas[0]
+        audio = initial_state(audio.latent)
+        audio = add_noise(audio, draw_noise(audio, generator), sched.sigma[0])
+        video, audio = self._denoise("stage 2", key, sched, video, audio, context, req, progress, shape_2)
+        clock.lap("stage_2")
+
+        # Decode: frames to uint8 (handed to the caller at once), then the waveform at the vocoder's rate
+        (decoded,) = self._run("video_decoder", name, unpatchify_video(video.latent, shape_2))
+        pixels = to_uint8(decoded)
+        del decoded
+        if on_video is not None:
+            on_video(pixels)
+        clock.lap("video_decode")
+        progress("video decode", 1, 1)
+        (waveform,) = self._run("audio_decoder", name, unpatchify_audio(audio.latent))
+        samples = waveform[0].float().cpu().numpy()
+        clock.lap("audio_decode")
+        progress("audio decode", 1, 1)
+        clock.times["pipeline_total"] = time.perf_counter() - clock.start
+        return Output(pixels, samples, self.sample_rate, float(req.fps), clock.times)
+
+    # ---- helpers --------------------------------------------------------------------------------------------
+
+    def _run(self, engine: str, key: str, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One engine call (captured and replayed on CUDA). Compiled engines read their inputs as contiguous
+        buffers, so the (un)patchify views are made contiguous here."""
+        inputs = tuple(t.contiguous() for t in inputs)
+        return self.graphs((engine, key), partial(self.engines.run, engine, key), *inputs)
+
+    def _image_tokens(self, req: Request, key: str, shape: tuple[int, int, int]) -> torch.Tensor | None:
+        """The conditioning image encoded at this stage's size, as tokens [1, H'*W', 128] (None without image)."""
+        if req.image is None:
+            return None
+        _, h, w = shape
+        pixels = image_input(
+            req.image,
+            h * VIDEO_SPACE_STRIDE,
+            w * VIDEO_SPACE_STRIDE,
+            dtype=self.engines.dtype,
+            device=self.engines.device,
+        )
+        (latent,) = self._run("video_encoder", key, pixels)
+        return patchify_video(latent)
+
+    def _dit(
+        self,
+        key: str,
+        video: torch.Tensor,
+        audio: torch.Tensor,
+        video_context: torch.Tensor,
+        audio_context: torch.Tensor,
+        video_t: torch.Tensor,
+        video_index: torch.Tensor,
+        sigma: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One DiT pass: prep -> in -> block x num_layers -> out. Returns velocities [1, Nv, 128], [1, Na, 128]."""
+        e = self.engines
+        fields = e.run("dit_prep", key, video_t, video_index, sigma.view(1, 1), sigma, sigma)
+        vx, ax, cv, ca = e.run("dit_in", key, video, audio, video_context, audio_context)
+        for layer in range(e.num_layers):
+            vx, ax = e.run_block(key, layer, vx, ax, cv, ca, *fields)
+        n = len(fields) // 2
+        return e.run(
+            "dit_out",
+            key,
+            vx,
+            ax,
+            fields[FIELD_EMBEDDED],
+            fields[FIELD_INDEX],
+            fields[n + FIELD_EMBEDDED],
+            fields[n + FIELD_INDEX],
+        )
+
+    def _denoise(
+        self,
+        stage: str,
+        key: str,
+        sched: Schedule,
+        video: LatentState,
+        audio: LatentState,
+        context: tuple[torch.Tensor, ...],
+        req: Request,
+        progress: Progress,
+        shape: tuple[int, int, int],
+    ) -> tuple[LatentState, LatentState]:
+        """Joint Euler loop (official `euler_denoising_loop` with `simple_denoising_func`): one DiT pass per step,
+        no host synchronisation. The image tokens (latent frame 0, the first H'*W' tokens) get timestep
+        (1 - strength) * sigma through the per-token index."""
+        dev = self.engines.device
+        index = torch.zeros(1, video.latent.shape[1], dtype=torch.int64, device=dev)
+        if req.image is not None:
+            index[:, : shape[1] * shape[2]] = 1
+        cond_mask = torch.tensor(1.0 - req.image_strength, dtype=torch.float32, device=dev)
+        video_t = torch.stack([sched.sigma, sched.sigma * cond_mask], dim=-1)  # [S + 1, 2]: sigma, masked sigma
+        dit = partial(self._dit, key)
+        for i in range(sched.steps):
+            sigma = sched.sigma[i]
+            inputs = (video.latent, audio.latent, *context, video_t[i : i + 1], index, sched.sigma[i : i + 1])
+            v, a = self.graphs(("dit", key), dit, *(t.contiguous() for t in inputs))
+            video = euler_step(video, denoised(video, v, token_timesteps(video, sigma)), sched, i)
+            audio = euler_step(audio, denoised(audio, a, token_timesteps(audio, sigma)), sched, i)
+            progress(stage, i + 1, sched.steps)
+        return video, audio

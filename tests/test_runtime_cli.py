@@ -1,0 +1,194 @@
+"""`fvrt-run`: a run writes the MP4, the raw .npz and the timings; every bad request exits 2 with one line on
+stderr and writes nothing.
+
+The engine directory here has a real manifest (profiles, config) and tokenizer folder; the engines themselves are
+the eager reference set (the compiled engines have their own tests), swapped in for `open_engines`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+import av
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from official_pipeline import TinyRelease, tiny_release
+
+from fvrt.builder.checkpoint import ModelVersion
+from fvrt.builder.eager import EagerEngineSet
+from fvrt.builder.engines import PRESET_PROFILES
+from fvrt.runtime import cli
+from fvrt.runtime.manifest import BuildEnv, Manifest, StageEntry, write_manifest
+from fvrt.runtime.pipeline import Pipeline, Request
+from fvrt.runtime.tokenizer import PromptTokenizer
+
+TINY = PRESET_PROFILES["tiny"]
+PROMPT = "A cat sits on a red mat."
+
+
+class Setup(NamedTuple):
+    release: TinyRelease
+    engine_dir: Path
+
+
+def _manifest(config: dict, stages: dict[str, StageEntry] | None = None) -> Manifest:
+    profile = {k: v for k, v in TINY._asdict().items() if k != "name"}
+    env = BuildEnv(
+        fvrt_version="0.1.0",
+        torch_version=torch.__version__,
+        tensorrt_version=None,
+        gpu_name=None,
+        compute_capability=None,
+        model_version="2.0",
+        checkpoint_sha256=None,
+    )
+    return Manifest(format_version=1, profiles={TINY.name: profile}, stages=stages or {}, build=env, config=config)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
+    root = tmp_path_factory.mktemp("cli")
+    release = tiny_release(root / "release", ModelVersion.LTX2)
+    engine_dir = root / "engines"
+    engine_dir.mkdir()
+    write_manifest(engine_dir, _manifest(release.checkpoint.config))
+    shutil.copytree(release.tokenizer, engine_dir / "tokenizer")
+    return Setup(release, engine_dir)
+
+
+@pytest.fixture
+def eager_engines(setup: Setup, monkeypatch: pytest.MonkeyPatch) -> list[tuple[Path, str | None]]:
+    """`open_engines` returns the eager set; records its calls."""
+    calls: list[tuple[Path, str | None]] = []
+
+    def fake(engine_dir: Path, device: str | None) -> EagerEngineSet:
+        calls.append((engine_dir, device))
+        return EagerEngineSet(setup.release.checkpoint, [TINY])
+
+    monkeypatch.setattr(cli, "open_engines", fake)
+    return calls
+
+
+def invoke(*args: str | Path) -> object:
+    return CliRunner().invoke(cli.main, [str(a) for a in args])
+
+
+def test_run_writes_mp4_raw_and_timings(setup: Setup, eager_engines: list, tmp_path: Path) -> None:
+    # Under test
+    out = tmp_path / "clip.mp4"
+    result = invoke(
+        setup.engine_dir, "--prompt", PROMPT, "--image", setup.release.image, "--seed", "5", "--preset", "realtime",
+        "--output", out, "--raw", tmp_path / "clip.npz", "--timings", tmp_path / "t.json",
+    )  # fmt: skip
+
+    # Postcondition: the three files and nothing else; shape defaults came from the manifest
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4", "clip.npz", "t.json"]
+    assert eager_engines == [(setup.engine_dir, None)]
+    with av.open(str(out)) as c:
+        v, a = c.streams.video[0], c.streams.audio[0]
+        assert (v.codec_context.width, v.codec_context.height, v.average_rate) == (TINY.width, TINY.height, 24)
+        assert (v.codec_context.pix_fmt, a.codec_context.name, a.rate) == ("yuv420p", "aac", 24000)
+        assert sum(1 for _ in c.decode(video=0)) == TINY.frames
+    # the raw output is exactly what the library call gives
+    req = Request(
+        PROMPT, TINY.height, TINY.width, TINY.frames, TINY.fps, seed=5, preset="realtime", image=setup.release.image
+    )
+    ref = Pipeline(EagerEngineSet(setup.release.checkpoint, [TINY]), PromptTokenizer(setup.release.tokenizer))(req)
+    with np.load(tmp_path / "clip.npz") as raw:
+        assert np.array_equal(raw["frames"], ref.frames) and np.array_equal(raw["audio"], ref.audio)
+        assert int(raw["sample_rate"]) == 24000 and float(raw["fps"]) == 24.0
+    record = json.loads((tmp_path / "t.json").read_text())
+    stages = ("text_encode", "stage_1", "upsample", "stage_2", "video_decode", "audio_decode", "mux", "total")
+    assert all(record["timings_s"][s] >= 0 for s in stages)
+    assert record["request"]["steps"] == [5, 2] and record["request"]["seed"] == 5
+    assert all(s in result.stdout for s in stages), "timing report printed"
+
+
+class Bad(NamedTuple):
+    args: tuple[str, ...]  # "{engines}", "{out}", "{tmp}" are substituted
+    message: str
+
+
+BAD = {
+    "engine_dir_missing": Bad(("{tmp}/nope",), "engine directory not found"),
+    "not_an_engine_dir": Bad(("{tmp}",), "is not an engine directory"),
+    "frames_not_8k1": Bad(("{engines}", "--frames", "20"), "--frames 20: must be 8k+1"),
+    "height_not_64": Bad(("{engines}", "--height", "100"), "--height 100: must be a positive multiple of 64"),
+    "width_not_64": Bad(("{engines}", "--width", "200"), "--width 200: must be a positive multiple of 64"),
+    "shape_not_built": Bad(("{engines}", "--frames", "25"), "the engines were not built for this shape"),
+    "fps_not_built": Bad(("{engines}", "--fps", "30"), "the engines were not built for this shape"),
+    "empty_prompt": Bad(("{engines}", "--prompt", "   "), "--prompt: the prompt is empty"),
+    "unreadable_image": Bad(("{engines}", "--image", "{tmp}/bad.png"), "cannot read the image"),
+    "missing_image": Bad(("{engines}", "--image", "{tmp}/none.png"), "cannot read the image"),
+    "output_dir_missing": Bad(("{engines}", "--output", "{out}/no/x.mp4"), "does not exist"),
+    "output_is_dir": Bad(("{engines}", "--output", "{out}"), "is a directory"),
+    "raw_dir_missing": Bad(("{engines}", "--raw", "{out}/no/x.npz"), "--raw"),
+    "same_paths": Bad(("{engines}", "--raw", "{out}/x.mp4", "--output", "{out}/x.mp4"), "its own path"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
+def test_bad_requests_exit_2_and_write_nothing(setup: Setup, eager_engines: list, tmp_path: Path, case: str) -> None:
+    # Precondition: an empty output directory, a corrupt image
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    bad = BAD[case]
+    args = [a.format(engines=setup.engine_dir, out=out, tmp=tmp_path) for a in bad.args]
+    if "--prompt" not in args:
+        args += ["--prompt", PROMPT]
+    if "--output" not in args:
+        args += ["--output", str(out / "x.mp4")]
+
+    # Under test
+    result = invoke(*args)
+
+    # Postcondition: exit 2, one line naming the problem, nothing run or written
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fvrt-run: error: "), result.stderr
+    assert bad.message in lines[0]
+    assert list(out.iterdir()) == []
+    assert eager_engines == [], "engines were loaded before the request was checked"
+
+
+def test_incomplete_or_tampered_engine_dir(setup: Setup, tmp_path: Path) -> None:
+    """The real loader (no eager swap): a stage file missing, then altered, is refused before any work."""
+    engines = tmp_path / "engines"
+    shutil.copytree(setup.engine_dir, engines)
+    entry = StageEntry("dit_in", "torch-aot", "dit_in.pt2", "0" * 64, "fp32", [], [])
+    write_manifest(engines, _manifest(setup.release.checkpoint.config, {"dit_in": entry}))
+    out = tmp_path / "x.mp4"
+    for content, message in ((None, "dit_in.pt2 is missing"), (b"tampered", "does not match its sha256")):
+        if content is not None:
+            (engines / "dit_in.pt2").write_bytes(content)
+        result = invoke(engines, "--prompt", PROMPT, "--output", out)
+        assert result.exit_code == 2, result.output
+        assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert not out.exists()
+    shutil.rmtree(engines / "tokenizer")
+    result = invoke(engines, "--prompt", PROMPT, "--output", out)
+    assert result.exit_code == 2 and "tokenizer file tokenizer.json is missing" in result.stderr
+
+
+def test_installed_script(tmp_path: Path) -> None:
+    """The `fvrt-run` console script exists and exits 2 with one line for a missing engine directory."""
+    exe = Path(sys.executable).with_name("fvrt-run")
+    assert exe.is_file(), "pyproject [project.scripts] fvrt-run is not installed"
+    result = subprocess.run(
+        [str(exe), str(tmp_path / "none"), "--prompt", "x", "--output", str(tmp_path / "o.mp4")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"fvrt-run: error: engine directory not found: {tmp_path / 'none'}"]
+    assert list(tmp_path.iterdir()) == []
