@@ -12,16 +12,22 @@ ORACLE := ltx-core==1.0.0 ltx-pipelines==1.0.0
 MODELOPT := nvidia-modelopt==0.47.0
 MODELOPT_DEPS := requests omegaconf pulp
 
-.PHONY: setup test test-gpu lint demo clean
+.PHONY: setup test test-gpu lint demo clean engines
 
 setup:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,trt]"
 	$(BIN)/pip install -q --no-deps $(ORACLE)
 	$(BIN)/pip install -q --no-deps $(MODELOPT)
 	$(BIN)/pip install -q $(MODELOPT_DEPS)
+
+# The embedded default: a tiny random LTX-2.3 (tiny Gemma included, nothing downloaded) compiled with torch-aot
+# on the CPU, fp32, profile "tiny". Rebuilds nothing when $(ENGINES) is up to date (same build key).
+ENGINES ?= engines/tiny
+engines:
+	$(BIN)/fvrt-build $(ENGINES) --random tiny --backend torch-aot --precision fp32 --device cpu --profile tiny
 
 test:
 	$(BIN)/pytest -q

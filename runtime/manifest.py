@@ -46,6 +46,7 @@ class StageEntry:
     weights: str | None = None  # separate safetensors file when the backend keeps weights apart
     weights_sha256: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)  # every engine file (e.g. one per shape key) -> sha256
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class BuildEnv:
     compute_capability: str | None  # "9.0"; for CPU-only AOT builds the target list, e.g. "8.9,12.0"
     model_version: str
     checkpoint_sha256: str | None
+    device: str = "cpu"  # where the engines run: "cpu" or "cuda" (torch-aot code is compiled for one of them)
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,8 @@ class Manifest:
     stages: dict[str, StageEntry]
     build: BuildEnv
     config: dict[str, Any]  # the checkpoint's `config` metadata, so the directory is self-describing
+    assets: dict[str, str] = field(default_factory=dict)  # other files (tokenizer/...) -> sha256, verified too
+    build_key: str = ""  # sha256 of the canonical recipe + checkpoint hash + tool versions; same key = up to date
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
@@ -89,6 +93,8 @@ class Manifest:
                 stages=stages,
                 build=BuildEnv(**raw["build"]),
                 config=dict(raw["config"]),
+                assets={str(k): str(v) for k, v in raw.get("assets", {}).items()},
+                build_key=str(raw.get("build_key", "")),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise EngineError(f"manifest is malformed: {type(e).__name__}: {e}") from None
@@ -156,14 +162,28 @@ def verify(
         entry = manifest.stages[name]
         if entry.backend not in BACKENDS:
             raise EngineError(f"{root}: stage '{name}' has unknown backend '{entry.backend}'")
-        for file, digest in ((entry.file, entry.sha256), (entry.weights, entry.weights_sha256)):
+        for file, digest in ((entry.file, entry.sha256), (entry.weights, entry.weights_sha256), *entry.files.items()):
             if file is None:
                 continue
-            path = root / file
+            path = _inside(root, file)
             if not path.is_file():
                 raise EngineError(f"{root}: stage '{name}' file {file} is missing")
             if sha256_file(path) != digest:
                 raise EngineError(f"{root}: stage '{name}' file {file} does not match its sha256 (tampered?)")
+    for file, digest in manifest.assets.items():
+        path = _inside(root, file)
+        if not path.is_file():
+            raise EngineError(f"{root}: file {file} is missing")
+        if sha256_file(path) != digest:
+            raise EngineError(f"{root}: file {file} does not match its sha256 (tampered?)")
+
+
+def _inside(root: Path, file: str) -> Path:
+    """`root / file`, refusing names that leave the engine directory (absolute paths, `..`)."""
+    rel = Path(file)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise EngineError(f"{root}: manifest names a file outside the engine directory: {file}")
+    return root / rel
 
 
 def write_manifest(engine_dir: str | Path, manifest: Manifest) -> Path:

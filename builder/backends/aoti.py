@@ -1,0 +1,426 @@
+"""`torch-aot` backend: `torch.export` + AOTInductor packages, with the weights kept apart from the code.
+
+Every engine is exported as a pure function of (weights..., inputs...): a `torch.func.functional_call` wrapper
+whose first inputs are the parameters and buffers the engine's forward actually reads, in a fixed order
+(`StageEntry.extra["weight_names"]`). The compiled packages therefore holds no checkpoint tensor, only code and
+the few derived constants that the architecture alone fixes (RoPE frequency grids, resampling filters); the
+weights go to `<engine>.safetensors`, and one build serves every checkpoint of the same architecture.
+
+`dit_block` is one transformer block compiled once per shape key; its weights file holds `layers.{i}.<name>`
+for each of the N blocks, and the runtime feeds them layer by layer, so build time and code size do not grow
+with depth.
+
+Shapes are static: one AOTInductor package per shape key (`<engine>.<key>.pt2`, key with `/` -> `_`), each
+holding a single model, the documented and most exercised layout. Works with torch 2.11 (GPU machines) and
+2.13 (CPU machines): only `torch.export.export`, `torch._inductor.aot_compile(..., {"aot_inductor.package":
+True})`, `torch._inductor.package.package_aoti` and `aoti_load_package` are used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import shutil
+import struct
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
+
+from fvrt.builder.engines import EngineSpec
+from fvrt.runtime.manifest import StageEntry, TensorSpec, sha256_file
+
+PACKAGE_SUFFIX = ".pt2"
+WEIGHTS_SUFFIX = ".safetensors"
+LAYER_PREFIX = "layers.{}."  # per-layer weight names in the dit_block weights file (runtime reads the same)
+ATTENTION_CHOICES = ("default", "cudnn")  # SDPA backend baked into CUDA engines at export time
+
+Log = Callable[[str], None]
+
+
+_ST_DTYPE = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}  # safetensors dtype names (format spec)
+
+
+def save_weights(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Stream `tensors` into a safetensors file (temporary file, then rename): one tensor in host memory at a
+    time, 0-d tensors and tensors sharing storage (tied weights) included."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    names = sorted(tensors)
+    for n in names:
+        t = tensors[n]
+        size = t.numel() * t.element_size()
+        header[n] = {"dtype": _ST_DTYPE[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # 8-byte aligned data section, as the reference writer does
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        with tmp.open("wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for n in names:
+                t = tensors[n].detach().to("cpu").contiguous().reshape(-1)
+                if t.numel():
+                    f.write(t.view(torch.uint8).numpy().tobytes())
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def package_name(engine: str, shape_key: str) -> str:
+    """The package file of one shape key: "dit_block", "1080p/s1" -> "dit_block.1080p_s1.pt2"."""
+    return f"{engine}.{re.sub(r'[^A-Za-z0-9_]', '_', shape_key)}{PACKAGE_SUFFIX}"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class WeightsAsInputs(nn.Module):
+    """`module` as a pure function: forward(*weights, *inputs) = functional_call(module, weights, inputs).
+
+    The module is held outside `nn.Module` registration, so torch.export lifts none of its tensors: the ones in
+    `names` arrive as inputs, and any other tensor the forward reads becomes an export constant (kept small:
+    `build` records their bytes)."""
+
+    def __init__(self, module: nn.Module, names: Sequence[str]) -> None:
+        super().__init__()
+        object.__setattr__(self, "wrapped", module)
+        self.names = list(names)
+
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        n = len(self.names)
+        out = torch.func.functional_call(self.wrapped, dict(zip(self.names, args[:n], strict=True)), args[n:])
+        outs = out if isinstance(out, tuple) else (out,)
+        return tuple(_unaliased(o, args, outs[:i]) for i, o in enumerate(outs))
+
+
+def _unaliased(out: torch.Tensor, inputs: Sequence[torch.Tensor], earlier: Sequence[torch.Tensor]) -> torch.Tensor:
+    """`out`, cloned when it is (a view of) an input or repeats an earlier output: compiled programs then own
+    every output buffer (a pass-through output, e.g. the prep engine's `video_index`, is a copy)."""
+    base = out._base if out._base is not None else out
+    for t in (*inputs, *earlier):
+        if t is out or t is base or (t._base is not None and t._base is base):
+            return out.clone()
+    return out
+
+
+def module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and buffers (persistent or not) by name, duplicates (tied weights) once."""
+    out = {n: p.detach() for n, p in module.named_parameters()}
+    out.update({n: b for n, b in module.named_buffers()})
+    return out
+
+
+@contextlib.contextmanager
+def attention_backend(attention: str, device: torch.device) -> Iterator[None]:
+    """Export/compile under the chosen SDPA backend: the exported graph holds the backend-specific op."""
+    if attention == "default" or device.type != "cuda":
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    try:
+        ctx = sdpa_kernel(order, set_priority=True)
+    except TypeError:  # torch without set_priority: cuDNN, else fall back to what the dispatcher picks
+        ctx = sdpa_kernel(order)
+    with ctx:
+        yield
+
+
+def export(module: nn.Module, names: Sequence[str], weights: Sequence[torch.Tensor], inputs: Sequence[Any]) -> Any:
+    """torch.export of `WeightsAsInputs(module, names)` at the static shapes of (weights, inputs)."""
+    with torch.no_grad():
+        return torch.export.export(WeightsAsInputs(module, names), (*weights, *inputs), strict=False)
+
+
+# Tensor properties that read metadata only; a tensor read only through them is not an engine input.
+_METADATA = frozenset({"dtype", "shape", "device", "ndim", "layout", "is_cuda", "is_meta", "requires_grad"})
+
+
+class _TensorUseRecorder(TorchFunctionMode):
+    """Records which of the given tensors (by identity) any torch function receives."""
+
+    def __init__(self, ids: set[int]) -> None:
+        super().__init__()
+        self.ids, self.seen = ids, set()
+
+    def __torch_function__(
+        self, func: Callable[..., Any], types: Any, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") == "__get__" and getattr(func.__self__, "__name__", "") in _METADATA:
+            return func(*args, **kwargs)  # `w.dtype`, `w.shape`...: not a use of the data
+        for leaf in pytree.tree_leaves((args, kwargs)):
+            if isinstance(leaf, torch.Tensor) and id(leaf) in self.ids:
+                self.seen.add(id(leaf))
+        return func(*args, **kwargs)
+
+
+def used_weight_names(module: nn.Module, inputs: Sequence[Any]) -> list[str]:
+    """The parameters/buffers the forward reads on `inputs`, in module order, found by running it once eagerly
+    and recording which of them any torch function receives. Wrapper engines hold whole models (the DiT's prep
+    engine holds all 48 blocks), so only this subset becomes the engine's weights. A miss cannot go unnoticed:
+    `compile_key` refuses an export that baked a module tensor in as a constant."""
+    named = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    recorder = _TensorUseRecorder({id(t) for t in named.values()})
+    with torch.no_grad(), recorder:
+        module(*inputs)
+    return [n for n, t in named.items() if id(t) in recorder.seen]
+
+
+def _check_no_baked_weights(ep: Any, module: nn.Module, name: str) -> None:
+    """Refuse an exported program holding one of the module's weights as a constant (it must be an input)."""
+    ptrs = {t.data_ptr(): n for n, t in module_tensors(module).items() if t.numel() > 1}
+    for cname, c in ep.constants.items():
+        if isinstance(c, torch.Tensor) and c.numel() > 1 and c.data_ptr() in ptrs:
+            raise RuntimeError(f"engine {name}: weight {ptrs[c.data_ptr()]} was baked into the code as {cname}")
+
+
+def _drop_guards(gm: torch.fx.GraphModule) -> None:
+    """`ExportedProgram.module()` may add an input-guard submodule that AOTI cannot compile (torch 2.13's
+    `aot_compile` removes it itself; do it here for every version)."""
+    if hasattr(gm, "_guards_fn"):
+        for node in list(gm.graph.find_nodes(op="call_module", target="_guards_fn")):
+            gm.graph.erase_node(node)
+        delattr(gm, "_guards_fn")
+        gm.recompile()
+
+
+def compile_program(ep: Any, args: Sequence[Any]) -> list[Any]:
+    """AOTInductor-compile an exported program; returns the generated files (for `package_aoti`)."""
+    gm = ep.module()
+    _drop_guards(gm)
+    with torch.no_grad(), warnings.catch_warnings():
+        # torch 2.13 warns about its own pytree internals while packaging; not actionable here
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        files = torch._inductor.aot_compile(gm, tuple(args), options={"aot_inductor.package": True})
+    if not isinstance(files, list):
+        raise RuntimeError(f"AOTInductor returned {type(files).__name__}, expected the list of package files")
+    return files
+
+
+def _output_specs(ep: Any) -> list[tuple[list[int], str]]:
+    out_node = next(n for n in ep.graph.nodes if n.op == "output")
+    vals = [a.meta["val"] for a in out_node.args[0]]
+    return [([int(s) for s in v.shape], dtype_name(v.dtype)) for v in vals]
+
+
+def _constant_bytes(ep: Any) -> int:
+    consts = [t for t in ep.constants.values() if isinstance(t, torch.Tensor)]
+    consts += [t for t in ep.state_dict.values() if isinstance(t, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in consts)
+
+
+@dataclass
+class CompiledKey:
+    """Per shape key: the compiled files, the I/O shapes and where the time went."""
+
+    files: list[Any]
+    input_shapes: list[tuple[list[int], str]]
+    output_shapes: list[tuple[list[int], str]]
+    export_s: float
+    compile_s: float
+    constants_bytes: int
+
+
+class TorchAOTBackend:
+    """The `torch-aot` backend object (see fvrt.builder.backends)."""
+
+    name = "torch-aot"
+
+    def __init__(self, attention: str = "default") -> None:
+        if attention not in ATTENTION_CHOICES:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got '{attention}'")
+        self.attention = attention
+
+    def available(self) -> str | None:
+        """None when AOTInductor can build here, else the reason (it needs a C++ compiler on every device)."""
+        if not hasattr(torch._inductor, "aot_compile"):
+            return f"torch {torch.__version__} has no AOTInductor (torch._inductor.aot_compile)"
+        if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+            return "torch-aot needs a C++ compiler (g++ or clang++) on PATH; none found"
+        return None
+
+    def compile_key(
+        self, spec: EngineSpec, key: str, names: Sequence[str], weights: Sequence[torch.Tensor], device: torch.device
+    ) -> CompiledKey:
+        """Export and compile engine `spec` for shape key `key` with `weights` (ordered as `names`) as inputs."""
+        module = spec.module_for(key)
+        inputs = tuple(t.clone() for t in spec.sample_inputs(key))  # no two inputs share memory
+        if len(inputs) != len(spec.input_names):
+            raise RuntimeError(f"engine {spec.name}: {len(inputs)} sample inputs for {len(spec.input_names)} names")
+        with attention_backend(self.attention, device):
+            t0 = time.perf_counter()
+            ep = export(module, names, weights, inputs)
+            _check_no_baked_weights(ep, module, spec.name)
+            t1 = time.perf_counter()
+            files = compile_program(ep, (*weights, *inputs))
+            t2 = time.perf_counter()
+        outs = _output_specs(ep)
+        if len(outs) != len(spec.output_names):
+            raise RuntimeError(f"engine {spec.name}: {len(outs)} outputs for {len(spec.output_names)} names")
+        return CompiledKey(
+            files,
+            [([int(s) for s in t.shape], dtype_name(t.dtype)) for t in inputs],
+            outs,
+            t1 - t0,
+            t2 - t1,
+            _constant_bytes(ep),
+        )
+
+    def weight_plan(self, spec: EngineSpec) -> tuple[list[str], list[str], dict[str, torch.Tensor]]:
+        """(engine input names of the weights, their names in the weights file, file tensors by name)."""
+        first = spec.shape_keys[0]
+        if spec.per_layer:
+            inner = list(module_tensors(spec.per_layer[0]))
+            input_names = [f"block.{n}" for n in inner]
+            file_tensors = {
+                LAYER_PREFIX.format(i) + n: t
+                for i, layer in enumerate(spec.per_layer)
+                for n, t in module_tensors(layer).items()
+            }
+            for i, layer in enumerate(spec.per_layer):
+                if list(module_tensors(layer)) != inner:
+                    raise RuntimeError(f"dit_block: layer {i} has other tensors than layer 0")
+            return input_names, inner, file_tensors
+        module = spec.module_for(first)
+        used = used_weight_names(module, spec.sample_inputs(first))
+        tensors = module_tensors(module)
+        return used, used, {n: tensors[n] for n in used}
+
+    def build(
+        self,
+        spec: EngineSpec,
+        out_dir: Path,
+        *,
+        precision: str,
+        log: Log,
+        write_weights: bool = True,
+    ) -> StageEntry:
+        """Compile every shape key of `spec` into `out_dir/<name>.pt2` and write `out_dir/<name>.safetensors`."""
+        out_dir = Path(out_dir)
+        t_start = time.perf_counter()
+        input_names, file_names, file_tensors = self.weight_plan(spec)
+        module = spec.module_for(spec.shape_keys[0])
+        all_tensors = module_tensors(module)
+        weights = [all_tensors[n] for n in input_names]
+        device = weights[0].device if weights else torch.device("cpu")
+        from torch._inductor.package import package_aoti
+
+        compiled: dict[str, CompiledKey] = {}
+        packages: dict[str, Path] = {}
+        for key in spec.shape_keys:
+            log(f"{spec.name} [{key}]: export + AOTInductor compile ({len(weights)} weight inputs)")
+            compiled[key] = c = self.compile_key(spec, key, input_names, weights, device)
+            packages[key] = out_dir / package_name(spec.name, key)
+            package_aoti(str(packages[key]), c.files)  # one model ("model") per package
+            log(f"{spec.name} [{key}]: export {c.export_s:.1f} s, compile {c.compile_s:.1f} s")
+        package = packages[spec.shape_keys[0]]
+        weights_file = out_dir / f"{spec.name}{WEIGHTS_SUFFIX}"
+        if write_weights:
+            save_weights(weights_file, file_tensors, {"format": "pt", "engine": spec.name})
+        build_s = time.perf_counter() - t_start
+        weight_dtypes = sorted({dtype_name(t.dtype) for t in file_tensors.values()})
+        n_in = len(weights)
+
+        def tensor_specs(names: Sequence[str], which: str) -> list[TensorSpec]:
+            specs = []
+            for i, name in enumerate(names):
+                per_key = {k: getattr(c, which)[i] for k, c in compiled.items()}
+                dtypes = {d for _, d in per_key.values()}
+                if len(dtypes) != 1:
+                    raise RuntimeError(f"engine {spec.name}: {which} '{name}' changes dtype across shape keys")
+                specs.append(TensorSpec(name, dtypes.pop(), {k: s for k, (s, _) in per_key.items()}))
+            return specs
+
+        extra: dict[str, Any] = {
+            "device": device.type,
+            "attention": self.attention if device.type == "cuda" else "default",
+            "models": {k: p.name for k, p in packages.items()},
+            "weight_names": file_names,
+            "weight_dtypes": weight_dtypes,
+            "per_layer": len(spec.per_layer),
+            "code_bytes": sum(p.stat().st_size for p in packages.values()),
+            "weights_bytes": sum(t.numel() * t.element_size() for t in file_tensors.values()),
+            "constants_bytes": max(c.constants_bytes for c in compiled.values()),
+            "build_seconds": round(build_s, 2),
+            "export_seconds": {k: round(c.export_s, 2) for k, c in compiled.items()},
+            "compile_seconds": {k: round(c.compile_s, 2) for k, c in compiled.items()},
+            "torch": torch.__version__,
+            **({"notes": spec.notes} if spec.notes else {}),
+        }
+        if n_in != len(file_names):
+            raise RuntimeError(f"engine {spec.name}: {n_in} weight inputs for {len(file_names)} file names")
+        return StageEntry(
+            name=spec.name,
+            backend=self.name,
+            file=package.name,
+            sha256=sha256_file(package),
+            precision=precision,
+            inputs=tensor_specs(spec.input_names, "input_shapes"),
+            outputs=tensor_specs(spec.output_names, "output_shapes"),
+            weights=weights_file.name if write_weights else None,
+            weights_sha256=sha256_file(weights_file) if write_weights else None,
+            extra=extra,
+            files={p.name: sha256_file(p) for p in packages.values()},
+        )
+
+    def rebind(self, spec: EngineSpec, out_dir: Path, entry: StageEntry) -> StageEntry:
+        """Keep `entry`'s compiled package (already in `out_dir`) and write the weights of `spec`'s (new)
+        checkpoint under the same names: the code depends on the architecture only."""
+        names = entry.extra["weight_names"]
+        tensors = _rebind_tensors(spec, names)
+        weights_file = Path(out_dir) / f"{spec.name}{WEIGHTS_SUFFIX}"
+        save_weights(weights_file, tensors, {"format": "pt", "engine": spec.name})
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        return replace(
+            entry,
+            weights=weights_file.name,
+            weights_sha256=sha256_file(weights_file),
+            extra={**entry.extra, "weights_bytes": nbytes},
+        )
+
+
+def _rebind_tensors(spec: EngineSpec, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The weights-file tensors of `spec` under the names of an earlier build (see `weight_plan`)."""
+    if spec.per_layer:
+        out = {}
+        for i, layer in enumerate(spec.per_layer):
+            tensors = module_tensors(layer)
+            out.update({LAYER_PREFIX.format(i) + n: tensors[n] for n in names})
+        return out
+    tensors = module_tensors(spec.module_for(spec.shape_keys[0]))
+    return {n: tensors[n] for n in names}
+
+
+def backend(name: str) -> TorchAOTBackend:
+    """Backend factory used by `fvrt.builder.backends.get_backend`."""
+    if name != "torch-aot":
+        raise ValueError(f"fvrt.builder.backends.aoti serves 'torch-aot', not '{name}'")
+    return TorchAOTBackend()
+
+
+BACKEND = TorchAOTBackend()

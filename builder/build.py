@@ -1,0 +1,537 @@
+"""Build an engine directory: checkpoint (or random model) -> engines/<id>/ with `manifest.json`.
+
+`build_engines(BuildRequest(...))` is the one library call behind `fvrt-build` and `make engines`:
+
+1. validate the request (profiles, backend and its library, device, files, output directory) before any
+   loading, each failure a one-line `BuildError`;
+2. compute the build key, sha256 of the canonical recipe + checkpoint hash + tool versions; an existing engine
+   directory with the same key is up to date and nothing is rebuilt; otherwise each stage whose own key is
+   unchanged is reused from it (its files copied), and for torch-aot a stage whose code key is unchanged but
+   whose weights changed only gets a new weights file (one build serves every checkpoint of an architecture);
+3. build into a temporary sibling directory and rename it into place at the end; on any failure (disk full
+   included) the temporary directory is removed and the previous engine directory is left as it was.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import fvrt
+from fvrt.builder.backends import BACKEND_MODULES, get_backend
+from fvrt.builder.checkpoint import LTXCheckpoint, ModelVersion, load_checkpoint
+from fvrt.builder.engines import PRESET_PROFILES, EngineSpec, Profile, engine_specs
+from fvrt.builder.random_release import (
+    SIZES,
+    full_random_checkpoint,
+    load_tiny_release,
+    random_identity,
+    write_tiny_release,
+)
+from fvrt.runtime.manifest import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    BuildEnv,
+    EngineError,
+    Manifest,
+    StageEntry,
+    read_manifest,
+    sha256_file,
+    verify,
+    write_manifest,
+)
+
+logger = logging.getLogger(__name__)
+
+ENGINE_NAMES = (
+    "text_encoder",
+    "dit_prep",
+    "dit_in",
+    "dit_block",
+    "dit_out",
+    "video_encoder",
+    "upsampler",
+    "video_decoder",
+    "audio_decoder",
+)
+STAGE_GROUPS = {"dit": ("dit_prep", "dit_in", "dit_block", "dit_out")}
+ATTENTION_CHOICES = ("default", "cudnn")  # torch-aot on CUDA: SDPA backend baked into the exported graphs
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DEVICES = ("cpu", "cuda")
+# Tokenizer files copied from the Gemma folder into <engine dir>/tokenizer/ (the runtime tokenizes prompts).
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
+TOKENIZER_DIR = "tokenizer"
+BUILD_LOG = "build.log"
+ENGINE_DIR_MODE = 0o755
+_PROFILE_RE = re.compile(r"^(?:(?P<name>[A-Za-z0-9_.-]+)=)?(?P<h>\d+)x(?P<w>\d+)x(?P<f>\d+)(?:@(?P<fps>[\d.]+))?$")
+
+Log = Callable[[str], None]
+
+
+class BuildError(ValueError):
+    """A build request that cannot be served; the message is one line naming the flag or file and the rule."""
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    """What to build. Exactly one of `checkpoint` / `random` ("tiny" | "full")."""
+
+    out_dir: Path
+    checkpoint: Path | None = None
+    upsampler: Path | None = None
+    gemma: Path | None = None
+    random: str | None = None
+    version: str = "2.3"  # random builds only; a checkpoint says its own version
+    profiles: tuple[str, ...] = ()  # preset names or HxWxF[@fps]; default "tiny" (random tiny) else "1080p"
+    backend: str = "torch-aot"
+    precision: str = "fp32"
+    device: str = "cpu"
+    stages: tuple[str, ...] = ()  # engine names or groups ("dit"); default every engine
+    force: bool = False
+    seed: int = 0
+    attention: str = "default"  # torch-aot on CUDA: SDPA backend baked in ("default" | "cudnn")
+
+
+@dataclass
+class BuildResult:
+    path: Path
+    manifest: Manifest
+    up_to_date: bool
+    built: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+    rebound: list[str] = field(default_factory=list)  # code reused, new weights file written
+
+
+# --------------------------------------------------------------------------------------------------------------
+# validation
+
+
+def parse_profile(text: str) -> Profile:
+    """A preset name ("1080p", "tiny", ...) or `[name=]HxWxF[@fps]` (e.g. 1088x1920x121@24)."""
+    if text in PRESET_PROFILES:
+        return PRESET_PROFILES[text]
+    m = _PROFILE_RE.match(text)
+    if m is None:
+        raise BuildError(
+            f"--profile '{text}': not a preset ({', '.join(PRESET_PROFILES)}) nor HEIGHTxWIDTHxFRAMES[@FPS]"
+        )
+    h, w, f = int(m["h"]), int(m["w"]), int(m["f"])
+    fps = float(m["fps"]) if m["fps"] else 24.0
+    p = Profile(m["name"] or f"{h}x{w}x{f}", h, w, f, fps)
+    try:
+        p.validate()
+    except ValueError as e:
+        raise BuildError(f"--profile '{text}': {e}") from None
+    return p
+
+
+def resolve_stages(names: Sequence[str]) -> list[str]:
+    """Engine names in build order; groups expanded; unknown names refused."""
+    if not names:
+        return list(ENGINE_NAMES)
+    wanted: set[str] = set()
+    for n in names:
+        if n in STAGE_GROUPS:
+            wanted.update(STAGE_GROUPS[n])
+        elif n in ENGINE_NAMES:
+            wanted.add(n)
+        else:
+            raise BuildError(f"--stages: unknown engine '{n}'; choose from {', '.join((*ENGINE_NAMES, *STAGE_GROUPS))}")
+    return [n for n in ENGINE_NAMES if n in wanted]
+
+
+def _check_file(path: Path | None, flag: str, what: str) -> None:
+    if path is not None and not Path(path).is_file():
+        raise BuildError(f"{flag}: {what} not found: {path}")
+
+
+def _check_out_dir(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise BuildError(f"output {out} exists and is not a directory")
+    if out.is_dir() and not (out / MANIFEST_NAME).is_file() and any(out.iterdir()) and not force:
+        raise BuildError(f"output {out} exists and is not an engine directory (no {MANIFEST_NAME}); use --force")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated request."""
+
+    request: BuildRequest
+    profiles: list[Profile]
+    stages: list[str]
+    dtype: torch.dtype
+    device: torch.device
+    version: ModelVersion | None  # random builds
+
+
+def validate(req: BuildRequest) -> Plan:
+    """Every check that needs no loading; one-line BuildError on the first failure."""
+    if (req.checkpoint is None) == (req.random is None):
+        raise BuildError("give exactly one of --checkpoint FILE or --random tiny|full")
+    if req.random is not None and req.random not in SIZES:
+        raise BuildError(f"--random: choose one of {', '.join(SIZES)}, got '{req.random}'")
+    if req.random is not None and (req.upsampler or req.gemma):
+        raise BuildError("--upsampler / --gemma go with --checkpoint, not with --random")
+    version = None
+    if req.random is not None:
+        try:
+            version = ModelVersion(req.version)
+        except ValueError:
+            raise BuildError(f"--version: choose 2.0 or 2.3, got '{req.version}'") from None
+    if req.precision not in PRECISIONS:
+        raise BuildError(f"--precision: choose one of {', '.join(PRECISIONS)}, got '{req.precision}'")
+    if req.device not in DEVICES:
+        raise BuildError(f"--device: choose one of {', '.join(DEVICES)}, got '{req.device}'")
+    if req.device == "cuda" and not torch.cuda.is_available():
+        raise BuildError("--device cuda: no CUDA GPU is visible on this machine")
+    if req.backend not in BACKEND_MODULES:
+        raise BuildError(f"--backend: unknown backend '{req.backend}'; choose one of {', '.join(BACKEND_MODULES)}")
+    default_profiles = ("tiny",) if req.random == "tiny" else ("1080p",)
+    profiles = [parse_profile(p) for p in (req.profiles or default_profiles)]
+    if len({p.name for p in profiles}) != len(profiles):
+        raise BuildError(f"--profile: names must be unique, got {', '.join(p.name for p in profiles)}")
+    stages = resolve_stages(req.stages)
+    _check_file(req.checkpoint, "--checkpoint", "checkpoint file")
+    _check_file(req.upsampler, "--upsampler", "upsampler file")
+    if req.gemma is not None and not Path(req.gemma).is_dir():
+        raise BuildError(f"--gemma: Gemma folder not found: {req.gemma}")
+    if req.checkpoint is not None:
+        if "upsampler" in stages and req.upsampler is None:
+            raise BuildError("the upsampler engine needs --upsampler FILE (or leave it out with --stages)")
+        if "text_encoder" in stages and req.gemma is None:
+            raise BuildError("the text_encoder engine needs --gemma DIR (or leave it out with --stages)")
+    _check_out_dir(Path(req.out_dir), req.force)
+    try:
+        be = get_backend(req.backend)
+    except ImportError as e:
+        raise BuildError(f"--backend {req.backend}: its builder module cannot be imported ({e})") from None
+    if req.attention != "default" and not hasattr(be, "attention"):
+        raise BuildError(f"--attention {req.attention}: backend {req.backend} has no attention choice")
+    if req.attention not in ATTENTION_CHOICES:
+        raise BuildError(f"--attention: choose one of {', '.join(ATTENTION_CHOICES)}, got '{req.attention}'")
+    reason = be.available()
+    if reason is not None:
+        raise BuildError(f"--backend {req.backend}: {reason}")
+    return Plan(req, profiles, stages, PRECISIONS[req.precision], torch.device(req.device), version)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# keys
+
+
+def _sha256_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def checkpoint_identity(plan: Plan) -> dict[str, str | None]:
+    """sha256 of every weight source: main file, upsampler file, Gemma weights (random: config + seed)."""
+    req = plan.request
+    if req.random is not None:
+        assert plan.version is not None
+        return {"main": random_identity(req.random, plan.version, req.seed)}
+    gemma = None
+    if req.gemma is not None:
+        files = sorted(p for p in Path(req.gemma).iterdir() if p.suffix == ".safetensors" or p.name == "config.json")
+        gemma = _sha256_json({p.name: sha256_file(p) for p in files})
+    return {
+        "main": sha256_file(Path(req.checkpoint)),
+        "upsampler": sha256_file(Path(req.upsampler)) if req.upsampler else None,
+        "gemma": gemma,
+    }
+
+
+def tool_versions(device: torch.device) -> dict[str, str | None]:
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    cc = "{}.{}".format(*torch.cuda.get_device_capability(device)) if device.type == "cuda" else None
+    return {"fvrt": fvrt.__version__, "torch": torch.__version__, "gpu": gpu, "compute_capability": cc}
+
+
+def recipe(plan: Plan) -> dict[str, Any]:
+    """What characterises the artifact besides the weights (style item 4): no paths, no times."""
+    req = plan.request
+    return {
+        "format": FORMAT_VERSION,
+        "backend": req.backend,
+        "precision": req.precision,
+        "device": req.device,
+        "attention": req.attention,
+        "profiles": [p._asdict() for p in plan.profiles],
+        "stages": plan.stages,
+    }
+
+
+def stage_keys(plan: Plan, stage: str, config: dict[str, Any], ckpt_id: dict[str, Any]) -> tuple[str, str]:
+    """(code key, stage key) of one engine: the code depends on the recipe, the architecture config and the tools;
+    the whole stage (code + weights) also on the checkpoint."""
+    r = {k: v for k, v in recipe(plan).items() if k != "stages"}
+    code = _sha256_json({"stage": stage, **r, "config": config, "tools": tool_versions(plan.device)})
+    return code, _sha256_json({"code": code, "checkpoint": ckpt_id})
+
+
+# --------------------------------------------------------------------------------------------------------------
+# building
+
+
+def _load(plan: Plan, scratch: Path, log: Log) -> LTXCheckpoint:
+    req = plan.request
+    if req.random == "tiny":
+        assert plan.version is not None
+        log(f"writing a tiny random LTX-{plan.version.value} release to {scratch}")
+        write_tiny_release(scratch, plan.version, seed=req.seed)
+        return load_tiny_release(scratch, plan.dtype, plan.device)
+    if req.random == "full":
+        assert plan.version is not None
+        need = _loader_stages(plan.stages)
+        log(f"building a full-size random LTX-{plan.version.value} on {plan.device} ({', '.join(sorted(need))})")
+        return full_random_checkpoint(
+            plan.version, dtype=plan.dtype, device=plan.device, seed=req.seed, materialize=need
+        )
+    log(f"loading {req.checkpoint}")
+    return load_checkpoint(
+        req.checkpoint, upsampler=req.upsampler, gemma=req.gemma, dtype=plan.dtype, device=plan.device
+    )
+
+
+def _loader_stages(engines: Sequence[str]) -> set[str]:
+    """Loader stages whose weights the given engines read."""
+    need: set[str] = set()
+    for e in engines:
+        need |= {
+            "text_encoder": {"text_encoder", "text_projection"},
+            "video_encoder": {"video_encoder"},
+            "upsampler": {"upsampler", "video_encoder", "video_decoder"},  # + the VAE latent statistics
+            "video_decoder": {"video_decoder"},
+            "audio_decoder": {"audio_decoder", "vocoder"},
+        }.get(e, {"dit"})
+    return need
+
+
+def _copy_tokenizer(plan: Plan, tmp: Path, scratch: Path, log: Log) -> dict[str, str]:
+    """Copy the Gemma tokenizer files into tmp/tokenizer/; returns {relative path: sha256}."""
+    req = plan.request
+    if req.gemma is not None:
+        src = Path(req.gemma)
+    elif req.random == "tiny":
+        src = scratch / "gemma"
+    else:  # random full: no real Gemma tokenizer exists offline; the tiny one (its ids < the 12B vocab)
+        src = _write_tiny_tokenizer(scratch / "gemma-tokenizer")
+    files = [src / n for n in TOKENIZER_FILES if (src / n).is_file()]
+    if not files:
+        raise BuildError(f"--gemma: {src} has none of the tokenizer files {', '.join(TOKENIZER_FILES)}")
+    (tmp / TOKENIZER_DIR).mkdir()
+    out = {}
+    for f in files:
+        dst = tmp / TOKENIZER_DIR / f.name
+        shutil.copyfile(f, dst)
+        out[f"{TOKENIZER_DIR}/{f.name}"] = sha256_file(dst)
+    log(f"tokenizer: copied {', '.join(f.name for f in files)}")
+    return out
+
+
+def _write_tiny_tokenizer(folder: Path) -> Path:
+    """The tiny Gemma's sentencepiece tokenizer alone (what `write_tiny_gemma` writes, minus the weights and
+    the config, which need the official package)."""
+    from fvrt.builder.tiny_gemma import _tokenizer_model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.model").write_bytes(_tokenizer_model())
+    config = {"tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>",
+              "pad_token": "<pad>", "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False}  # fmt: skip
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+    return folder
+
+
+def _existing(out: Path) -> Manifest | None:
+    """The current engine directory's manifest, if it is one and its files are intact."""
+    if not (out / MANIFEST_NAME).is_file():
+        return None
+    try:
+        manifest = read_manifest(out)
+        verify(out, manifest)
+    except EngineError as e:
+        logger.info("existing %s is not reusable: %s", out, e)
+        return None
+    return manifest
+
+
+def _reuse(old_dir: Path, entry: StageEntry, tmp: Path, *, weights: bool = True) -> None:
+    """Copy an engine's files (its code; with `weights`, its weights file too) from the old directory."""
+    for f in {entry.file, *entry.files, *([entry.weights] if weights and entry.weights else [])}:
+        shutil.copyfile(old_dir / f, tmp / f)
+
+
+def _build_stage(
+    plan: Plan,
+    spec: EngineSpec,
+    backend: Any,
+    tmp: Path,
+    keys: tuple[str, str],
+    old: Manifest | None,
+    result: BuildResult,
+    log: Log,
+) -> StageEntry:
+    """One engine: reuse it, rebind new weights to its code, or compile it."""
+    code_key, stage_key = keys
+    prev = old.stages.get(spec.name) if old is not None else None
+    out = Path(plan.request.out_dir)
+    if prev is not None and prev.extra.get("stage_key") == stage_key:
+        _reuse(out, prev, tmp)
+        result.reused.append(spec.name)
+        log(f"{spec.name}: unchanged, reused")
+        return prev
+    if prev is not None and prev.extra.get("code_key") == code_key and hasattr(backend, "rebind"):
+        _reuse(out, prev, tmp, weights=False)
+        entry = backend.rebind(spec, tmp, prev)
+        result.rebound.append(spec.name)
+        log(f"{spec.name}: code unchanged, new weights written")
+    else:
+        entry = backend.build(spec, tmp, precision=plan.request.precision, log=log)
+        result.built.append(spec.name)
+    return replace(entry, extra={**entry.extra, "code_key": code_key, "stage_key": stage_key})
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished build to `out`; the previous directory (if any) is removed only afterwards."""
+    if not out.exists():
+        tmp.rename(out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    old.rmdir()
+    out.rename(old)
+    try:
+        tmp.rename(out)
+    except OSError:
+        old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _build_env(plan: Plan, ckpt: LTXCheckpoint, ckpt_id: dict[str, Any]) -> BuildEnv:
+    tools = tool_versions(plan.device)
+    return BuildEnv(
+        fvrt_version=fvrt.__version__,
+        torch_version=torch.__version__,
+        tensorrt_version=None,
+        gpu_name=tools["gpu"],
+        compute_capability=tools["compute_capability"],
+        model_version=ckpt.version.value,
+        checkpoint_sha256=ckpt_id["main"],
+        device=plan.device.type,
+    )
+
+
+def _build_into(
+    plan: Plan,
+    tmp: Path,
+    scratch: Path,
+    old: Manifest | None,
+    keys: tuple[str, dict[str, Any]],
+    log: Log,
+) -> BuildResult:
+    """Load the weights, build or reuse every engine into `tmp`, and return the result with its manifest."""
+    req = plan.request
+    build_key, ckpt_id = keys
+    stages: dict[str, StageEntry] = {}
+    result = BuildResult(Path(req.out_dir), None, up_to_date=False)  # type: ignore[arg-type]
+    ckpt = _load(plan, scratch, log)
+    specs = {s.name: s for s in engine_specs(ckpt, plan.profiles, device=plan.device, seed=req.seed)}
+    backend = get_backend(req.backend)
+    if req.attention != "default":
+        backend.attention = req.attention
+    for name in plan.stages:
+        keys = stage_keys(plan, name, ckpt.config, ckpt_id)
+        stages[name] = _build_stage(plan, specs[name], backend, tmp, keys, old, result, log)
+    assets = _copy_tokenizer(plan, tmp, scratch, log) if "text_encoder" in plan.stages else {}
+    manifest = Manifest(
+        format_version=FORMAT_VERSION,
+        profiles={p.name: {k: v for k, v in p._asdict().items() if k != "name"} for p in plan.profiles},
+        stages=stages,
+        build=_build_env(plan, ckpt, ckpt_id),
+        config=ckpt.config,
+        assets=assets,
+        build_key=build_key,
+    )
+    result.manifest = manifest
+    return result
+
+
+def build_engines(req: BuildRequest, log: Log = logger.info) -> BuildResult:
+    """Validate, then build (or reuse) the engine directory `req.out_dir`. Raises BuildError (one line) for bad
+    input or a full disk, CheckpointError for an unusable checkpoint; leaves no partial directory behind."""
+    plan = validate(req)
+    out = Path(req.out_dir)
+    t0 = time.perf_counter()
+    try:
+        ckpt_id = checkpoint_identity(plan)
+        build_key = _sha256_json({"recipe": recipe(plan), "checkpoint": ckpt_id, "tools": tool_versions(plan.device)})
+        old = _existing(out)
+        if old is not None and old.build_key == build_key:
+            log(f"{out}: up to date (build key {build_key[:12]}), nothing rebuilt")
+            return BuildResult(out, old, up_to_date=True, reused=list(old.stages))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+        tmp.chmod(ENGINE_DIR_MODE)  # mkdtemp makes it owner-only
+    except OSError as e:
+        raise _os_error(e, out) from None
+    lines: list[str] = []
+
+    def tee(msg: str) -> None:
+        lines.append(f"{time.perf_counter() - t0:8.1f}s  {msg}")
+        log(msg)
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="fvrt-build-") as scratch:
+            result = _build_into(plan, tmp, Path(scratch), old, (build_key, ckpt_id), tee)
+        n_built, n_reused, n_new = len(result.built), len(result.reused), len(result.rebound)
+        tee(f"built {n_built}, reused {n_reused}, new weights {n_new} in {time.perf_counter() - t0:.1f} s")
+        (tmp / BUILD_LOG).write_text("\n".join(lines) + "\n")
+        write_manifest(tmp, result.manifest)
+        _swap_into_place(tmp, out)
+        return result
+    except OSError as e:
+        raise _os_error(e, out) from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _os_error(e: OSError, out: Path) -> BuildError:
+    if e.errno == errno.ENOSPC:
+        return BuildError(f"disk full while building {out} ({e.filename or 'write'}); nothing was written")
+    return BuildError(f"cannot write {out}: {e.strerror or e} ({e.filename or ''})")
+
+
+def describe(result: BuildResult) -> str:
+    """One line per engine: name, backend, build seconds, code MB, weights MB (the CLI's summary table)."""
+    rows = [f"{'engine':<14} {'backend':<10} {'build s':>8} {'code MB':>9} {'weights MB':>11}  status"]
+    status = {n: "built" for n in result.built} | {n: "reused" for n in result.reused}
+    status |= {n: "new weights" for n in result.rebound}
+    stages = result.manifest.stages
+    for name, e in sorted(stages.items(), key=lambda kv: ENGINE_NAMES.index(kv[0]) if kv[0] in ENGINE_NAMES else 99):
+        rows.append(
+            f"{name:<14} {e.backend:<10} {e.extra.get('build_seconds', 0):>8.1f} "
+            f"{e.extra.get('code_bytes', 0) / 1e6:>9.2f} {e.extra.get('weights_bytes', 0) / 1e6:>11.2f}  "
+            f"{status.get(name, '')}"
+        )
+    return "\n".join(rows)
+
+
+__all__ = ["ENGINE_NAMES", "BuildError", "BuildRequest", "BuildResult", "build_engines", "describe", "validate"]

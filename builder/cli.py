@@ -1,0 +1,121 @@
+"""`fvrt-build`: a thin click wrapper over `fvrt.builder.build.build_engines`.
+
+Progress goes to stdout; a bad input (or a full disk) is one line on stderr and exit code 2, never a traceback,
+and never a half-written engine directory. An unexpected internal failure is one line and exit code 1
+(`--debug` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from fvrt.builder.build import ATTENTION_CHOICES, DEVICES, PRECISIONS, BuildError, BuildRequest, build_engines, describe
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 1
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="Official single-file .safetensors checkpoint.")
+@click.option("--upsampler", type=click.Path(path_type=Path), help="Latent upsampler .safetensors (with --checkpoint).")
+@click.option(
+    "--gemma", type=click.Path(path_type=Path), help="Gemma-3 folder, Hugging Face layout (with --checkpoint)."
+)
+@click.option("--random", "random_size", help="Random weights instead of a checkpoint: tiny (CPU default) or full.")
+@click.option("--version", "model_version", default="2.3", show_default=True, help="Random builds: 2.0 or 2.3.")
+@click.option(
+    "--profile",
+    "profiles",
+    multiple=True,
+    help="Resolution profile: a preset (1080p, 720p, 1024x1536, 512x768, tiny) or HxWxF[@FPS]; repeatable. "
+    "Default: tiny for --random tiny, else 1080p.",
+)
+@click.option("--backend", default="torch-aot", show_default=True, help="torch-aot | tensorrt | tensorrt-rtx")
+@click.option("--precision", default="fp32", show_default=True, help=" | ".join(PRECISIONS))
+@click.option("--device", default="cpu", show_default=True, help=" | ".join(DEVICES))
+@click.option(
+    "--stages", multiple=True, help="Engines to build (default all; 'dit' = the four DiT engines); repeatable."
+)
+@click.option(
+    "--attention", default="default", show_default=True, help=f"torch-aot CUDA SDPA: {' | '.join(ATTENTION_CHOICES)}"
+)
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of random weights and sample inputs.")
+@click.option("--force", is_flag=True, help="Replace OUT_DIR even if it is not an engine directory.")
+@click.option("--debug", is_flag=True, help="Show tracebacks of internal errors.")
+def fvrt_build(
+    out_dir: Path,
+    checkpoint: Path | None,
+    upsampler: Path | None,
+    gemma: Path | None,
+    random_size: str | None,
+    model_version: str,
+    profiles: tuple[str, ...],
+    backend: str,
+    precision: str,
+    device: str,
+    stages: tuple[str, ...],
+    attention: str,
+    seed: int,
+    force: bool,
+    debug: bool,
+) -> None:
+    """Build an engine directory OUT_DIR (manifest.json + one engine per stage) from a checkpoint or random weights."""
+    request = BuildRequest(
+        out_dir=out_dir,
+        checkpoint=checkpoint,
+        upsampler=upsampler,
+        gemma=gemma,
+        random=random_size,
+        version=model_version,
+        profiles=profiles,
+        backend=backend,
+        precision=precision,
+        device=device,
+        stages=tuple(s for group in stages for s in group.split(",") if s),
+        force=force,
+        seed=seed,
+        attention=attention,
+    )
+    result = build_engines(request, log=lambda msg: click.echo(msg))
+    click.echo(describe(result))
+    click.echo(f"engine directory: {result.path}")
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"fvrt-build: error: {' '.join(str(message).split())}", err=True)
+    sys.exit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: one line on stderr and exit 2 for bad input, 1 for internal errors."""
+    from fvrt.builder.checkpoint import CheckpointError
+    from fvrt.runtime.manifest import EngineError
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    try:
+        fvrt_build.main(args=args, prog_name="fvrt-build", standalone_mode=False)
+    except click.exceptions.Exit as e:  # --help
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        _fail(e.format_message(), EXIT_BAD_INPUT)
+    except click.Abort:
+        _fail("aborted", EXIT_BAD_INPUT)
+    except (BuildError, CheckpointError, EngineError) as e:
+        _fail(str(e), EXIT_BAD_INPUT)
+    except KeyboardInterrupt:
+        _fail("interrupted; nothing was written", EXIT_INTERNAL)
+    except Exception as e:
+        if debug:
+            raise
+        _fail(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", EXIT_INTERNAL)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Loader for `torch-aot` engines: one AOTInductor package per shape key plus a safetensors file of the
+weights they take as their first inputs (see fvrt.builder.backends.aoti for the layout)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from fvrt.runtime.manifest import EngineError, StageEntry, TensorSpec
+
+LAYER_PREFIX = "layers.{}."  # same layout as the builder writes
+
+
+def _load_models(root: Path, files: dict[str, str], device: torch.device) -> dict[str, Any]:
+    """Shape key -> loaded AOTInductor model (one single-model package per key)."""
+    from torch._inductor import aoti_load_package
+
+    index = (device.index or 0) if device.type == "cuda" else -1
+    return {key: aoti_load_package(str(root / file), device_index=index) for key, file in files.items()}
+
+
+class AOTIEngine:
+    """One compiled engine. `run(key, *inputs)` binds the weights and the inputs (checked against the manifest's
+    shapes and dtypes), runs on the current CUDA stream (or the CPU) and returns the outputs; `out=` copies them
+    into preallocated tensors. dit_block: `layer=i` selects the i-th weight set."""
+
+    def __init__(
+        self, root: Path, entry: StageEntry, device: torch.device, tensors: dict[str, torch.Tensor] | None = None
+    ) -> None:
+        """tensors: the weights-file tensors given in memory (shared, not copied) instead of reading the file."""
+        self.name, self.entry, self.device = entry.name, entry, device
+        extra = entry.extra
+        try:
+            names: list[str] = list(extra["weight_names"])
+            self.num_layers = int(extra["per_layer"])
+            models: dict[str, str] = dict(extra["models"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise EngineError(f"{root}: stage '{entry.name}' manifest entry lacks {e}") from None
+        if tensors is None:
+            tensors = load_file(str(root / entry.weights), device=str(device)) if entry.weights else {}
+        try:
+            if self.num_layers:
+                self.layers = [[tensors[LAYER_PREFIX.format(i) + n] for n in names] for i in range(self.num_layers)]
+            else:
+                self.weights = [tensors[n] for n in names]
+        except KeyError as e:
+            raise EngineError(f"{root}: stage '{entry.name}' weights file has no tensor {e}") from None
+        self.inputs: list[TensorSpec] = entry.inputs
+        self.outputs: list[TensorSpec] = entry.outputs
+        self.shape_keys = list(models)
+        self._models = _load_models(root, models, device)
+
+    def check_inputs(self, key: str, inputs: Sequence[torch.Tensor]) -> None:
+        """One-line ValueError naming the input when count, shape, dtype or device differ from the manifest."""
+        if key not in self._models:
+            raise ValueError(f"engine {self.name} was not built for shape {key}; built: {', '.join(self._models)}")
+        if len(inputs) != len(self.inputs):
+            raise ValueError(f"engine {self.name} takes {len(self.inputs)} inputs, got {len(inputs)}")
+        for t, spec in zip(inputs, self.inputs, strict=True):
+            want = spec.shapes[key]
+            if list(t.shape) != want or str(t.dtype).removeprefix("torch.") != spec.dtype:
+                raise ValueError(
+                    f"engine {self.name} [{key}] input '{spec.name}': expected {spec.dtype} {want}, "
+                    f"got {str(t.dtype).removeprefix('torch.')} {list(t.shape)}"
+                )
+            if t.device.type != self.device.type:
+                raise ValueError(f"engine {self.name} input '{spec.name}' is on {t.device}, engine on {self.device}")
+
+    def run(
+        self,
+        key: str,
+        *inputs: torch.Tensor,
+        layer: int | None = None,
+        out: Sequence[torch.Tensor] | None = None,
+        check: bool = True,
+    ) -> tuple[torch.Tensor, ...]:
+        """Run shape key `key`. Returns the outputs ([shapes as in the manifest]); with `out`, copies into it."""
+        if check:
+            self.check_inputs(key, inputs)
+        if self.num_layers:
+            if layer is None or not 0 <= layer < self.num_layers:
+                raise ValueError(f"engine {self.name} needs layer= in [0, {self.num_layers}), got {layer}")
+            weights = self.layers[layer]
+        else:
+            weights = self.weights
+        result = self._models[key](*weights, *inputs)
+        outs = tuple(result) if isinstance(result, (tuple, list)) else (result,)
+        if out is None:
+            return outs
+        for dst, src in zip(out, outs, strict=True):
+            dst.copy_(src)
+        return tuple(out)
+
+
+def load(root: Path, entry: StageEntry, device: torch.device) -> AOTIEngine:
+    """Loader entry point (see fvrt.runtime.backends.load_engine)."""
+    return AOTIEngine(root, entry, device)

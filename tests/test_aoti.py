@@ -1,0 +1,194 @@
+"""torch-aot engines end to end on CPU: `build_engines(--random tiny)` compiles every engine once per version
+(module-scoped fixture), the runtime loads them, and each engine (and the whole DiT chain) matches eager fp32.
+
+Precondition: a tiny random release built twice from the same seed is identical, so the eager side is
+re-created here with `write_tiny_release` + `load_tiny_release` and the engines read their own weights files.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import assert_rel_close
+from safetensors import safe_open
+
+from fvrt.builder.build import ENGINE_NAMES, BuildRequest, BuildResult, build_engines
+from fvrt.builder.checkpoint import LTXCheckpoint, ModelVersion
+from fvrt.builder.eager import EagerEngineSet
+from fvrt.builder.engines import PRESET_PROFILES
+from fvrt.builder.models import dit as D
+from fvrt.builder.random_release import load_tiny_release, random_identity, write_tiny_release
+from fvrt.runtime.engine import EngineDir
+from fvrt.runtime.manifest import EngineError, read_manifest
+
+TINY = PRESET_PROFILES["tiny"]
+TOL = 1e-4
+BUILD_SECONDS: dict[str, float] = {}  # reported by test_build_cost
+
+
+class Built:
+    def __init__(self, path: Path, result: BuildResult, ckpt: LTXCheckpoint, seconds: float) -> None:
+        self.path, self.result, self.ckpt, self.seconds = path, result, ckpt, seconds
+
+
+@pytest.fixture(scope="module", params=[ModelVersion.LTX23, ModelVersion.LTX2], ids=["ltx23", "ltx2"])
+def built(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Built:
+    version: ModelVersion = request.param
+    root = tmp_path_factory.mktemp(f"aoti-{version.value}")
+    t0 = time.perf_counter()
+    result = build_engines(BuildRequest(out_dir=root / "engines", random="tiny", version=version.value))
+    seconds = time.perf_counter() - t0
+    BUILD_SECONDS[version.value] = seconds
+    write_tiny_release(root / "release", version)
+    ckpt = load_tiny_release(root / "release", torch.float32, "cpu")
+    return Built(root / "engines", result, ckpt, seconds)
+
+
+def test_manifest_describes_every_engine(built: Built) -> None:
+    manifest = read_manifest(built.path)
+    assert manifest == built.result.manifest
+    assert set(manifest.stages) == set(ENGINE_NAMES)
+    assert manifest.build.device == "cpu" and manifest.build.torch_version == torch.__version__
+    assert manifest.build.checkpoint_sha256 == random_identity("tiny", built.ckpt.version, 0)
+    assert manifest.config == built.ckpt.config and manifest.build_key
+    assert "tokenizer/tokenizer.model" in manifest.assets
+    block = manifest.stages["dit_block"]
+    n = len(built.ckpt.dit.transformer_blocks)
+    assert block.extra["per_layer"] == n
+    with safe_open(str(built.path / block.weights), "pt") as f:
+        keys = set(f.keys())
+    assert keys == {f"layers.{i}.{w}" for i in range(n) for w in block.extra["weight_names"]}
+    for entry in manifest.stages.values():
+        assert entry.backend == "torch-aot" and entry.precision == "fp32"
+        assert entry.extra["code_bytes"] > 0 and entry.extra["build_seconds"] > 0
+        assert set(entry.extra["models"]) == set(entry.inputs[0].shapes)
+        assert set(entry.files) == set(entry.extra["models"].values()) and entry.file in entry.files
+    assert set(manifest.stages["dit_in"].inputs[0].shapes) == {"tiny/s1", "tiny/s2"}
+    # the prep engine reads only the DiT's AdaLN tables, not the blocks: its weights file stays small
+    assert not any(w.startswith("dit.transformer_blocks") for w in manifest.stages["dit_prep"].extra["weight_names"])
+
+
+def test_every_engine_matches_eager(built: Built) -> None:
+    engines = EngineDir.open(built.path)
+    eager = EagerEngineSet(built.ckpt, [TINY])
+    assert engines.num_layers == eager.num_layers and engines.dtype == torch.float32
+    for name in ENGINE_NAMES:
+        spec = eager.specs[name]
+        for key in spec.shape_keys:
+            inputs = spec.sample_inputs(key)
+            if name == "dit_block":
+                for layer in range(eager.num_layers):
+                    got, want = engines.run_block(key, layer, *inputs), eager.run_block(key, layer, *inputs)
+                    for g, w, o in zip(got, want, spec.output_names, strict=True):
+                        assert_rel_close(g, w, TOL, f"{name} [{key}] layer {layer} {o}")
+                continue
+            got, want = engines.run(name, key, *inputs), eager.run(name, key, *inputs)
+            assert len(got) == len(want) == len(spec.output_names)
+            for g, w, o in zip(got, want, spec.output_names, strict=True):
+                if g.is_floating_point():
+                    assert_rel_close(g, w, TOL, f"{name} [{key}] {o}")
+                else:
+                    assert torch.equal(g, w), f"{name} [{key}] {o}"
+
+
+def test_dit_chain_matches_forward(built: Built) -> None:
+    """prep -> in -> block x N (per-layer weights from the weights file) -> out vs `ckpt.dit.forward`."""
+    engines = EngineDir.open(built.path, stages=["dit_prep", "dit_in", "dit_block", "dit_out"])
+    eager = EagerEngineSet(built.ckpt, [TINY])
+    for key, stage in (("tiny/s1", 1), ("tiny/s2", 2)):
+        prep_in = eager.specs["dit_prep"].sample_inputs(key)
+        in_in = eager.specs["dit_in"].sample_inputs(key)
+        fields = engines.run("dit_prep", key, *prep_in)
+        vx, ax, cv, ca = engines.run("dit_in", key, *in_in)
+        for layer in range(engines.num_layers):
+            vx, ax = engines.run_block(key, layer, vx, ax, cv, ca, *fields)
+        got = dict(zip(eager.specs["dit_block"].input_names[4:], fields, strict=True))
+        v, a = engines.run(
+            "dit_out",
+            key,
+            vx,
+            ax,
+            got["video_embedded"],
+            got["video_timestep_index"],
+            got["audio_embedded"],
+            got["audio_timestep_index"],
+        )
+        f, h, w = TINY.latent(stage)
+        video_t, index, audio_t, sv, sa = prep_in
+        with torch.no_grad():
+            ref_v, ref_a = built.ckpt.dit(
+                in_in[0],
+                in_in[1],
+                video_timesteps=video_t.gather(1, index),
+                audio_timesteps=audio_t.expand(1, TINY.audio_latents),
+                video_sigma=sv,
+                audio_sigma=sa,
+                video_positions=D.video_positions(f, h, w, TINY.fps),
+                audio_positions=D.audio_positions(TINY.audio_latents),
+                video_context=in_in[2],
+                audio_context=in_in[3],
+            )
+        assert_rel_close(v, ref_v, TOL, f"DiT chain video velocity [{key}]")
+        assert_rel_close(a, ref_a, TOL, f"DiT chain audio velocity [{key}]")
+
+
+def test_runtime_refuses_tampered_or_foreign_engines(built: Built, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(built.path, copy)
+    raw = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps({**raw, "build": {**raw["build"], "torch_version": "2.11.0"}}))
+    with pytest.raises(EngineError, match=r"built with torch 2\.11\.0, this machine has torch"):
+        EngineDir.open(copy)
+    (copy / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(EngineError, match="built for device 'cpu', asked to run them on 'cuda'"):
+        EngineDir.open(copy, device="cuda")
+    data = bytearray((copy / "dit_block.tiny_s2.pt2").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (copy / "dit_block.tiny_s2.pt2").write_bytes(bytes(data))
+    with pytest.raises(EngineError, match=r"dit_block\.tiny_s2\.pt2 does not match its sha256"):
+        EngineDir.open(copy)
+    (copy / "tokenizer" / "tokenizer.model").write_bytes(b"x")
+    with pytest.raises(EngineError, match=r"tokenizer/tokenizer\.model does not match its sha256"):
+        EngineDir.open(copy, stages=["dit_in"])
+
+
+def test_runtime_checks_input_shapes(built: Built) -> None:
+    engines = EngineDir.open(built.path, stages=["upsampler"])
+    with pytest.raises(ValueError, match=r"upsampler \[tiny\] input 'latent': expected float32 \[1, 128, 3, 2, 3\]"):
+        engines.run("upsampler", "tiny", torch.randn(1, 128, 3, 2, 4))
+    with pytest.raises(ValueError, match="not built for shape 1080p"):
+        engines.run("upsampler", "1080p", torch.randn(1, 128, 3, 2, 3))
+
+
+def test_rebuild_is_a_no_op_and_new_weights_reuse_the_code(built: Built, tmp_path: Path) -> None:
+    if built.ckpt.version is not ModelVersion.LTX23:
+        pytest.skip("once is enough")
+    t0 = time.perf_counter()
+    again = build_engines(BuildRequest(out_dir=built.path, random="tiny", version="2.3"))
+    assert again.up_to_date and not again.built and time.perf_counter() - t0 < 30
+    # another checkpoint (seed 1) of the same architecture: code reused, only the weights files change
+    copy = tmp_path / "engines"
+    shutil.copytree(built.path, copy)
+    result = build_engines(BuildRequest(out_dir=copy, random="tiny", version="2.3", seed=1, stages=("dit_in",)))
+    assert result.rebound == ["dit_in"] and not result.built
+    old, new = built.result.manifest.stages["dit_in"], result.manifest.stages["dit_in"]
+    assert new.sha256 == old.sha256 and new.weights_sha256 != old.weights_sha256
+    write_tiny_release(tmp_path / "release1", ModelVersion.LTX23, seed=1)
+    ckpt1 = load_tiny_release(tmp_path / "release1", torch.float32, "cpu")
+    eager = EagerEngineSet(ckpt1, [TINY])
+    inputs = eager.specs["dit_in"].sample_inputs("tiny/s1")
+    got = EngineDir.open(copy).run("dit_in", "tiny/s1", *inputs)
+    for g, w in zip(got, eager.run("dit_in", "tiny/s1", *inputs), strict=True):
+        assert_rel_close(g, w, TOL, "dit_in with seed-1 weights")
+
+
+def test_build_cost(built: Built) -> None:
+    """Records the CI cost of a full tiny build (printed with -s / in the -ra summary on failure)."""
+    table = {n: e.extra["build_seconds"] for n, e in built.result.manifest.stages.items()}
+    print(f"tiny torch-aot build LTX-{built.ckpt.version.value}: {built.seconds:.1f} s total; {table}")
+    assert built.seconds < 600
