@@ -325,7 +325,7 @@ def _loader_stages(engines: Sequence[str]) -> set[str]:
 
 
 def _copy_tokenizer(plan: Plan, tmp: Path, scratch: Path, log: Log) -> dict[str, str]:
-    """Copy the Gemma tokenizer files into tmp/tokenizer/; returns {relative path: sha256}."""
+    """Save the Gemma tokenizer into tmp/tokenizer/ as the runtime reads it; returns {relative path: sha256}."""
     req = plan.request
     if req.gemma is not None:
         src = Path(req.gemma)
@@ -333,16 +333,20 @@ def _copy_tokenizer(plan: Plan, tmp: Path, scratch: Path, log: Log) -> dict[str,
         src = scratch / "gemma"
     else:  # random full: no real Gemma tokenizer exists offline; the tiny one (its ids < the 12B vocab)
         src = _write_tiny_tokenizer(scratch / "gemma-tokenizer")
-    files = [src / n for n in TOKENIZER_FILES if (src / n).is_file()]
-    if not files:
+    if not any((src / n).is_file() for n in TOKENIZER_FILES):
         raise BuildError(f"--gemma: {src} has none of the tokenizer files {', '.join(TOKENIZER_FILES)}")
-    (tmp / TOKENIZER_DIR).mkdir()
-    out = {}
-    for f in files:
-        dst = tmp / TOKENIZER_DIR / f.name
-        shutil.copyfile(f, dst)
-        out[f"{TOKENIZER_DIR}/{f.name}"] = sha256_file(dst)
-    log(f"tokenizer: copied {', '.join(f.name for f in files)}")
+    # The runtime reads the fast tokenizer (tokenizer.json) with the `tokenizers` package alone; saving what
+    # transformers loads for the official LTXVGemmaTokenizer gives it exactly the official ids (a raw
+    # sentencepiece read of tokenizer.model does not: no BOS post-processor).
+    from transformers import AutoTokenizer
+
+    dst = tmp / TOKENIZER_DIR
+    try:
+        AutoTokenizer.from_pretrained(str(src), local_files_only=True).save_pretrained(str(dst))
+    except (OSError, ValueError) as e:
+        raise BuildError(f"--gemma: cannot load the tokenizer in {src}: {e}") from None
+    out = {f"{TOKENIZER_DIR}/{f.name}": sha256_file(f) for f in sorted(dst.iterdir()) if f.is_file()}
+    log(f"tokenizer: saved {', '.join(sorted(p.rsplit('/', 1)[-1] for p in out))}")
     return out
 
 

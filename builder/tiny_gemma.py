@@ -4,14 +4,15 @@
 `load_gemma` both read: `config.json`, `model.safetensors` (random `Gemma3ForConditionalGeneration` weights,
 tiny vision tower included), a sentencepiece `tokenizer.model` trained on a few sentences, `tokenizer_config.json`
 and `preprocessor_config.json`. The official encoder builds Gemma from the hard-coded 12B
-`GEMMA3_CONFIG_FOR_LTX`; `tiny_gemma_config_data()` is the object a test patches in its place, and the folder's
-config.json is derived from that same object, so both sides build the same model.
+`GEMMA3_CONFIG_FOR_LTX`; tests patch it with ltx-core's config object of the same sizes, and the folder's
+config.json holds the same values (a test checks), so both sides build the same model.
 """
 
 from __future__ import annotations
 
 import io
 import json
+from importlib import resources
 from pathlib import Path
 
 import sentencepiece as spm
@@ -37,42 +38,20 @@ GEMMA_VOCAB = 256  # >= SPM_VOCAB: the embedding table covers every token id
 LAYOUTS = ("official", "conditional", "causal")
 
 
-def tiny_gemma_config_data() -> object:
-    """ltx-core's `Gemma3ConfigData` at tiny size (hidden/layers from `TINY_TEXT_ENCODER`): 4 heads x 8 with 2 KV
-    heads (GQA), sliding window 16 < the 1024 prompt tokens so the local mask differs from the causal one, and
-    pattern 2 so that sliding and global layers alternate. RoPE keeps the 12B values (linear x8 global)."""
-    from ltx_core.text_encoders.gemma.config import Gemma3ConfigData, Gemma3TextConfig, Gemma3VisionConfig
-
-    return Gemma3ConfigData(
-        boi_token_index=6,
-        eoi_token_index=7,
-        image_token_index=8,
-        eos_token_id=[1],
-        mm_tokens_per_image=4,
-        torch_dtype="float32",
-        text_config=Gemma3TextConfig(
-            head_dim=8,
-            hidden_size=TINY_TEXT_ENCODER["hidden_size"],
-            intermediate_size=64,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            num_hidden_layers=TINY_TEXT_ENCODER["num_hidden_layers"],
-            query_pre_attn_scalar=8,
-            sliding_window=16,
-            sliding_window_pattern=2,
-            vocab_size=GEMMA_VOCAB,
-            max_position_embeddings=2048,
-            torch_dtype="float32",
-        ),
-        vision_config=Gemma3VisionConfig(
-            hidden_size=16,
-            image_size=28,
-            intermediate_size=32,
-            num_attention_heads=2,
-            num_hidden_layers=1,
-            patch_size=14,
-        ),
-    )
+def tiny_gemma_config_dict() -> dict:
+    """The tiny Gemma-3 config (`Gemma3Config.to_dict()` form; hidden/layers as `TINY_TEXT_ENCODER`): 4 heads x 8
+    with 2 KV heads (GQA), sliding window 16 < the 1024 prompt tokens so the local mask differs from the causal
+    one, and pattern 2 so that sliding and global layers alternate. RoPE keeps the 12B values (linear x8
+    global). Stored in presets/tiny-gemma3.json; tests check it equals ltx-core's `Gemma3ConfigData` built with
+    these sizes, which is what the official encoder is patched with."""
+    data = json.loads(resources.files("fvrt.builder.presets").joinpath("tiny-gemma3.json").read_text())
+    text = data["text_config"]
+    if (text["hidden_size"], text["num_hidden_layers"]) != (
+        TINY_TEXT_ENCODER["hidden_size"],
+        TINY_TEXT_ENCODER["num_hidden_layers"],
+    ):
+        raise RuntimeError("presets/tiny-gemma3.json disagrees with configs.TINY_TEXT_ENCODER")
+    return data
 
 
 def _tokenizer_model() -> bytes:
@@ -120,7 +99,7 @@ def _layout_key(key: str, layout: str) -> str | None:
 def tiny_gemma_weights(seed: int = 0) -> dict[str, torch.Tensor]:
     """Random weights of the tiny `Gemma3ForConditionalGeneration`, keyed as its (transformers v5) state_dict.
     Scales keep activations O(1): norms 1 + N(0, 0.1) (Gemma norms multiply by 1 + w), Linears N(0, 1/fan_in)."""
-    hf_config = Gemma3Config.from_dict(tiny_gemma_config_data().to_dict())
+    hf_config = Gemma3Config.from_dict(tiny_gemma_config_dict())
     gen = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
         model = Gemma3ForConditionalGeneration(hf_config)
@@ -139,8 +118,7 @@ def tiny_gemma_weights(seed: int = 0) -> dict[str, torch.Tensor]:
 def write_tiny_gemma(folder: Path, *, seed: int = 0, layout: str = "official") -> Path:
     """Write the tiny Gemma folder; `layout` picks the weight key layout (see `LAYOUTS`)."""
     folder.mkdir(parents=True, exist_ok=True)
-    data = tiny_gemma_config_data()
-    Gemma3Config.from_dict(data.to_dict()).to_json_file(str(folder / "config.json"))
+    Gemma3Config.from_dict(tiny_gemma_config_dict()).to_json_file(str(folder / "config.json"))
     tensors = {}
     for key, value in tiny_gemma_weights(seed).items():
         new = _layout_key(key, layout)

@@ -22,9 +22,8 @@ from typing import NamedTuple
 import oracle  # noqa: F401  (installs the torchaudio stub before ltx_core is imported)
 import pytest
 import torch
+from oracle import tiny_gemma_config_data
 from test_text import official_text_encoder
-
-from fvrt.builder.tiny_gemma import tiny_gemma_config_data
 
 
 class OfficialOutput(NamedTuple):

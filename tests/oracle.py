@@ -125,3 +125,54 @@ def official_load(stage: str, path: Path) -> nn.Module:
         model_class_configurator=cls, model_path=str(path), model_sd_ops=_official_sd_ops()[stage]
     )
     return builder.build(device=torch.device("cpu"), dtype=torch.float32).eval()
+
+
+def tiny_gemma_config_data() -> object:
+    """ltx-core's `Gemma3ConfigData` at the tiny sizes of `fvrt.builder.tiny_gemma` (the object the official
+    encoder is patched with in place of its hard-coded 12B config)."""
+    from ltx_core.text_encoders.gemma.config import Gemma3ConfigData, Gemma3TextConfig, Gemma3VisionConfig
+
+    from fvrt.builder.tiny_gemma import tiny_gemma_config_dict
+
+    ref = tiny_gemma_config_dict()
+    text, vision = ref["text_config"], ref["vision_config"]
+    return Gemma3ConfigData(
+        boi_token_index=ref["boi_token_index"],
+        eoi_token_index=ref["eoi_token_index"],
+        image_token_index=ref["image_token_index"],
+        eos_token_id=ref["eos_token_id"],
+        mm_tokens_per_image=ref["mm_tokens_per_image"],
+        torch_dtype="float32",
+        text_config=Gemma3TextConfig(
+            **{
+                k: text[k]
+                for k in (
+                    "head_dim",
+                    "hidden_size",
+                    "intermediate_size",
+                    "num_attention_heads",
+                    "num_key_value_heads",
+                    "num_hidden_layers",
+                    "query_pre_attn_scalar",
+                    "sliding_window",
+                    "sliding_window_pattern",
+                    "vocab_size",
+                    "max_position_embeddings",
+                )
+            },
+            torch_dtype="float32",
+        ),
+        vision_config=Gemma3VisionConfig(
+            **{
+                k: vision[k]
+                for k in (
+                    "hidden_size",
+                    "image_size",
+                    "intermediate_size",
+                    "num_attention_heads",
+                    "num_hidden_layers",
+                    "patch_size",
+                )
+            }
+        ),
+    )

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import assert_rel_close
-from oracle import official_load, official_random, write_official_checkpoint
+from oracle import official_load, official_random, tiny_gemma_config_data, write_official_checkpoint
 
 from fvrt.builder.checkpoint import (
     CheckpointError,
@@ -31,7 +31,7 @@ from fvrt.builder.checkpoint import (
 )
 from fvrt.builder.configs import tiny_config
 from fvrt.builder.models.gemma import MAX_TOKENS, GemmaTextEncoder, load_gemma
-from fvrt.builder.tiny_gemma import LAYOUTS, tiny_gemma_config_data, write_tiny_gemma
+from fvrt.builder.tiny_gemma import LAYOUTS, tiny_gemma_config_dict, write_tiny_gemma
 
 TOL = 1e-5
 N_VALID = 37  # valid tokens of the random-input tests, left-padded to MAX_TOKENS
@@ -315,3 +315,8 @@ def test_stages_export_without_graph_breaks(version: ModelVersion, gemma_dir: Pa
         exported = torch.export.export(encoder, (ids, ids_mask)).module()
         with torch.no_grad():
             assert torch.equal(exported(ids, ids_mask), encoder(ids, ids_mask)), "exported Gemma differs from eager"
+
+
+def test_tiny_gemma_preset_equals_the_official_config_object() -> None:
+    """builder/presets/tiny-gemma3.json (read without ltx-core) is exactly ltx-core's tiny config object."""
+    assert tiny_gemma_config_data().to_dict() == tiny_gemma_config_dict()

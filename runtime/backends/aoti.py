@@ -55,7 +55,8 @@ class AOTIEngine:
         self._models = _load_models(root, models, device)
 
     def check_inputs(self, key: str, inputs: Sequence[torch.Tensor]) -> None:
-        """One-line ValueError naming the input when count, shape, dtype or device differ from the manifest."""
+        """One-line ValueError naming the input when count, shape, dtype, device or contiguity differ from what
+        the engine was compiled for."""
         if key not in self._models:
             raise ValueError(f"engine {self.name} was not built for shape {key}; built: {', '.join(self._models)}")
         if len(inputs) != len(self.inputs):
@@ -69,6 +70,9 @@ class AOTIEngine:
                 )
             if t.device.type != self.device.type:
                 raise ValueError(f"engine {self.name} input '{spec.name}' is on {t.device}, engine on {self.device}")
+            if not t.is_contiguous():
+                # compiled code assumes the dense strides it was traced with; a view would be misread silently
+                raise ValueError(f"engine {self.name} input '{spec.name}' is not contiguous (pass .contiguous())")
 
     def run(
         self,
