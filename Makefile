@@ -12,7 +12,7 @@ ORACLE := ltx-core==1.0.0 ltx-pipelines==1.0.0
 MODELOPT := nvidia-modelopt==0.47.0
 MODELOPT_DEPS := requests omegaconf pulp
 
-.PHONY: setup test test-gpu lint demo clean engines
+.PHONY: setup test test-gpu lint run clean engines
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -39,9 +39,12 @@ lint:
 	$(BIN)/ruff check builder runtime plugins src tests
 	$(BIN)/ruff format --check builder runtime plugins src tests
 
-demo:
-	$(BIN)/fvrt-model make-random out/tiny-2.3 --version 2.3 --size tiny
-	$(BIN)/fvrt-model check out/tiny-2.3/ltx-2.3-random.safetensors --upsampler out/tiny-2.3/upsampler.safetensors
+# The main job on the embedded default: text -> 17 frames of 128x192 video with audio, from the tiny random
+# engines (noise-like output: random weights). Real output needs the LTX-2.3 weights (README).
+PROMPT ?= A red fox trots across a snowy field at dawn, its breath steaming, birds calling.
+run: engines
+	mkdir -p out
+	$(BIN)/fvrt-run $(ENGINES) --prompt "$(PROMPT)" --output out/tiny.mp4 --timings out/tiny-timings.json
 
 clean:
 	rm -rf out .pytest_cache
