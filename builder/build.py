@@ -68,6 +68,10 @@ ENGINE_NAMES = (
 )
 STAGE_GROUPS = {"dit": ("dit_prep", "dit_in", "dit_block", "dit_out")}
 ATTENTION_CHOICES = ("default", "cudnn")  # torch-aot on CUDA: SDPA backend baked into the exported graphs
+# TensorRT-family backends (builder/backends/tensorrt.py): they take --attention default|decomposable (that
+# module's ATTENTION_MODES); only TensorRT-RTX takes --target-cc (full TensorRT builds for the GPU it runs on).
+TENSORRT_BACKENDS = ("tensorrt", "tensorrt-rtx")
+TARGET_CC_BACKENDS = ("tensorrt-rtx",)
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DEVICES = ("cpu", "cuda")
 # Tokenizer files copied from the Gemma folder into <engine dir>/tokenizer/ (the runtime tokenizes prompts).
@@ -107,7 +111,8 @@ class BuildRequest:
     stages: tuple[str, ...] = ()  # engine names or groups ("dit"); default every engine
     force: bool = False
     seed: int = 0
-    attention: str = "default"  # torch-aot on CUDA: SDPA backend baked in ("default" | "cudnn")
+    attention: str = "default"  # torch-aot: "default" | "cudnn"; TensorRT: "default" | "decomposable"
+    target_ccs: tuple[str, ...] = ()  # tensorrt-rtx: compute capabilities ("8.9", "12.0,8.6"); default its own
 
 
 @dataclass
@@ -180,6 +185,7 @@ class Plan:
     dtype: torch.dtype
     device: torch.device
     version: ModelVersion | None  # random builds
+    backend: Any = None  # the backend object, configured with the request's options (`make_backend`)
 
 
 def validate(req: BuildRequest) -> Plan:
@@ -219,18 +225,62 @@ def validate(req: BuildRequest) -> Plan:
         if "text_encoder" in stages and req.gemma is None:
             raise BuildError("the text_encoder engine needs --gemma DIR (or leave it out with --stages)")
     _check_out_dir(Path(req.out_dir), req.force)
-    try:
-        be = get_backend(req.backend)
-    except ImportError as e:
-        raise BuildError(f"--backend {req.backend}: its builder module cannot be imported ({e})") from None
-    if req.attention != "default" and not hasattr(be, "attention"):
-        raise BuildError(f"--attention {req.attention}: backend {req.backend} has no attention choice")
-    if req.attention not in ATTENTION_CHOICES:
-        raise BuildError(f"--attention: choose one of {', '.join(ATTENTION_CHOICES)}, got '{req.attention}'")
+    be = make_backend(req)
     reason = be.available()
     if reason is not None:
         raise BuildError(f"--backend {req.backend}: {reason}")
-    return Plan(req, profiles, stages, PRECISIONS[req.precision], torch.device(req.device), version)
+    return Plan(req, profiles, stages, PRECISIONS[req.precision], torch.device(req.device), version, be)
+
+
+def attention_choices(backend: str) -> tuple[str, ...]:
+    """The --attention values `backend` accepts (ImportError when its builder module cannot be imported)."""
+    if backend in TENSORRT_BACKENDS:
+        from fvrt.builder.backends.tensorrt import ATTENTION_MODES
+
+        return tuple(ATTENTION_MODES)
+    return ATTENTION_CHOICES
+
+
+def make_backend(req: BuildRequest) -> Any:
+    """The backend object for `req.backend` with the request's --attention and --target-cc; one-line BuildError
+    for an option that backend does not take."""
+    if req.target_ccs and req.backend not in TARGET_CC_BACKENDS:
+        why = " (full TensorRT builds for the GPU it runs on)" if req.backend in TENSORRT_BACKENDS else ""
+        raise BuildError(
+            f"--target-cc: only --backend {' | '.join(TARGET_CC_BACKENDS)} takes it, not --backend {req.backend}{why}"
+        )
+    try:
+        choices = attention_choices(req.backend)
+        be = None if req.backend in TENSORRT_BACKENDS else get_backend(req.backend)
+    except ImportError as e:
+        raise BuildError(f"--backend {req.backend}: its builder module cannot be imported ({e})") from None
+    if req.attention not in choices:
+        raise BuildError(
+            f"--attention: choose one of {', '.join(choices)} for --backend {req.backend}, got '{req.attention}'"
+        )
+    if be is not None:
+        be.attention = req.attention
+        return be
+    from fvrt.builder.backends import tensorrt as trt_backend
+
+    options: dict[str, Any] = {"attention": req.attention}
+    if req.target_ccs:
+        try:
+            options["target_ccs"] = trt_backend.parse_compute_capabilities(
+                [cc for value in req.target_ccs for cc in value.split(",") if cc.strip()]
+            )
+        except ValueError as e:
+            raise BuildError(" ".join(str(e).split())) from None
+    return trt_backend.backend(req.backend, **options)
+
+
+def _backend_errors(backend: str) -> tuple[type[Exception], ...]:
+    """Exceptions of `backend` that mean "this graph cannot be built" (bad input: exit 2), not an internal bug."""
+    if backend in TENSORRT_BACKENDS:
+        from fvrt.builder.backends.tensorrt import TensorRTBuildError
+
+        return (TensorRTBuildError,)
+    return ()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -267,7 +317,7 @@ def tool_versions(device: torch.device) -> dict[str, str | None]:
 def recipe(plan: Plan) -> dict[str, Any]:
     """What characterises the artifact besides the weights (style item 4): no paths, no times."""
     req = plan.request
-    return {
+    out = {
         "format": FORMAT_VERSION,
         "backend": req.backend,
         "precision": req.precision,
@@ -276,6 +326,10 @@ def recipe(plan: Plan) -> dict[str, Any]:
         "profiles": [p._asdict() for p in plan.profiles],
         "stages": plan.stages,
     }
+    if req.backend in TENSORRT_BACKENDS:  # the plans depend on the library version and the target GPUs too
+        out["tensorrt"] = plan.backend.version()
+        out["compute_capabilities"] = list(plan.backend.compute_capabilities())
+    return out
 
 
 def stage_keys(plan: Plan, stage: str, config: dict[str, Any], ckpt_id: dict[str, Any]) -> tuple[str, str]:
@@ -377,7 +431,8 @@ def _existing(out: Path) -> Manifest | None:
 
 
 def _reuse(old_dir: Path, entry: StageEntry, tmp: Path, *, weights: bool = True) -> None:
-    """Copy an engine's files (its code; with `weights`, its weights file too) from the old directory."""
+    """Copy an engine's files (its code: `file` and every file of `files`, e.g. one TensorRT plan per shape key;
+    with `weights`, its weights file too) from the old directory."""
     for f in {entry.file, *entry.files, *([entry.weights] if weights and entry.weights else [])}:
         shutil.copyfile(old_dir / f, tmp / f)
 
@@ -430,12 +485,15 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
 
 def _build_env(plan: Plan, ckpt: LTXCheckpoint, ckpt_id: dict[str, Any]) -> BuildEnv:
     tools = tool_versions(plan.device)
+    trt_version, cc = None, tools["compute_capability"]
+    if plan.request.backend in TENSORRT_BACKENDS:  # RTX: the AOT target list; full TensorRT: the build GPU
+        trt_version, cc = plan.backend.version(), ",".join(plan.backend.compute_capabilities())
     return BuildEnv(
         fvrt_version=fvrt.__version__,
         torch_version=torch.__version__,
-        tensorrt_version=None,
+        tensorrt_version=trt_version,
         gpu_name=tools["gpu"],
-        compute_capability=tools["compute_capability"],
+        compute_capability=cc,
         model_version=ckpt.version.value,
         checkpoint_sha256=ckpt_id["main"],
         device=plan.device.type,
@@ -457,12 +515,9 @@ def _build_into(
     result = BuildResult(Path(req.out_dir), None, up_to_date=False)  # type: ignore[arg-type]
     ckpt = _load(plan, scratch, log)
     specs = {s.name: s for s in engine_specs(ckpt, plan.profiles, device=plan.device, seed=req.seed)}
-    backend = get_backend(req.backend)
-    if req.attention != "default":
-        backend.attention = req.attention
     for name in plan.stages:
         keys = stage_keys(plan, name, ckpt.config, ckpt_id)
-        stages[name] = _build_stage(plan, specs[name], backend, tmp, keys, old, result, log)
+        stages[name] = _build_stage(plan, specs[name], plan.backend, tmp, keys, old, result, log)
     assets = _copy_tokenizer(plan, tmp, scratch, log) if "text_encoder" in plan.stages else {}
     manifest = Manifest(
         format_version=FORMAT_VERSION,
@@ -512,6 +567,8 @@ def build_engines(req: BuildRequest, log: Log = logger.info) -> BuildResult:
         return result
     except OSError as e:
         raise _os_error(e, out) from None
+    except _backend_errors(req.backend) as e:  # e.g. TensorRT refused a graph: one line, nothing written
+        raise BuildError(" ".join(str(e).split())) from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

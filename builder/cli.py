@@ -13,7 +13,16 @@ from pathlib import Path
 
 import click
 
-from fvrt.builder.build import ATTENTION_CHOICES, DEVICES, PRECISIONS, BuildError, BuildRequest, build_engines, describe
+from fvrt.builder.build import (
+    ATTENTION_CHOICES,
+    DEVICES,
+    PRECISIONS,
+    TARGET_CC_BACKENDS,
+    BuildError,
+    BuildRequest,
+    build_engines,
+    describe,
+)
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
@@ -42,7 +51,18 @@ EXIT_INTERNAL = 1
     "--stages", multiple=True, help="Engines to build (default all; 'dit' = the four DiT engines); repeatable."
 )
 @click.option(
-    "--attention", default="default", show_default=True, help=f"torch-aot CUDA SDPA: {' | '.join(ATTENTION_CHOICES)}"
+    "--attention",
+    default="default",
+    show_default=True,
+    help=f"torch-aot CUDA SDPA: {' | '.join(ATTENTION_CHOICES)}; TensorRT: default | decomposable (bf16 attention "
+    "without a fused kernel is lowered to MatMul-Softmax-MatMul instead of failing the build).",
+)
+@click.option(
+    "--target-cc",
+    "target_ccs",
+    multiple=True,
+    help=f"{' | '.join(TARGET_CC_BACKENDS)}: GPU compute capability to compile for (e.g. 8.9, 12.0, SM120); "
+    "repeatable or comma-separated. Default 8.9,12.0.",
 )
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of random weights and sample inputs.")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR even if it is not an engine directory.")
@@ -60,6 +80,7 @@ def fvrt_build(
     device: str,
     stages: tuple[str, ...],
     attention: str,
+    target_ccs: tuple[str, ...],
     seed: int,
     force: bool,
     debug: bool,
@@ -80,6 +101,7 @@ def fvrt_build(
         force=force,
         seed=seed,
         attention=attention,
+        target_ccs=tuple(c for group in target_ccs for c in group.split(",") if c.strip()),
     )
     result = build_engines(request, log=lambda msg: click.echo(msg))
     click.echo(describe(result))

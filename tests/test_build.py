@@ -201,3 +201,130 @@ def test_build_keys_ignore_paths_but_not_recipe(tmp_path: Path) -> None:
     code, stage = B.stage_keys(a, "dit_block", {"x": 1}, ids)
     code2, stage2 = B.stage_keys(a, "dit_block", {"x": 1}, {"main": "other"})
     assert code == code2 and stage != stage2  # another checkpoint: same code, new weights
+
+
+# --------------------------------------------------------------------------------------------------------------
+# TensorRT integration: --attention / --target-cc, BuildEnv, one-line build errors, reuse of every plan file
+
+
+def _rtx_missing() -> str | None:
+    """None when TensorRT-RTX engines can be built here (library + ONNX exporter), else why not."""
+    import importlib.util
+
+    for mod in ("onnx", "onnxscript"):
+        if importlib.util.find_spec(mod) is None:
+            return f"{mod} is not installed (pip install 'fvrt[trt]')"
+    from fvrt.builder.backends import tensorrt as TB
+
+    return TB.backend("tensorrt-rtx").available()
+
+
+RTX_MISSING = _rtx_missing()
+needs_rtx = pytest.mark.skipif(RTX_MISSING is not None, reason=f"TensorRT-RTX unavailable: {RTX_MISSING}")
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--attention", "decomposable"], "--attention: choose one of default, cudnn for --backend torch-aot"),
+        (["--backend", "tensorrt-rtx", "--attention", "cudnn"], "choose one of default, decomposable for --backend"),
+        (["--target-cc", "8.9"], "--target-cc: only --backend tensorrt-rtx takes it, not --backend torch-aot"),
+        (["--backend", "tensorrt", "--target-cc", "8.9"], "full TensorRT builds for the GPU it runs on"),
+        (["--backend", "tensorrt-rtx", "--target-cc", "8.9,9.0"], "cannot target compute capability 9.0"),
+        (["--backend", "tensorrt-rtx", "--target-cc", "8.9", "--target-cc", "hopper"], "cannot read compute"),
+    ],
+)
+def test_tensorrt_options_refused_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    out = tmp_path / "engines"
+    code, err = run_cli([str(out), "--random", "tiny", *extra], capsys)
+    assert_clean_failure(tmp_path, out, code, err, message)
+
+
+@needs_rtx
+def test_tensorrt_options_reach_the_backend(tmp_path: Path) -> None:
+    """--attention decomposable and --target-cc (repeatable, comma lists, SM names) configure the backend and
+    enter the build recipe (another target list = another build)."""
+    req = BuildRequest(
+        out_dir=tmp_path / "e", random="tiny", backend="tensorrt-rtx", attention="decomposable",
+        target_ccs=("8.9", "SM120,8.6"),
+    )  # fmt: skip
+    plan = B.validate(req)
+    assert plan.backend.name == "tensorrt-rtx" and plan.backend.attention == "decomposable"
+    assert plan.backend.target_ccs == ("8.9", "12.0", "8.6")
+    default = B.validate(BuildRequest(out_dir=tmp_path / "e", random="tiny", backend="tensorrt-rtx"))
+    assert default.backend.attention == "default" and default.backend.target_ccs == ("8.9", "12.0")
+    r = B.recipe(plan)
+    assert r["compute_capabilities"] == ["8.9", "12.0", "8.6"] and r["tensorrt"] == plan.backend.version()
+    assert B.recipe(default)["compute_capabilities"] == ["8.9", "12.0"]
+    ids = B.checkpoint_identity(plan)
+    assert B.stage_keys(plan, "dit_prep", {}, ids)[0] != B.stage_keys(default, "dit_prep", {}, ids)[0]
+    assert "tensorrt" not in B.recipe(B.validate(BuildRequest(out_dir=tmp_path / "e", random="tiny")))
+
+
+def test_reuse_copies_every_engine_file(tmp_path: Path) -> None:
+    """_reuse copies `file`, every file of `files` (TensorRT: one plan per shape key) and the weights file."""
+    from fvrt.runtime.manifest import StageEntry
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    new.mkdir()
+    names = ["b.s1.plan", "b.s2.plan", "b.s3.plan", "b.weights.safetensors"]
+    for i, n in enumerate(names):
+        (old / n).write_bytes(bytes([i]) * 10)
+    entry = StageEntry(
+        name="dit_block", backend="tensorrt-rtx", file=names[0], sha256="x", precision="fp32", inputs=[],
+        outputs=[], weights=names[3], weights_sha256="y", files={n: "z" for n in names[:3]},
+    )  # fmt: skip
+    B._reuse(old, entry, new, weights=False)
+    assert sorted(p.name for p in new.iterdir()) == names[:3]
+    B._reuse(old, entry, new)
+    assert all((new / n).read_bytes() == (old / n).read_bytes() for n in names)
+
+
+@needs_rtx
+def test_tensorrt_rtx_build_env_and_reuse(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A tiny TensorRT-RTX build records the library version and the target list in the manifest; a rebuild
+    whose build key changed but whose stage key did not reuses the stage with every per-key plan."""
+    import dataclasses
+
+    import tensorrt_rtx
+
+    from fvrt.runtime.manifest import read_manifest, verify, write_manifest
+
+    out = tmp_path / "engines"
+    args = [str(out), "--random", "tiny", "--backend", "tensorrt-rtx", "--stages", "dit_prep"]
+    main([*args, "--target-cc", "8.9", "--target-cc", "12.0"])  # returns normally: exit status 0
+    m = read_manifest(out)
+    assert m.build.tensorrt_version == tensorrt_rtx.__version__ and m.build.compute_capability == "8.9,12.0"
+    entry = m.stages["dit_prep"]
+    assert len(entry.files) == 2 and entry.extra["compute_capabilities"] == ["8.9", "12.0"]
+    plans = {f: (out / f).read_bytes() for f in entry.files}
+
+    write_manifest(out, dataclasses.replace(m, build_key="stale"))  # e.g. another fvrt recipe field
+    capsys.readouterr()
+    main([*args, "--target-cc", "8.9,12.0"])
+    assert "dit_prep: unchanged, reused" in capsys.readouterr().out
+    m2 = read_manifest(out)
+    verify(out, m2)  # every plan of `files` present with its recorded sha256
+    assert m2.stages["dit_prep"].files == entry.files and m2.build_key != "stale"
+    assert all((out / f).read_bytes() == b for f, b in plans.items())
+
+
+@needs_rtx
+def test_tensorrt_build_error_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A TensorRTBuildError (TensorRT refused a graph) is bad input, not an internal error: one line, exit 2,
+    no engine directory and no temporary sibling (nor scratch ONNX) left behind."""
+    from fvrt.builder.backends import tensorrt as TB
+
+    def refuse(self: object, onnx_path: Path, **kwargs: object) -> None:
+        assert onnx_path.is_file()
+        raise TB.TensorRTBuildError(f"{kwargs['what']}: tensorrt_rtx build failed: no kernel\n  for this layer")
+
+    monkeypatch.setattr(TB.TensorRTBackend, "build_plan", refuse)
+    out = tmp_path / "engines"
+    code, err = run_cli([str(out), "--random", "tiny", "--backend", "tensorrt-rtx", "--stages", "dit_prep"], capsys)
+    assert_clean_failure(tmp_path, out, code, err, "dit_prep[tiny/s1]: tensorrt_rtx build failed: no kernel for")
