@@ -186,7 +186,8 @@ class DiTPrepEngine(nn.Module):
             scale = dit.cfg.timestep_scale
             outs_v.append(dit.prompt_adaln_single(video_sigma * scale, dtype)[0].view(1, 1, -1))
             outs_a.append(dit.audio_prompt_adaln_single(audio_sigma * scale, dtype)[0].view(1, 1, -1))
-        return (*outs_v, *pe_v, *xpe_v, *outs_a, *pe_a, *xpe_a)
+        # dense outputs: the RoPE tables are transposed views, and compiled engines take dense inputs only
+        return tuple(t.contiguous() for t in (*outs_v, *pe_v, *xpe_v, *outs_a, *pe_a, *xpe_a))
 
 
 class DiTInEngine(nn.Module):

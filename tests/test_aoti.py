@@ -56,7 +56,7 @@ def test_manifest_describes_every_engine(built: Built) -> None:
     assert manifest.build.device == "cpu" and manifest.build.torch_version == torch.__version__
     assert manifest.build.checkpoint_sha256 == random_identity("tiny", built.ckpt.version, 0)
     assert manifest.config == built.ckpt.config and manifest.build_key
-    assert "tokenizer/tokenizer.model" in manifest.assets
+    assert "tokenizer/tokenizer.json" in manifest.assets
     block = manifest.stages["dit_block"]
     n = len(built.ckpt.dit.transformer_blocks)
     assert block.extra["per_layer"] == n
@@ -152,8 +152,8 @@ def test_runtime_refuses_tampered_or_foreign_engines(built: Built, tmp_path: Pat
     (copy / "dit_block.tiny_s2.pt2").write_bytes(bytes(data))
     with pytest.raises(EngineError, match=r"dit_block\.tiny_s2\.pt2 does not match its sha256"):
         EngineDir.open(copy)
-    (copy / "tokenizer" / "tokenizer.model").write_bytes(b"x")
-    with pytest.raises(EngineError, match=r"tokenizer/tokenizer\.model does not match its sha256"):
+    (copy / "tokenizer" / "tokenizer.json").write_bytes(b"x")
+    with pytest.raises(EngineError, match=r"tokenizer/tokenizer\.json does not match its sha256"):
         EngineDir.open(copy, stages=["dit_in"])
 
 
