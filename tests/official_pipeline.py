@@ -14,15 +14,13 @@ The official Gemma loader needs the tiny-config patch and the transformers-5 buf
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 import oracle  # noqa: F401  (installs the torchaudio stub before ltx_core is imported)
-import pytest
 import torch
-from oracle import tiny_gemma_config_data
+from oracle import official_tiny_gemma
 from test_text import official_text_encoder
 
 
@@ -31,19 +29,6 @@ class OfficialOutput(NamedTuple):
     audio: torch.Tensor  # [2, S] float32
     sample_rate: int
     video_noise_1: torch.Tensor  # the stage-1 initial video state (after noising), [1, Nv, 128]
-
-
-@contextlib.contextmanager
-def official_tiny_gemma() -> Iterator[None]:
-    """ltx-core's hard-coded Gemma-3 12B config swapped for the tiny one (as test_text's fixture does)."""
-    import ltx_core.text_encoders.gemma.config as config_module
-    import ltx_core.text_encoders.gemma.encoders.encoder_configurator as configurator_module
-
-    tiny = tiny_gemma_config_data()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(config_module, "GEMMA3_CONFIG_FOR_LTX", tiny)
-        mp.setattr(configurator_module, "GEMMA3_CONFIG_FOR_LTX", tiny)
-        yield
 
 
 @torch.inference_mode()

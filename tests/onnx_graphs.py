@@ -19,20 +19,11 @@ from test_engines import TINY, tiny_checkpoint
 
 from fvrt import load_checkpoint
 from fvrt.builder.backends import onnx_export as OX
+from fvrt.builder.build import ENGINE_NAMES
 from fvrt.builder.checkpoint import ModelVersion
 from fvrt.builder.engines import EngineSpec, engine_specs
 
-ENGINES = (
-    "text_encoder",
-    "dit_prep",
-    "dit_in",
-    "dit_block",
-    "dit_out",
-    "video_encoder",
-    "upsampler",
-    "video_decoder",
-    "audio_decoder",
-)
+ENGINES = ENGINE_NAMES
 ATTENTION_ENGINES = ("text_encoder", "dit_block")  # the engines whose model code calls attention
 
 

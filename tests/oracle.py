@@ -6,10 +6,11 @@ and loads files back with the official loader. Used only by tests; ltx-core is a
 
 from __future__ import annotations
 
+import contextlib
 import importlib.machinery
 import sys
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -176,3 +177,17 @@ def tiny_gemma_config_data() -> object:
             }
         ),
     )
+
+
+@contextlib.contextmanager
+def official_tiny_gemma() -> Iterator[None]:
+    """Swap ltx-core's hard-coded Gemma-3 12B config for the tiny one (both modules hold a reference)."""
+    import ltx_core.text_encoders.gemma.config as config_module
+    import ltx_core.text_encoders.gemma.encoders.encoder_configurator as configurator_module
+    import pytest
+
+    tiny = tiny_gemma_config_data()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(config_module, "GEMMA3_CONFIG_FOR_LTX", tiny)
+        mp.setattr(configurator_module, "GEMMA3_CONFIG_FOR_LTX", tiny)
+        yield

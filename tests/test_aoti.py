@@ -20,8 +20,7 @@ from safetensors import safe_open
 from fvrt.builder.build import ENGINE_NAMES, BuildRequest, BuildResult, build_engines
 from fvrt.builder.checkpoint import LTXCheckpoint, ModelVersion
 from fvrt.builder.eager import EagerEngineSet
-from fvrt.builder.engines import PRESET_PROFILES
-from fvrt.builder.models import dit as D
+from fvrt.builder.engines import PRESET_PROFILES, dit_reference
 from fvrt.builder.random_release import load_tiny_release, random_identity, write_tiny_release
 from fvrt.runtime.engine import EngineDir
 from fvrt.runtime.manifest import EngineError, read_manifest
@@ -118,21 +117,7 @@ def test_dit_chain_matches_forward(built: Built) -> None:
             got["audio_embedded"],
             got["audio_timestep_index"],
         )
-        f, h, w = TINY.latent(stage)
-        video_t, index, audio_t, sv, sa = prep_in
-        with torch.no_grad():
-            ref_v, ref_a = built.ckpt.dit(
-                in_in[0],
-                in_in[1],
-                video_timesteps=video_t.gather(1, index),
-                audio_timesteps=audio_t.expand(1, TINY.audio_latents),
-                video_sigma=sv,
-                audio_sigma=sa,
-                video_positions=D.video_positions(f, h, w, TINY.fps),
-                audio_positions=D.audio_positions(TINY.audio_latents),
-                video_context=in_in[2],
-                audio_context=in_in[3],
-            )
+        ref_v, ref_a = dit_reference(built.ckpt.dit, TINY, stage, prep_in, in_in)
         assert_rel_close(v, ref_v, TOL, f"DiT chain video velocity [{key}]")
         assert_rel_close(a, ref_a, TOL, f"DiT chain audio velocity [{key}]")
 

@@ -12,8 +12,7 @@ from helpers import assert_rel_close
 from fvrt import load_checkpoint
 from fvrt.builder.checkpoint import STAGE_NAMES, LTXCheckpoint, ModelVersion, build_random, save_checkpoint
 from fvrt.builder.configs import tiny_config, upsampler_config
-from fvrt.builder.engines import PRESET_PROFILES, Profile, engine_specs
-from fvrt.builder.models import dit as D
+from fvrt.builder.engines import PRESET_PROFILES, Profile, dit_reference, engine_specs
 from fvrt.builder.tiny_gemma import write_tiny_gemma
 
 TINY = PRESET_PROFILES["tiny"]
@@ -55,7 +54,6 @@ def test_every_engine_runs_and_dit_split_matches_forward(tmp_path: Path, version
                 assert all(torch.isfinite(o.float()).all() for o in outs), spec.name
 
         key = "tiny/s1"
-        f, h, w = TINY.latent(1)
         prep_in = specs["dit_prep"].sample_inputs(key)
         in_in = specs["dit_in"].sample_inputs(key)
         fields = specs["dit_prep"].module_for(key)(*prep_in)
@@ -78,18 +76,6 @@ def test_every_engine_runs_and_dit_split_matches_forward(tmp_path: Path, version
             got["audio_timestep_index"],
         )
 
-        video_t, index, audio_t, sv, sa = prep_in
-        ref_v, ref_a = ckpt.dit(
-            in_in[0],
-            in_in[1],
-            video_timesteps=video_t.gather(1, index),
-            audio_timesteps=audio_t.expand(1, TINY.audio_latents),
-            video_sigma=sv,
-            audio_sigma=sa,
-            video_positions=D.video_positions(f, h, w, TINY.fps),
-            audio_positions=D.audio_positions(TINY.audio_latents),
-            video_context=in_in[2],
-            audio_context=in_in[3],
-        )
+        ref_v, ref_a = dit_reference(ckpt.dit, TINY, 1, prep_in, in_in)
     assert_rel_close(v, ref_v, 1e-6, "video velocity")
     assert_rel_close(a, ref_a, 1e-6, "audio velocity")

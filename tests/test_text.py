@@ -16,6 +16,7 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
+import oracle
 import pytest
 import torch
 from helpers import assert_rel_close
@@ -42,16 +43,9 @@ PROMPT = "A cat sits on a red mat while two dogs run along the beach at dawn, dr
 # fixtures
 
 
-@pytest.fixture
-def official_tiny_gemma() -> Iterator[None]:
-    """Swap ltx-core's hard-coded Gemma-3 12B config for the tiny one (both modules hold a reference)."""
-    import ltx_core.text_encoders.gemma.config as config_module
-    import ltx_core.text_encoders.gemma.encoders.encoder_configurator as configurator_module
-
-    tiny = tiny_gemma_config_data()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(config_module, "GEMMA3_CONFIG_FOR_LTX", tiny)
-        mp.setattr(configurator_module, "GEMMA3_CONFIG_FOR_LTX", tiny)
+@pytest.fixture(name="official_tiny_gemma")
+def _official_tiny_gemma() -> Iterator[None]:
+    with oracle.official_tiny_gemma():
         yield
 
 
