@@ -8,6 +8,7 @@ audio (so a swapped cross-modal sigma shows), `BatchedPerturbationConfig.empty(B
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -134,12 +135,9 @@ def test_dit_matches_official_bf16(written: tuple[dict, nn.Module, Path], versio
     assert_rel_close(fa, oa, 2e-2, "audio velocity (bf16)")
 
 
-def test_prepared_adaln_equals_per_token(written: tuple[dict, nn.Module, Path], version: ModelVersion) -> None:
-    """Per-unique-timestep AdaLN + per-token gather == the official per-token adaln_single outputs."""
-    cfg, official, path = written
-    ours = load_checkpoint(path, stages=["dit"], dtype=torch.float32).dit
-    video, audio = official_modalities(version, cfg, torch.float32, seed=3)
-    vin, ain = ours.prepare(
+def prepare_modalities(model: D.LTXDiT, video: Any, audio: Any) -> tuple[D.StreamInputs, D.StreamInputs]:
+    """`LTXDiT.prepare` on the fields of official `Modality` objects (fp32)."""
+    return model.prepare(
         video_timesteps=video.timesteps,
         audio_timesteps=audio.timesteps,
         video_sigma=video.sigma,
@@ -148,6 +146,14 @@ def test_prepared_adaln_equals_per_token(written: tuple[dict, nn.Module, Path], 
         audio_positions=audio.positions,
         dtype=torch.float32,
     )
+
+
+def test_prepared_adaln_equals_per_token(written: tuple[dict, nn.Module, Path], version: ModelVersion) -> None:
+    """Per-unique-timestep AdaLN + per-token gather == the official per-token adaln_single outputs."""
+    cfg, official, path = written
+    ours = load_checkpoint(path, stages=["dit"], dtype=torch.float32).dit
+    video, audio = official_modalities(version, cfg, torch.float32, seed=3)
+    vin, ain = prepare_modalities(ours, video, audio)
     assert vin.adaln.shape[1] == 2 and ain.adaln.shape[1] == 1  # K unique timesteps, not T tokens
     scale = cfg["transformer"]["timestep_scale_multiplier"]
     for s, mod, adaln in ((vin, video, official.adaln_single), (ain, audio, official.audio_adaln_single)):
@@ -298,15 +304,7 @@ def test_blocks_are_uniform(version: ModelVersion) -> None:
     cfg = tiny_config(version)
     model = build_random("dit", cfg, seed=7)
     video, audio = official_modalities(version, cfg, torch.float32, seed=4)
-    vin, ain = model.prepare(
-        video_timesteps=video.timesteps,
-        audio_timesteps=audio.timesteps,
-        video_sigma=video.sigma,
-        audio_sigma=audio.sigma,
-        video_positions=video.positions,
-        audio_positions=audio.positions,
-        dtype=torch.float32,
-    )
+    vin, ain = prepare_modalities(model, video, audio)
     ctx_v, ctx_a = model.prepare_context(video.context, audio.context)
     blocks = model.transformer_blocks
     shapes = [{k: t.shape for k, t in b.state_dict().items()} for b in blocks]
@@ -324,15 +322,7 @@ def test_forward_prepared_exports(version: ModelVersion) -> None:
     cfg = tiny_config(version)
     model = build_random("dit", cfg, seed=8)
     video, audio = official_modalities(version, cfg, torch.float32, seed=5)
-    vin, ain = model.prepare(
-        video_timesteps=video.timesteps,
-        audio_timesteps=audio.timesteps,
-        video_sigma=video.sigma,
-        audio_sigma=audio.sigma,
-        video_positions=video.positions,
-        audio_positions=audio.positions,
-        dtype=torch.float32,
-    )
+    vin, ain = prepare_modalities(model, video, audio)
     ctx_v, ctx_a = model.prepare_context(video.context, audio.context)
 
     class Hot(nn.Module):

@@ -65,7 +65,24 @@ def quantize_weight_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return quantize_fp8(weight.detach(), scale), scale
 
 
-class FP8Linear(nn.Module):
+class StorageDtypeModule(nn.Module):
+    """Base of the quantised Linears: `.to(device)` moves every tensor, but dtype conversions (`.to(bf16)`,
+    `.float()` on a parent) leave the tensors named in `_FIXED_DTYPE` (packed codes, scales) in their storage
+    dtypes; only the others (the bias) follow."""
+
+    _FIXED_DTYPE: tuple[str, ...] = ()
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> StorageDtypeModule:
+        kept = {n: getattr(self, n).data for n in self._FIXED_DTYPE}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            p = getattr(self, name)
+            if p.dtype != old.dtype:
+                p.data = torch.empty_like(old, device=p.device) if old.is_meta else old.to(p.device)
+        return self
+
+
+class FP8Linear(StorageDtypeModule):
     """Drop-in for `nn.Linear` with FP8 weight and static FP8 input quantisation (see the module docstring).
 
     `.to(dtype)` / `.half()` / `.bfloat16()` on a parent module move this layer's weight and scales between
@@ -151,16 +168,6 @@ class FP8Linear(nn.Module):
             out = (out + self.bias.float()).to(out_dtype)
         return out
 
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> FP8Linear:
-        """Device moves apply to every tensor; dtype conversions only to the bias (see the class docstring)."""
-        kept = {n: getattr(self, n).data for n in self._FIXED_DTYPE}
-        super()._apply(fn, recurse)
-        for name, old in kept.items():
-            p = getattr(self, name)
-            if p.dtype != old.dtype:
-                p.data = torch.empty_like(old, device=p.device) if old.is_meta else old.to(p.device)
-        return self
-
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " + (
             f"mode={self.mode}"
@@ -170,6 +177,7 @@ class FP8Linear(nn.Module):
 __all__ = [
     "E4M3_MAX",
     "FP8Linear",
+    "StorageDtypeModule",
     "fp8_scale",
     "fp8_supported",
     "quantize_fp8",

@@ -23,13 +23,11 @@ GEMM runs on Hopper. Nothing here has been checked on a Blackwell GPU.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fvrt.builder.quant.fp8 import E4M3_MAX, MIN_AMAX
+from fvrt.builder.quant.fp8 import E4M3_MAX, MIN_AMAX, StorageDtypeModule
 
 E2M1_MAX = 6.0
 """Largest FP4 E2M1 magnitude."""
@@ -126,7 +124,7 @@ def dequantize_weight_nvfp4(packed: torch.Tensor, scales: torch.Tensor, gscale: 
     return (vals * (scales.float().unsqueeze(-1) * gscale.float())).flatten(-2)
 
 
-class NVFP4Linear(nn.Module):
+class NVFP4Linear(StorageDtypeModule):
     """NVFP4 weights (packed) and NVFP4 activations (dynamic 16-blocks, static global scale), emulated in
     float32: y = fq(x) @ dq(W).T + bias. A Blackwell engine runs the same math with FP4 tensor cores."""
 
@@ -168,17 +166,6 @@ class NVFP4Linear(nn.Module):
         return F.linear(xq, self.dequantized_weight(), bias).to(x.dtype)
 
     _FIXED_DTYPE = ("weight", "weight_scale", "weight_scale_2", "input_scale")
-
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> NVFP4Linear:
-        """Device moves apply to every tensor; dtype conversions only to the bias (packed codes and scales keep
-        their storage dtypes)."""
-        kept = {n: getattr(self, n).data for n in self._FIXED_DTYPE}
-        super()._apply(fn, recurse)
-        for name, old in kept.items():
-            p = getattr(self, name)
-            if p.dtype != old.dtype:
-                p.data = torch.empty_like(old, device=p.device) if old.is_meta else old.to(p.device)
-        return self
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
