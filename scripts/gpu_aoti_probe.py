@@ -1,5 +1,6 @@
 """Does any AOTInductor artifact load on this GPU machine? (torch 2.11 segfaults loading .pt2 packages here.)
 Variant "so": torch._inductor.aot_compile without packaging -> a shared library -> torch._export.aot_load."""
+
 import subprocess
 import sys
 

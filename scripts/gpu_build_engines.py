@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from fvrt.builder.backends.aoti import LAYER_PREFIX, TorchAOTBackend, module_tensors
+from fvrt.builder.backends.aoti import TorchAOTBackend, weight_file_tensors
 from fvrt.builder.checkpoint import ModelVersion
 from fvrt.builder.engines import PRESET_PROFILES, EngineSpec, engine_specs
 from fvrt.builder.models import dit as D
@@ -74,18 +74,6 @@ def timed(fn: Callable[[], Any], repeats: int, device: torch.device) -> tuple[fl
     return statistics.median(times), times, out
 
 
-def file_tensors(spec: EngineSpec, names: list[str]) -> dict[str, torch.Tensor]:
-    """What the weights file would hold, as views of the eager model's own tensors (no copy)."""
-    if spec.per_layer:
-        out = {}
-        for i, layer in enumerate(spec.per_layer):
-            t = module_tensors(layer)
-            out.update({LAYER_PREFIX.format(i) + n: t[n] for n in names})
-        return out
-    t = module_tensors(spec.module_for(spec.shape_keys[0]))
-    return {n: t[n] for n in names}
-
-
 class Run:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -116,7 +104,7 @@ class Run:
         sub = self.work / f"{spec.name}-{attention}"
         sub.mkdir(exist_ok=True)
         entry = backend.build(spec, sub, precision=self.args.precision, log=log, write_weights=False)
-        eng = AOTIEngine(sub, entry, self.device, tensors=file_tensors(spec, entry.extra["weight_names"]))
+        eng = AOTIEngine(sub, entry, self.device, tensors=weight_file_tensors(spec, entry.extra["weight_names"]))
         self.results["engines"][spec.name] = {
             "attention": entry.extra["attention"],
             "build_s": entry.extra["build_seconds"],

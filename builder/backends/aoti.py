@@ -392,7 +392,7 @@ class TorchAOTBackend:
         """Keep `entry`'s compiled package (already in `out_dir`) and write the weights of `spec`'s (new)
         checkpoint under the same names: the code depends on the architecture only."""
         names = entry.extra["weight_names"]
-        tensors = _rebind_tensors(spec, names)
+        tensors = weight_file_tensors(spec, names)
         weights_file = Path(out_dir) / f"{spec.name}{WEIGHTS_SUFFIX}"
         save_weights(weights_file, tensors, {"format": "pt", "engine": spec.name})
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -404,8 +404,9 @@ class TorchAOTBackend:
         )
 
 
-def _rebind_tensors(spec: EngineSpec, names: Sequence[str]) -> dict[str, torch.Tensor]:
-    """The weights-file tensors of `spec` under the names of an earlier build (see `weight_plan`)."""
+def weight_file_tensors(spec: EngineSpec, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The weights-file tensors of `spec` for weight names `names` (an earlier build's, see `weight_plan`), as
+    views of the module's own tensors (no copy); `layers.{i}.` prefixed per layer for the DiT block."""
     if spec.per_layer:
         out = {}
         for i, layer in enumerate(spec.per_layer):
