@@ -144,6 +144,8 @@ class Run:
         log(f"{spec.name}: max rel err vs eager {worst:.2e}")
 
     def stage(self, spec: EngineSpec, attention: str = "default") -> AOTIEngine | None:
+        if self.args.engines and spec.name not in self.args.engines.split(","):
+            return None
         if self.out_of_time(spec.name):
             return None
         try:
@@ -266,6 +268,7 @@ def main() -> None:
     ap.add_argument("--vae-profile", default=None, help="profile of the VAE-side engines (default: --profile)")
     ap.add_argument("--stages", default="dit,vae", help="comma list of: dit, vae, text")
     ap.add_argument("--attention", default="cudnn", choices=["cudnn", "default"], help="SDPA in the DiT engines")
+    ap.add_argument("--engines", default="", help="comma list: build only these engines of the chosen stages")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--deadline-s", type=float, default=1e9, help="skip engines that would start after this")
     ap.add_argument("--tol", type=float, default=1e-2)
