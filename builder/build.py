@@ -32,7 +32,7 @@ import torch
 import fvrt
 from fvrt.builder.backends import BACKEND_MODULES, get_backend
 from fvrt.builder.checkpoint import LTXCheckpoint, ModelVersion, load_checkpoint
-from fvrt.builder.engines import PRESET_PROFILES, EngineSpec, Profile, engine_specs
+from fvrt.builder.engines import PRESET_PROFILES, EngineSpec, Profile, engine_specs, is_block_engine
 from fvrt.builder.random_release import (
     SIZES,
     full_random_checkpoint,
@@ -72,7 +72,10 @@ ATTENTION_CHOICES = ("default", "cudnn")  # torch-aot on CUDA: SDPA backend bake
 # module's ATTENTION_MODES); only TensorRT-RTX takes --target-cc (full TensorRT builds for the GPU it runs on).
 TENSORRT_BACKENDS = ("tensorrt", "tensorrt-rtx")
 TARGET_CC_BACKENDS = ("tensorrt-rtx",)
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16, "nvfp4": torch.bfloat16}
+QUANTIZED = ("fp8", "nvfp4")  # DiT Linears quantised after calibration; every other tensor in bf16
+DEFAULT_CALIB_PROMPTS = Path("calib_data/prompts.txt")  # relative to the working directory (the repo root)
+CALIB_METHOD = "modelopt"
 DEVICES = ("cpu", "cuda")
 # Tokenizer files copied from the Gemma folder into <engine dir>/tokenizer/ (the runtime tokenizes prompts).
 TOKENIZER_FILES = (
@@ -113,6 +116,10 @@ class BuildRequest:
     seed: int = 0
     attention: str = "default"  # torch-aot: "default" | "cudnn"; TensorRT: "default" | "decomposable"
     target_ccs: tuple[str, ...] = ()  # tensorrt-rtx: compute capabilities ("8.9", "12.0,8.6"); default its own
+    cxx: str | None = None  # torch-aot: C++ compiler of the wrapper (default: $FVRT_CXX or the first that works)
+    calib_prompts: Path | None = None  # fp8 / nvfp4: prompts file (default calib_data/prompts.txt)
+    calib_count: int = 8  # fp8 / nvfp4: pipeline runs (prompts spread over the file)
+    calib_images: Path | None = None  # fp8 / nvfp4: conditioning images folder (default: beside the prompts)
 
 
 @dataclass
@@ -215,6 +222,8 @@ def validate(req: BuildRequest) -> Plan:
     if len({p.name for p in profiles}) != len(profiles):
         raise BuildError(f"--profile: names must be unique, got {', '.join(p.name for p in profiles)}")
     stages = resolve_stages(req.stages)
+    if req.precision in QUANTIZED:
+        _validate_quantized(req, stages)
     _check_file(req.checkpoint, "--checkpoint", "checkpoint file")
     _check_file(req.upsampler, "--upsampler", "upsampler file")
     if req.gemma is not None and not Path(req.gemma).is_dir():
@@ -230,6 +239,33 @@ def validate(req: BuildRequest) -> Plan:
     if reason is not None:
         raise BuildError(f"--backend {req.backend}: {reason}")
     return Plan(req, profiles, stages, PRECISIONS[req.precision], torch.device(req.device), version, be)
+
+
+def calibration_files(req: BuildRequest) -> tuple[Path, list[Path]]:
+    """(prompts file, conditioning images) of a quantised build."""
+    prompts = Path(req.calib_prompts) if req.calib_prompts is not None else DEFAULT_CALIB_PROMPTS
+    folder = Path(req.calib_images) if req.calib_images is not None else prompts.parent / "images"
+    images = sorted(folder.glob("*.png")) if folder.is_dir() else []
+    return prompts, images
+
+
+def _validate_quantized(req: BuildRequest, stages: Sequence[str]) -> None:
+    if req.backend != "torch-aot":
+        raise BuildError(
+            f"--precision {req.precision}: quantised engines are built by --backend torch-aot only "
+            f"(the {req.backend} Q/DQ export is not wired yet; see docs/quantization.md)"
+        )
+    if "dit_block" not in stages:
+        raise BuildError(f"--precision {req.precision} quantises the DiT: include the dit_block engine in --stages")
+    if req.checkpoint is not None and (req.gemma is None or req.upsampler is None):
+        raise BuildError(
+            f"--precision {req.precision} calibrates on real pipeline runs: it needs --gemma DIR and --upsampler FILE"
+        )
+    prompts, _ = calibration_files(req)
+    if not prompts.is_file():
+        raise BuildError(f"--calib-prompts: calibration prompts file not found: {prompts}")
+    if req.calib_count < 1:
+        raise BuildError(f"--calib-count: at least 1, got {req.calib_count}")
 
 
 def attention_choices(backend: str) -> tuple[str, ...]:
@@ -258,8 +294,11 @@ def make_backend(req: BuildRequest) -> Any:
         raise BuildError(
             f"--attention: choose one of {', '.join(choices)} for --backend {req.backend}, got '{req.attention}'"
         )
+    if req.cxx is not None and req.backend != "torch-aot":
+        raise BuildError(f"--cxx: only --backend torch-aot takes it, not --backend {req.backend}")
     if be is not None:
         be.attention = req.attention
+        be.cxx = req.cxx
         return be
     from fvrt.builder.backends import tensorrt as trt_backend
 
@@ -326,6 +365,16 @@ def recipe(plan: Plan) -> dict[str, Any]:
         "profiles": [p._asdict() for p in plan.profiles],
         "stages": plan.stages,
     }
+    if req.precision in QUANTIZED:  # the scales depend on the calibration data
+        prompts, images = calibration_files(req)
+        out["calibration"] = {
+            "method": CALIB_METHOD,
+            "count": req.calib_count,
+            "prompts_sha256": sha256_file(prompts),
+            "images_sha256": [sha256_file(p) for p in images],
+        }
+    if req.backend == "torch-aot":  # the wrapper library depends on its compiler
+        out["cxx"] = plan.backend.compiler.version or plan.backend.compiler.path
     if req.backend in TENSORRT_BACKENDS:  # the plans depend on the library version and the target GPUs too
         out["tensorrt"] = plan.backend.version()
         out["compute_capabilities"] = list(plan.backend.compute_capabilities())
@@ -353,7 +402,7 @@ def _load(plan: Plan, scratch: Path, log: Log) -> LTXCheckpoint:
         return load_tiny_release(scratch, plan.dtype, plan.device)
     if req.random == "full":
         assert plan.version is not None
-        need = _loader_stages(plan.stages)
+        need = _loader_stages(ENGINE_NAMES if req.precision in QUANTIZED else plan.stages)
         log(f"building a full-size random LTX-{plan.version.value} on {plan.device} ({', '.join(sorted(need))})")
         return full_random_checkpoint(
             plan.version, dtype=plan.dtype, device=plan.device, seed=req.seed, materialize=need
@@ -378,8 +427,8 @@ def _loader_stages(engines: Sequence[str]) -> set[str]:
     return need
 
 
-def _copy_tokenizer(plan: Plan, tmp: Path, scratch: Path, log: Log) -> dict[str, str]:
-    """Save the Gemma tokenizer into tmp/tokenizer/ as the runtime reads it; returns {relative path: sha256}."""
+def _save_tokenizer(plan: Plan, dst: Path, scratch: Path) -> None:
+    """Save the Gemma tokenizer into `dst` as the runtime reads it."""
     req = plan.request
     if req.gemma is not None:
         src = Path(req.gemma)
@@ -394,11 +443,16 @@ def _copy_tokenizer(plan: Plan, tmp: Path, scratch: Path, log: Log) -> dict[str,
     # sentencepiece read of tokenizer.model does not: no BOS post-processor).
     from transformers import AutoTokenizer
 
-    dst = tmp / TOKENIZER_DIR
     try:
         AutoTokenizer.from_pretrained(str(src), local_files_only=True).save_pretrained(str(dst))
     except (OSError, ValueError) as e:
         raise BuildError(f"--gemma: cannot load the tokenizer in {src}: {e}") from None
+
+
+def _copy_tokenizer(plan: Plan, tmp: Path, scratch: Path, log: Log) -> dict[str, str]:
+    """Save the Gemma tokenizer into tmp/tokenizer/ as the runtime reads it; returns {relative path: sha256}."""
+    dst = tmp / TOKENIZER_DIR
+    _save_tokenizer(plan, dst, scratch)
     out = {f"{TOKENIZER_DIR}/{f.name}": sha256_file(f) for f in sorted(dst.iterdir()) if f.is_file()}
     log(f"tokenizer: saved {', '.join(sorted(p.rsplit('/', 1)[-1] for p in out))}")
     return out
@@ -437,6 +491,48 @@ def _reuse(old_dir: Path, entry: StageEntry, tmp: Path, *, weights: bool = True)
         shutil.copyfile(old_dir / f, tmp / f)
 
 
+def stage_precision(plan: Plan, spec: EngineSpec) -> str:
+    """The manifest precision of one engine: fp8 / nvfp4 for block engines holding such layers, else the dtype."""
+    kinds = {type(m).__name__ for layer in spec.per_layer for m in layer.modules()}
+    if "NVFP4Linear" in kinds:
+        return "nvfp4"
+    if "FP8Linear" in kinds:
+        return "fp8"
+    return "bf16" if plan.request.precision in QUANTIZED else plan.request.precision
+
+
+def _quantize(plan: Plan, ckpt: LTXCheckpoint, scratch: Path, log: Log) -> dict[str, Any]:
+    """Calibrate the DiT on real pipeline runs (calib_data) with ModelOpt and convert its Linears in place."""
+    from fvrt.builder.quant.calibrate import quantize_model
+    from fvrt.builder.quant.pipeline_calib import pipeline_dit_inputs, read_prompts, spread
+    from fvrt.builder.quant.recipe import QuantRecipe
+
+    req = plan.request
+    prompts_file, images = calibration_files(req)
+    prompts = spread(read_prompts(prompts_file), req.calib_count)
+    tok = scratch / "calib-tokenizer"
+    tok.mkdir(parents=True, exist_ok=True)
+    _save_tokenizer(plan, tok, scratch)
+    profile = plan.profiles[0]
+    log(f"calibration: {len(prompts)} pipeline runs at {profile.name} ({prompts_file}, {len(images)} images)")
+    inputs = pipeline_dit_inputs(
+        ckpt, profile, prompts, tok, images=images, device=plan.device, log=log
+    )  # fmt: skip
+    recipe_ = QuantRecipe.named(req.precision)
+    report = quantize_model(ckpt.dit, recipe_, inputs, method=CALIB_METHOD)
+    del inputs
+    log(f"calibration: {len(report.layers)} DiT Linears -> {req.precision} from {report.passes} DiT passes")
+    return {
+        "recipe": recipe_.to_json(),
+        "method": report.method,
+        "passes": report.passes,
+        "prompts": len(prompts),
+        "images": len(images),
+        "profile": profile.name,
+        "layers": len(report.layers),
+    }
+
+
 def _build_stage(
     plan: Plan,
     spec: EngineSpec,
@@ -462,7 +558,7 @@ def _build_stage(
         result.rebound.append(spec.name)
         log(f"{spec.name}: code unchanged, new weights written")
     else:
-        entry = backend.build(spec, tmp, precision=plan.request.precision, log=log)
+        entry = backend.build(spec, tmp, precision=stage_precision(plan, spec), log=log)
         result.built.append(spec.name)
     return replace(entry, extra={**entry.extra, "code_key": code_key, "stage_key": stage_key})
 
@@ -514,10 +610,15 @@ def _build_into(
     stages: dict[str, StageEntry] = {}
     result = BuildResult(Path(req.out_dir), None, up_to_date=False)  # type: ignore[arg-type]
     ckpt = _load(plan, scratch, log)
+    quant = _quantize(plan, ckpt, scratch, log) if req.precision in QUANTIZED else None
     specs = {s.name: s for s in engine_specs(ckpt, plan.profiles, device=plan.device, seed=req.seed)}
-    for name in plan.stages:
-        keys = stage_keys(plan, name, ckpt.config, ckpt_id)
-        stages[name] = _build_stage(plan, specs[name], plan.backend, tmp, keys, old, result, log)
+    for stage in plan.stages:  # dit_block: one engine per layer group (e.g. bf16 blocks and FP8 blocks)
+        for name in [n for n in specs if is_block_engine(n)] if stage == "dit_block" else [stage]:
+            keys = stage_keys(plan, name, ckpt.config, ckpt_id)
+            entry = _build_stage(plan, specs[name], plan.backend, tmp, keys, old, result, log)
+            if quant is not None and specs[name].per_layer:
+                entry = replace(entry, extra={**entry.extra, "quantization": quant})
+            stages[name] = entry
     assets = _copy_tokenizer(plan, tmp, scratch, log) if "text_encoder" in plan.stages else {}
     manifest = Manifest(
         format_version=FORMAT_VERSION,

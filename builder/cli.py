@@ -64,6 +64,26 @@ EXIT_INTERNAL = 1
     help=f"{' | '.join(TARGET_CC_BACKENDS)}: GPU compute capability to compile for (e.g. 8.9, 12.0, SM120); "
     "repeatable or comma-separated. Default 8.9,12.0.",
 )
+@click.option(
+    "--cxx",
+    default=None,
+    help="torch-aot: C++ compiler of the AOTInductor wrapper (name or path; also $FVRT_CXX). Default: the first of "
+    "$CXX, g++, c++, g++-N (newest first), clang++ whose libraries load here (checked once, then cached).",
+)
+@click.option(
+    "--calib-prompts",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="fp8 / nvfp4: calibration prompts file (default calib_data/prompts.txt).",
+)
+@click.option("--calib-count", default=8, show_default=True, type=int, help="fp8 / nvfp4: calibration pipeline runs.")
+@click.option(
+    "--calib-images",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="fp8 / nvfp4: folder of PNG images for the image-to-video calibration runs (default: images/ beside the "
+    "prompts file).",
+)
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of random weights and sample inputs.")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR even if it is not an engine directory.")
 @click.option("--debug", is_flag=True, help="Show tracebacks of internal errors.")
@@ -81,6 +101,10 @@ def fvrt_build(
     stages: tuple[str, ...],
     attention: str,
     target_ccs: tuple[str, ...],
+    cxx: str | None,
+    calib_prompts: Path | None,
+    calib_count: int,
+    calib_images: Path | None,
     seed: int,
     force: bool,
     debug: bool,
@@ -102,6 +126,10 @@ def fvrt_build(
         seed=seed,
         attention=attention,
         target_ccs=tuple(c for group in target_ccs for c in group.split(",") if c.strip()),
+        cxx=cxx,
+        calib_prompts=calib_prompts,
+        calib_count=calib_count,
+        calib_images=calib_images,
     )
     result = build_engines(request, log=lambda msg: click.echo(msg))
     click.echo(describe(result))

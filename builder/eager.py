@@ -13,16 +13,22 @@ from fvrt.builder.engines import EngineSpec, Profile, engine_specs
 
 
 class EagerEngineSet:
-    """Runs each engine's module eagerly (no compilation); `run_block` applies block 0's code with layer i's
-    weights through `torch.func.functional_call`, exactly as a compiled block engine is used."""
+    """Runs each engine's module eagerly (no compilation); `run_block` applies the code of layer i's block engine
+    (its group's first block) with layer i's weights through `torch.func.functional_call`, exactly as a compiled
+    block engine is used."""
 
     def __init__(self, ckpt: LTXCheckpoint, profiles: Sequence[Profile], device: torch.device | str = "cpu") -> None:
         self.specs: dict[str, EngineSpec] = {s.name: s for s in engine_specs(ckpt, profiles, device=device)}
         self.device = torch.device(device)
         self.dtype = ckpt.dit.patchify_proj.weight.dtype
-        block = self.specs["dit_block"]
-        self.num_layers = len(block.per_layer)
-        self._layer_weights = [dict(layer.named_parameters()) for layer in block.per_layer]
+        # global block index -> (block engine spec, that block's weights); several specs when layer groups differ
+        self._blocks: dict[int, tuple[EngineSpec, dict[str, torch.Tensor]]] = {
+            i: (spec, dict(layer.named_parameters()))
+            for spec in self.specs.values()
+            if spec.per_layer
+            for i, layer in zip(spec.layers, spec.per_layer, strict=True)
+        }
+        self.num_layers = len(self._blocks)
         self.config: dict[str, Any] = ckpt.config
         self.profiles = {p.name: p._asdict() for p in profiles}
 
@@ -36,7 +42,7 @@ class EagerEngineSet:
 
     @torch.no_grad()
     def run_block(self, key: str, layer: int, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        spec = self.specs["dit_block"]
+        spec, weights = self._blocks[layer]
         return torch.func.functional_call(
-            spec.module.block, self._layer_weights[layer], (*inputs[:4], *spec.module.fields_to_streams(inputs[4:]))
+            spec.module.block, weights, (*inputs[:4], *spec.module.fields_to_streams(inputs[4:]))
         )

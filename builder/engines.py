@@ -29,6 +29,7 @@ from torch import nn
 
 from fvrt.builder.checkpoint import CheckpointError, LTXCheckpoint
 from fvrt.builder.models import dit as D
+from fvrt.builder.quant.layers import layer_groups
 
 TEXT_TOKENS = 1024  # the official tokenizer pads/truncates every prompt to 1024 tokens
 VIDEO_TIME_STRIDE = 8  # latent frame = 8 frames (F' = 1 + (F - 1) / 8)
@@ -100,12 +101,27 @@ class EngineSpec:
     shape_keys: list[str]
     sample_inputs: Callable[[str], tuple[torch.Tensor, ...]]
     per_layer: list[nn.Module] = field(default_factory=list)
+    layers: list[int] = field(default_factory=list)  # global block index of each per_layer entry
     by_key: dict[str, nn.Module] = field(default_factory=dict)
     notes: dict[str, Any] = field(default_factory=dict)
 
     def module_for(self, key: str) -> nn.Module:
         """The module to compile for shape key `key` (`by_key` overrides `module`, e.g. baked-in positions)."""
         return self.by_key.get(key, self.module)
+
+
+BLOCK_ENGINE = "dit_block"
+
+
+def block_engine_name(group: int) -> str:
+    """The block engine of layer group `group` (`layer_groups` order): "dit_block" for the group holding block 0
+    (every block when all share one layer signature), "dit_block_1"... for the others (e.g. the FP8 blocks
+    1-42 of a quantised build)."""
+    return BLOCK_ENGINE if group == 0 else f"{BLOCK_ENGINE}_{group}"
+
+
+def is_block_engine(name: str) -> bool:
+    return name == BLOCK_ENGINE or name.startswith(BLOCK_ENGINE + "_")
 
 
 def _rand(shape: Sequence[int], dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> torch.Tensor:
@@ -408,14 +424,18 @@ def engine_specs(
             dit_keys,
             in_inputs,
         ),
-        EngineSpec(
-            "dit_block",
-            DiTBlockEngine(dit.transformer_blocks[0], has_prompt),
-            ["vx", "ax", "video_context", "audio_context", *block_field_names],
-            ["vx_out", "ax_out"],
-            dit_keys,
-            block_inputs,
-            per_layer=list(dit.transformer_blocks),
+        *(
+            EngineSpec(
+                block_engine_name(j),
+                DiTBlockEngine(dit.transformer_blocks[group[0]], has_prompt),
+                ["vx", "ax", "video_context", "audio_context", *block_field_names],
+                ["vx_out", "ax_out"],
+                dit_keys,
+                block_inputs,
+                per_layer=[dit.transformer_blocks[i] for i in group],
+                layers=list(group),
+            )
+            for j, group in enumerate(layer_groups(list(dit.transformer_blocks)))
         ),
         EngineSpec(
             "dit_out",

@@ -54,8 +54,13 @@ def text_card() -> Image.Image:
     draw = ImageDraw.Draw(img)
     font = ImageFont.load_default(size=96)
     draw.text((W // 2, H // 2 - 50), "FVRT", fill=(255, 255, 255), font=font, anchor="mm")
-    draw.text((W // 2, H // 2 + 60), "calibration 2026", fill=(230, 200, 90), font=ImageFont.load_default(size=48),
-              anchor="mm")
+    draw.text(
+        (W // 2, H // 2 + 60),
+        "calibration 2026",
+        fill=(230, 200, 90),
+        font=ImageFont.load_default(size=48),
+        anchor="mm",
+    )
     return img
 
 
@@ -75,8 +80,12 @@ def face_shapes() -> Image.Image:
 
 def main() -> None:
     OUT.mkdir(exist_ok=True)
-    for name, fn in (("sunset", sunset), ("sphere_on_checker", sphere_on_checker), ("text_card", text_card),
-                     ("face_shapes", face_shapes)):
+    for name, fn in (
+        ("sunset", sunset),
+        ("sphere_on_checker", sphere_on_checker),
+        ("text_card", text_card),
+        ("face_shapes", face_shapes),
+    ):
         fn().save(OUT / f"{name}.png", optimize=True)
 
 

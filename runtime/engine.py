@@ -27,6 +27,11 @@ def machine_compute_capability(device: torch.device) -> str | None:
     return f"{major}.{minor}"
 
 
+# Low-bit engines need the tensor-core formats: FP8 from Ada/Hopper (8.9), NVFP4 from Blackwell (10.0). On the
+# CPU both run through their exact emulation (FP8Linear / NVFP4Linear), which is how the tiny tests run them.
+LOW_BIT_MIN_CC = {"fp8": (8, 9), "nvfp4": (10, 0)}
+
+
 def check_environment(root: Path, manifest: Manifest, device: torch.device) -> None:
     """Refuse engines built for another device kind, GPU or torch (AOTInductor code is tied to all three)."""
     built = manifest.build.device
@@ -34,6 +39,15 @@ def check_environment(root: Path, manifest: Manifest, device: torch.device) -> N
         raise EngineError(f"{root}: engines were built for device '{built}', asked to run them on '{device.type}'")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise EngineError(f"{root}: engines were built for CUDA and this machine has no usable CUDA GPU")
+    if device.type == "cuda":
+        cc = torch.cuda.get_device_capability(device)
+        for name, entry in manifest.stages.items():
+            need = LOW_BIT_MIN_CC.get(entry.precision)
+            if need is not None and cc < need:
+                raise EngineError(
+                    f"{root}: engine {name} is {entry.precision}, which needs a GPU of compute capability "
+                    f"{need[0]}.{need[1]} or newer; this GPU is {cc[0]}.{cc[1]}"
+                )
 
 
 class EngineDir:
@@ -50,8 +64,18 @@ class EngineDir:
         self._engines: dict[str, Any] = {}
         dit_in = manifest.stages.get("dit_in")
         self.dtype = _TORCH_DTYPES.get(dit_in.inputs[0].dtype, torch.float32) if dit_in else torch.float32
-        block = manifest.stages.get("dit_block")
-        self.num_layers = int(block.extra.get("per_layer", 0)) if block else 0
+        # DiT block engines (per-layer weights; one per layer group, e.g. bf16 and FP8 blocks): global layer ->
+        # (engine, its local weight set)
+        self._blocks: dict[int, tuple[str, int]] = {}
+        for name, entry in manifest.stages.items():
+            n = int(entry.extra.get("per_layer", 0) or 0)
+            for local, layer in enumerate(entry.extra.get("layers") or range(n)):
+                if int(layer) in self._blocks:
+                    raise EngineError(f"{root}: DiT block {layer} is claimed by two engines")
+                self._blocks[int(layer)] = (name, local)
+        self.num_layers = len(self._blocks)
+        if sorted(self._blocks) != list(range(self.num_layers)):
+            raise EngineError(f"{root}: the block engines do not cover DiT blocks 0..{self.num_layers - 1}")
 
     @classmethod
     def open(
@@ -90,7 +114,8 @@ class EngineDir:
         return self.engine(name).run(key, *inputs)
 
     def run_block(self, key: str, layer: int, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        vx, ax = self.engine("dit_block").run(key, *inputs, layer=layer)
+        name, local = self._blocks[layer]
+        vx, ax = self.engine(name).run(key, *inputs, layer=local)
         return vx, ax
 
     def release(self) -> None:

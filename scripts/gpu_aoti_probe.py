@@ -44,13 +44,15 @@ with torch.no_grad():
         so = torch._inductor.aot_compile(torch.export.export(m, (x,)).module(), (x,))
         print("PROBE compiled", so, flush=True)
         subprocess = __import__("subprocess")
-        print("PROBE ldd", subprocess.run(["ldd", so], capture_output=True, text=True).stdout.replace(chr(10), " | "), flush=True)
+        ldd = subprocess.run(["ldd", so], capture_output=True, text=True).stdout
+        print("PROBE ldd", ldd.replace(chr(10), " | "), flush=True)
         f = torch._export.aot_load(so, dev)
         print("PROBE loaded", flush=True)
         print("PROBE ran", float((f(x) - ref).abs().max()), flush=True)
     else:
         ep = torch.export.export(m, (x,))
-        pkg = torch._inductor.aoti_compile_and_package(ep, package_path=os.path.join(os.environ["PROBE_DIR"], variant + ".pt2"))
+        pkg = os.path.join(os.environ["PROBE_DIR"], variant + ".pt2")
+        pkg = torch._inductor.aoti_compile_and_package(ep, package_path=pkg)
         print("PROBE packaged", pkg, flush=True)
         f = torch._inductor.aoti_load_package(pkg)
         print("PROBE loaded", flush=True)
@@ -63,15 +65,47 @@ VARIANTS = ["cpu", "jit_py", "jit_cpp", "pkg", "embed", "nocg", "preload", "so",
 def main() -> None:
     work = tempfile.mkdtemp(prefix="aoti_probe_")
     env = {**os.environ, "PROBE_DIR": work, "TORCHINDUCTOR_CACHE_DIR": os.path.join(work, "cache")}
-    print("torch", subprocess.run([sys.executable, "-c", "import torch;print(torch.__version__, torch.version.cuda)"],
-                                  capture_output=True, text=True).stdout.strip(), "| cc", shutil.which("cc"),
-          "| cuda-gdb", shutil.which("cuda-gdb"), flush=True)
-    print(subprocess.run("cc --version | head -1; ldconfig -p | grep -E 'libcuda.so|libstdc' | head -5",
-                         shell=True, capture_output=True, text=True).stdout, flush=True)
+    print(
+        "torch",
+        subprocess.run(
+            [sys.executable, "-c", "import torch;print(torch.__version__, torch.version.cuda)"],
+            capture_output=True,
+            text=True,
+        ).stdout.strip(),
+        "| cc",
+        shutil.which("cc"),
+        "| cuda-gdb",
+        shutil.which("cuda-gdb"),
+        flush=True,
+    )
+    print(
+        subprocess.run(
+            "cc --version | head -1; ldconfig -p | grep -E 'libcuda.so|libstdc' | head -5",
+            shell=True,
+            capture_output=True,
+            text=True,
+        ).stdout,
+        flush=True,
+    )
     for v in sys.argv[1:] or VARIANTS:
         if v == "gdb":
-            cmd = ["cuda-gdb", "-batch", "-ex", "set pagination off", "-ex", "run", "-ex", "bt 40",
-                   "-ex", "info sharedlibrary", "--args", sys.executable, "-c", CODE, "pkg2"]
+            cmd = [
+                "cuda-gdb",
+                "-batch",
+                "-ex",
+                "set pagination off",
+                "-ex",
+                "run",
+                "-ex",
+                "bt 40",
+                "-ex",
+                "info sharedlibrary",
+                "--args",
+                sys.executable,
+                "-c",
+                CODE,
+                "pkg2",
+            ]
         else:
             cmd = [sys.executable, "-X", "faulthandler", "-c", CODE, v]
         try:

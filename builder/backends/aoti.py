@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
-import shutil
 import struct
 import time
 import warnings
@@ -36,6 +34,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
+from fvrt.builder.backends import cxx as cxx_select
 from fvrt.builder.engines import EngineSpec
 from fvrt.runtime.manifest import StageEntry, TensorSpec, sha256_file
 
@@ -267,17 +266,28 @@ class TorchAOTBackend:
 
     name = "torch-aot"
 
-    def __init__(self, attention: str = "default") -> None:
+    def __init__(self, attention: str = "default", cxx: str | None = None) -> None:
         if attention not in ATTENTION_CHOICES:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got '{attention}'")
         self.attention = attention
+        self.cxx = cxx  # explicit compiler (--cxx); None: $FVRT_CXX or the first candidate that works
+        self._compiler: cxx_select.Compiler | None = None
+
+    @property
+    def compiler(self) -> cxx_select.Compiler:
+        """The C++ compiler of the wrapper library, proven to build libraries that load (see backends.cxx)."""
+        if self._compiler is None:
+            self._compiler = cxx_select.select(self.cxx)
+        return self._compiler
 
     def available(self) -> str | None:
-        """None when AOTInductor can build here, else the reason (it needs a C++ compiler on every device)."""
+        """None when AOTInductor can build here, else the reason (it needs a working C++ compiler)."""
         if not hasattr(torch._inductor, "aot_compile"):
             return f"torch {torch.__version__} has no AOTInductor (torch._inductor.aot_compile)"
-        if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
-            return "torch-aot needs a C++ compiler (g++ or clang++) on PATH; none found"
+        try:
+            self.compiler  # noqa: B018 (probe now: a bad compiler is a one-line error before any work)
+        except cxx_select.CompilerError as e:
+            return str(e)
         return None
 
     def compile_key(
@@ -293,7 +303,7 @@ class TorchAOTBackend:
             ep = export(module, names, weights, inputs)
             _check_no_baked_weights(ep, module, spec.name)
             t1 = time.perf_counter()
-            files = compile_program(ep, (*weights, *inputs), os.environ.get("FVRT_CXX") or None)
+            files = compile_program(ep, (*weights, *inputs), self.compiler.path)
             t2 = time.perf_counter()
         outs = _output_specs(ep)
         if len(outs) != len(spec.output_names):
@@ -379,6 +389,7 @@ class TorchAOTBackend:
             "weight_names": file_names,
             "weight_dtypes": weight_dtypes,
             "per_layer": len(spec.per_layer),
+            **({"layers": spec.layers} if spec.per_layer else {}),
             "code_bytes": sum(p.stat().st_size for p in packages.values()),
             "weights_bytes": sum(t.numel() * t.element_size() for t in file_tensors.values()),
             "constants_bytes": max(c.constants_bytes for c in compiled.values()),
@@ -386,6 +397,7 @@ class TorchAOTBackend:
             "export_seconds": {k: round(c.export_s, 2) for k, c in compiled.items()},
             "compile_seconds": {k: round(c.compile_s, 2) for k, c in compiled.items()},
             "torch": torch.__version__,
+            "cxx": self.compiler.version or self.compiler.path,
             **({"notes": spec.notes} if spec.notes else {}),
         }
         if n_in != len(file_names):

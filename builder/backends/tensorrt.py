@@ -368,6 +368,7 @@ class TensorRTBackend:
         }
         if spec.per_layer:
             extra["per_layer"] = len(spec.per_layer)
+            extra["layers"] = spec.layers
             extra["weight_inputs"] = weight_inputs
         return StageEntry(
             name=spec.name,

@@ -1,0 +1,108 @@
+"""Calibration data from real pipeline runs: the DiT inputs of every step of both stages for calibration prompts.
+
+The distilled pipeline (`fvrt.runtime.pipeline.Pipeline`, the very code `fvrt-run` uses) runs eagerly on the
+unquantised checkpoint (`EagerEngineSet`) for each prompt, alternating text-to-video and image-to-video with the
+calibration images; every DiT pass is recorded as `LTXDiT.forward` keyword arguments (latents, per-token
+timesteps, sigmas, positions, text contexts). So the activation ranges come from the real trajectories:
+text contexts from the real text encoder and connectors, latents from the Euler loop at the schedule's sigmas,
+stage 2 from the upsampled stage-1 result re-noised, conditioned first frames at timestep 0.
+
+The prompts file is `calib_data/prompts.txt` (one prompt per line, '#' comments); images `calib_data/images/`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fvrt.builder.checkpoint import LTXCheckpoint
+from fvrt.builder.eager import EagerEngineSet
+from fvrt.builder.engines import Profile
+from fvrt.builder.models import dit as D
+
+Log = Callable[[str], None]
+
+
+def read_prompts(path: Path) -> list[str]:
+    """Prompts of a calibration file: non-empty lines that are not '#' comments."""
+    lines = [ln.strip() for ln in Path(path).read_text(encoding="utf-8").splitlines()]
+    return [ln for ln in lines if ln and not ln.startswith("#")]
+
+
+def spread(items: Sequence[Any], count: int) -> list[Any]:
+    """`count` items taken evenly over `items` (so a short run still covers every category of the file)."""
+    if count >= len(items):
+        return list(items)
+    return [items[(i * len(items)) // count] for i in range(count)]
+
+
+def _dit_kwargs(
+    profile: Profile, stage: int, prep: Sequence[torch.Tensor], inp: Sequence[torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The pipeline's DiT-pass inputs as `LTXDiT.forward` keywords (the mapping `dit_reference` uses)."""
+    video_t, index, audio_t, video_sigma, audio_sigma = (t.clone() for t in prep)
+    f, h, w = profile.latent(stage)
+    dev, dtype = inp[0].device, inp[0].dtype
+    return {
+        "video_latent": inp[0].clone(),
+        "audio_latent": inp[1].clone(),
+        "video_timesteps": video_t.gather(1, index),
+        "audio_timesteps": audio_t.expand(1, profile.audio_latents).clone(),
+        "video_sigma": video_sigma,
+        "audio_sigma": audio_sigma,
+        "video_positions": D.video_positions(f, h, w, profile.fps, dtype=dtype, device=dev),
+        "audio_positions": D.audio_positions(profile.audio_latents, device=dev),
+        "video_context": inp[2].clone(),
+        "audio_context": inp[3].clone(),
+    }
+
+
+def pipeline_dit_inputs(
+    ckpt: LTXCheckpoint,
+    profile: Profile,
+    prompts: Sequence[str],
+    tokenizer_dir: Path,
+    *,
+    images: Sequence[Path] = (),
+    preset: str = "distilled",
+    device: torch.device | str = "cpu",
+    log: Log = lambda _: None,
+) -> list[dict[str, torch.Tensor]]:
+    """Run the pipeline once per prompt (seed = its index; every second prompt conditioned on the next image) and
+    return the `LTXDiT.forward` inputs of every DiT pass, in call order. Keeps no video beyond one run."""
+    from fvrt.runtime.pipeline import Pipeline, Request
+    from fvrt.runtime.tokenizer import PromptTokenizer
+
+    engines = EagerEngineSet(ckpt, [profile], device=device)
+    recorded: list[dict[str, torch.Tensor]] = []
+
+    class Recording(Pipeline):
+        def _dit(self, key: str, video: torch.Tensor, audio: torch.Tensor, *rest: torch.Tensor) -> Any:
+            vctx, actx, video_t, index, sigma = rest
+            stage = 1 if key.endswith("/s1") else 2
+            prep = (video_t, index, sigma.view(1, 1), sigma, sigma)
+            recorded.append(_dit_kwargs(profile, stage, prep, (video, audio, vctx, actx)))
+            return super()._dit(key, video, audio, *rest)
+
+    pipe = Recording(engines, PromptTokenizer(tokenizer_dir), cuda_graphs=False)
+    for i, prompt in enumerate(prompts):
+        image = images[(i // 2) % len(images)] if images and i % 2 == 1 else None
+        req = Request(
+            prompt=prompt,
+            height=profile.height,
+            width=profile.width,
+            frames=profile.frames,
+            fps=profile.fps,
+            seed=i,
+            preset=preset,
+            image=image,
+        )
+        pipe(req)
+        log(f"calibration: prompt {i + 1}/{len(prompts)} ({'image' if image else 'text'}-to-video) done")
+    return recorded
+
+
+__all__ = ["pipeline_dit_inputs", "read_prompts", "spread"]

@@ -1,0 +1,131 @@
+"""`fvrt-build --precision fp8|nvfp4` (torch-aot, CPU, tiny LTX-2.3): calibration on real pipeline runs over
+calib_data with ModelOpt, one block engine per layer group (the official exclusion list keeps block 0 in bf16),
+the engines against the eager quantised model, the quantised model against bf16, and the low-bit GPU checks.
+
+CPU runs FP8 / NVFP4 through the layers' exact emulation; the real FP8 GEMM path is GPU-only (docs/quantization.md).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_rel_close
+
+from fvrt.builder.build import BuildRequest, build_engines
+from fvrt.builder.checkpoint import ModelVersion
+from fvrt.builder.eager import EagerEngineSet
+from fvrt.builder.engines import PRESET_PROFILES
+from fvrt.builder.quant.calibrate import quantize_model
+from fvrt.builder.quant.pipeline_calib import pipeline_dit_inputs, read_prompts, spread
+from fvrt.builder.quant.recipe import QuantRecipe
+from fvrt.builder.random_release import load_tiny_release, write_tiny_release
+from fvrt.runtime.engine import EngineDir, check_environment
+from fvrt.runtime.manifest import EngineError, read_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ROOT / "calib_data" / "prompts.txt"
+IMAGES = sorted((ROOT / "calib_data" / "images").glob("*.png"))
+TINY = PRESET_PROFILES["tiny"]
+COUNT = 2
+
+
+@pytest.fixture(scope="module")
+def fp8_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("fp8") / "engines"
+    build_engines(
+        BuildRequest(out_dir=out, random="tiny", precision="fp8", stages=("dit",), calib_prompts=PROMPTS,
+                     calib_count=COUNT),
+        log=lambda _: None,
+    )  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """(bf16 checkpoint, the same checkpoint quantised as the build does it, the recorded calibration passes)."""
+    folder = tmp_path_factory.mktemp("release")
+    write_tiny_release(folder, ModelVersion.LTX23, seed=0)
+    plain = load_tiny_release(folder, torch.bfloat16, "cpu")
+    quant = load_tiny_release(folder, torch.bfloat16, "cpu")
+    prompts = spread(read_prompts(PROMPTS), COUNT)
+    tok = tmp_path_factory.mktemp("tok")
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(str(folder / "gemma"), local_files_only=True).save_pretrained(str(tok))
+    inputs = pipeline_dit_inputs(quant, TINY, prompts, tok, images=IMAGES)
+    quantize_model(quant.dit, QuantRecipe.named("fp8"), inputs, method="modelopt")
+    return plain, quant, inputs
+
+
+def test_manifest_describes_the_layer_groups_and_calibration(fp8_build: Path) -> None:
+    m = read_manifest(fp8_build)
+    blocks = {n: e for n, e in m.stages.items() if e.extra.get("per_layer")}
+    assert sorted(blocks) == ["dit_block", "dit_block_1"]
+    assert blocks["dit_block"].precision == "bf16" and blocks["dit_block"].extra["layers"] == [0]
+    assert blocks["dit_block_1"].precision == "fp8"
+    q = blocks["dit_block_1"].extra["quantization"]
+    steps = 8 + 3  # distilled: 8 stage-1 and 3 stage-2 DiT passes per run
+    assert q["method"] == "modelopt" and q["prompts"] == COUNT and q["passes"] == COUNT * steps
+    assert q["images"] == len(IMAGES) and "*transformer_blocks.0.*" in q["recipe"]["exclude"]
+    assert m.stages["dit_in"].precision == "bf16"
+
+
+def test_fp8_engines_match_the_eager_quantised_model(fp8_build: Path, models: tuple) -> None:
+    _, quant, _ = models
+    eng = EngineDir.open(fp8_build)
+    ref = EagerEngineSet(quant, [TINY])
+    assert eng.num_layers == ref.num_layers == len(quant.dit.transformer_blocks)
+    spec = ref.specs["dit_block_1"]
+    assert any(type(m).__name__ == "FP8Linear" for m in spec.per_layer[0].modules())
+    for key in TINY_KEYS:
+        inputs = tuple(t.clone() for t in spec.sample_inputs(key))
+        for layer in range(eng.num_layers):
+            got = eng.run_block(key, layer, *inputs)
+            want = ref.run_block(key, layer, *inputs)
+            for g, w in zip(got, want, strict=True):
+                assert_rel_close(g.float(), w.float(), 2e-2, f"block {layer} [{key}]")
+
+
+TINY_KEYS = ("tiny/s1", "tiny/s2")
+
+
+def test_fp8_velocity_cosine_vs_bf16_on_every_calibration_step(models: tuple) -> None:
+    plain, quant, inputs = models
+    assert len(inputs) == COUNT * 11
+    with torch.no_grad():
+        for i, kw in enumerate(inputs):
+            for got, want in zip(quant.dit(**kw), plain.dit(**kw), strict=True):
+                cos = F.cosine_similarity(got.float().flatten(), want.float().flatten(), dim=0)
+                assert cos >= 0.99, f"pass {i}: cosine {float(cos):.4f}"
+
+
+def test_quantised_build_bad_input(tmp_path: Path) -> None:
+    from fvrt.builder.build import BuildError
+
+    for kwargs, message in [
+        ({"backend": "tensorrt-rtx"}, "quantised engines are built by --backend torch-aot only"),
+        ({"stages": ("dit_prep",)}, "include the dit_block engine"),
+        ({"calib_prompts": tmp_path / "none.txt"}, "calibration prompts file not found"),
+        ({"calib_count": 0}, "--calib-count: at least 1"),
+    ]:
+        with pytest.raises(BuildError, match=message):
+            build_engines(BuildRequest(out_dir=tmp_path / "e", random="tiny", precision="fp8", **kwargs))
+        assert not (tmp_path / "e").exists()
+
+
+def test_low_bit_engines_refused_on_older_gpus(fp8_build: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    m = read_manifest(fp8_build)
+    m = type(m)(**{**m.__dict__, "build": type(m.build)(**{**m.build.__dict__, "device": "cuda"})})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_: (8, 0))
+    with pytest.raises(EngineError, match=r"engine dit_block_1 is fp8, which needs .* 8\.9 or newer; this GPU is 8\.0"):
+        check_environment(fp8_build, m, torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_: (9, 0))
+    check_environment(fp8_build, m, torch.device("cuda"))  # Hopper: accepted
+    stages = {**m.stages, "dit_block_1": type(m.stages["dit_block_1"])(
+        **{**m.stages["dit_block_1"].__dict__, "precision": "nvfp4"})}  # fmt: skip
+    with pytest.raises(EngineError, match=r"is nvfp4, which needs .* 10\.0 or newer; this GPU is 9\.0"):
+        check_environment(fp8_build, type(m)(**{**m.__dict__, "stages": stages}), torch.device("cuda"))
