@@ -20,7 +20,7 @@ import torch
 
 from fvrt.runtime.manifest import read_manifest
 from fvrt.runtime.media import Mp4Writer, check_writable, save_raw, write_atomic
-from fvrt.runtime.pipeline import DEFAULT_SEED, Output, Pipeline, Request, validate_request
+from fvrt.runtime.pipeline import DEFAULT_SEED, MEMORY_POLICIES, Output, Pipeline, Request, validate_request
 from fvrt.runtime.protocol import EngineSet
 from fvrt.runtime.sampler import PRESETS
 from fvrt.runtime.tokenizer import TOKENIZER_DIR, PromptTokenizer
@@ -128,6 +128,13 @@ def _report(timings: dict[str, float]) -> str:
     show_default=True,
     help="Replay each engine call as a captured CUDA graph (CUDA devices only).",
 )
+@click.option(
+    "--memory",
+    type=click.Choice(MEMORY_POLICIES),
+    default="phase",
+    show_default=True,
+    help="phase: load each engine for its phase and release it after (lowest peak memory); keep: keep all loaded.",
+)
 def main(
     engine_dir: Path,
     prompt: str,
@@ -144,6 +151,7 @@ def main(
     timings: Path | None,
     device: str | None,
     cuda_graphs: bool,
+    memory: str,
 ) -> None:
     """Generate a video with audio from ENGINE_DIR (built by `fvrt-build` / `make engines`)."""
     start = time.perf_counter()
@@ -164,7 +172,7 @@ def main(
     except ValueError as e:  # EngineError, ImageError, OutputError, TokenizerError and the request checks
         _fail(str(e))
 
-    pipe = Pipeline(engines, tokenizer, cuda_graphs=cuda_graphs)
+    pipe = Pipeline(engines, tokenizer, cuda_graphs=cuda_graphs, memory=memory)
     writer: dict[str, Mp4Writer] = {}
 
     def start_mp4(pixels: Any) -> None:  # encode the frames while the audio decodes

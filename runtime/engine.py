@@ -7,7 +7,7 @@ Engines are loaded on first use. Imports no builder or model code (tests/test_la
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -118,9 +118,17 @@ class EngineDir:
         vx, ax = self.engine(name).run(key, *inputs, layer=local)
         return vx, ax
 
-    def release(self) -> None:
-        """Drop every loaded engine and its weights (frees device memory between pipeline phases)."""
-        self._engines.clear()
+    def release(self, names: Iterable[str] | None = None) -> None:
+        """Drop loaded engines and their weights (all, or `names`; "dit" = every DiT engine), freeing device
+        memory between pipeline phases; a later call loads them again."""
+        if names is None:
+            self._engines.clear()
+            return
+        drop = set(names)
+        if "dit" in drop:
+            drop |= {n for n in self.manifest.stages if n.startswith("dit_")}
+        for n in drop:
+            self._engines.pop(n, None)
 
 
 def open_engine_dir(path: str | Path, **kwargs: Any) -> EngineDir:

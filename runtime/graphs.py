@@ -69,3 +69,9 @@ class GraphRunner:
     def clear(self) -> None:
         """Drop every captured graph (their static buffers and pool memory go with them)."""
         self._graphs.clear()
+
+    def drop(self, names: set[str]) -> None:
+        """Drop the graphs whose key starts with one of `names` (keys are (name, shape key, ...) tuples), e.g.
+        before the engines they call are released: a graph replays raw device addresses."""
+        for k in [k for k in self._graphs if isinstance(k[0], tuple) and k[0] and k[0][0] in names]:
+            del self._graphs[k]

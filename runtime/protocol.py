@@ -27,3 +27,6 @@ class EngineSet(Protocol):
     def run_block(self, key: str, layer: int, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Apply the compiled DiT block with layer `layer`'s weights."""
         ...
+
+    # Optional: `release(names)` drops loaded engines ("dit" = every DiT engine) to free device memory; the
+    # pipeline calls it between phases with memory="phase" when the engine set has it.

@@ -150,6 +150,17 @@ def test_runtime_checks_input_shapes(built: Built) -> None:
         engines.run("upsampler", "1080p", torch.randn(1, 128, 3, 2, 3))
 
 
+def test_release_drops_engines_and_reloads_on_use(built: Built) -> None:
+    engines = EngineDir.open(built.path)
+    for name in ("dit_prep", "dit_block", "upsampler"):
+        engines.engine(name)
+    engines.release(["dit"])
+    assert set(engines._engines) == {"upsampler"}
+    engines.release()
+    assert not engines._engines
+    assert engines.engine("dit_block") is not None  # loaded again on use
+
+
 def test_rebuild_is_a_no_op_and_new_weights_reuse_the_code(built: Built, tmp_path: Path) -> None:
     if built.ckpt.version is not ModelVersion.LTX23:
         pytest.skip("once is enough")

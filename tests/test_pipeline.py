@@ -362,3 +362,42 @@ def test_graph_runner_captures_once_and_replays() -> None:
     assert len(calls) == 3 + 2  # the 3 references + warm-up and capture of the first call only
     runner("fn", fn, torch.randn(32, 64, device=dev), torch.randn(64, 64, device=dev))
     assert len(calls) == 3 + 2 + 2  # a new input shape is a new graph
+
+
+class Releasing(ContiguousInputs):
+    """Records engine runs and releases; an engine run after its release in the same generation is loaded again
+    (counted), which memory="phase" must never cause."""
+
+    def __init__(self, engines: EagerEngineSet) -> None:
+        super().__init__(engines)
+        self.events: list[tuple[str, str]] = []
+        self.released: set[str] = set()
+
+    def run(self, name: str, key: str, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        group = "dit" if name.startswith("dit_") else name
+        assert group not in self.released, f"{name} ran after it was released"
+        self.events.append(("run", group))
+        return super().run(name, key, *inputs)
+
+    def run_block(self, key: str, layer: int, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        assert "dit" not in self.released, "a DiT block ran after the DiT was released"
+        return super().run_block(key, layer, *inputs)
+
+    def release(self, names: object) -> None:
+        self.released |= set(names)  # type: ignore[arg-type]
+        self.events.append(("release", ",".join(sorted(names))))  # type: ignore[arg-type]
+
+
+def test_phase_memory_releases_each_engine_after_its_last_use(release: TinyRelease, pipe: Pipeline) -> None:
+    engines = Releasing(EagerEngineSet(release.checkpoint, [TINY]))
+    phased = Pipeline(engines, PromptTokenizer(release.tokenizer), memory="phase")
+    req = Request(PROMPT, TINY.height, TINY.width, TINY.frames, TINY.fps, seed=SEED, image=release.image)
+    got, want = phased(req), pipe(req)
+    assert np.array_equal(got.frames, want.frames) and np.array_equal(got.audio, want.audio)
+    releases = [e[1] for e in engines.events if e[0] == "release"]
+    assert releases == ["text_encoder", "dit,upsampler,video_encoder", "video_decoder", "audio_decoder"]
+    engines.released.clear()
+    again = phased(req)  # the next generation loads them again
+    assert np.array_equal(again.frames, want.frames)
+    with pytest.raises(ValueError, match="memory must be one of keep, phase"):
+        Pipeline(engines, PromptTokenizer(release.tokenizer), memory="low")
