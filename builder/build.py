@@ -250,10 +250,10 @@ def calibration_files(req: BuildRequest) -> tuple[Path, list[Path]]:
 
 
 def _validate_quantized(req: BuildRequest, stages: Sequence[str]) -> None:
-    if req.backend != "torch-aot":
+    if req.backend != "torch-aot" and req.precision == "nvfp4":
         raise BuildError(
-            f"--precision {req.precision}: quantised engines are built by --backend torch-aot only "
-            f"(the {req.backend} Q/DQ export is not wired yet; see docs/quantization.md)"
+            f"--precision nvfp4: NVFP4 engines are built by --backend torch-aot only (the {req.backend} FP4 "
+            "export is not wired yet; see docs/quantization.md)"
         )
     if "dit_block" not in stages:
         raise BuildError(f"--precision {req.precision} quantises the DiT: include the dit_block engine in --stages")

@@ -106,13 +106,13 @@ def test_quantised_build_bad_input(tmp_path: Path) -> None:
     from fvrt.builder.build import BuildError
 
     for kwargs, message in [
-        ({"backend": "tensorrt-rtx"}, "quantised engines are built by --backend torch-aot only"),
+        ({"backend": "tensorrt-rtx", "precision": "nvfp4"}, "NVFP4 engines are built by --backend torch-aot only"),
         ({"stages": ("dit_prep",)}, "include the dit_block engine"),
         ({"calib_prompts": tmp_path / "none.txt"}, "calibration prompts file not found"),
         ({"calib_count": 0}, "--calib-count: at least 1"),
     ]:
         with pytest.raises(BuildError, match=message):
-            build_engines(BuildRequest(out_dir=tmp_path / "e", random="tiny", precision="fp8", **kwargs))
+            build_engines(BuildRequest(**{"out_dir": tmp_path / "e", "random": "tiny", "precision": "fp8", **kwargs}))
         assert not (tmp_path / "e").exists()
 
 
@@ -129,3 +129,47 @@ def test_low_bit_engines_refused_on_older_gpus(fp8_build: Path, monkeypatch: pyt
         **{**m.stages["dit_block_1"].__dict__, "precision": "nvfp4"})}  # fmt: skip
     with pytest.raises(EngineError, match=r"is nvfp4, which needs .* 10\.0 or newer; this GPU is 9\.0"):
         check_environment(fp8_build, type(m)(**{**m.__dict__, "stages": stages}), torch.device("cuda"))
+
+
+def _fp32_quantised_block_spec(tmp_path: Path) -> object:
+    from fvrt.builder.engines import engine_specs
+    from fvrt.builder.quant.calibrate import CalibShape, random_dit_inputs, two_stage_passes
+
+    write_tiny_release(tmp_path, ModelVersion.LTX23, seed=1)
+    ck = load_tiny_release(tmp_path, torch.float32, "cpu")
+    s1, s2 = (CalibShape(*TINY.latent(i), TINY.audio_latents) for i in (1, 2))
+    passes = two_stage_passes(s1, s2)[::4]
+    quantize_model(ck.dit, QuantRecipe.named("fp8"), random_dit_inputs(ck.dit, passes, text_tokens=16), method="hooks")
+    return {s.name: s for s in engine_specs(ck, [TINY])}["dit_block_1"]
+
+
+def test_fp8_block_exports_explicit_qdq_that_onnxruntime_matches(tmp_path: Path) -> None:
+    """FP8Linear reaches ONNX as QuantizeLinear (saturating, float8e4m3fn) / DequantizeLinear pairs with the FP8
+    weights as float8 graph inputs, and ONNX Runtime reproduces the emulated eager block."""
+    from fvrt.builder.backends.onnx_export import export_onnx, onnxruntime_parity
+
+    spec = _fp32_quantised_block_spec(tmp_path / "release")
+    graph = export_onnx(spec, "tiny/s1", tmp_path / "block.onnx")
+    assert {"QuantizeLinear", "DequantizeLinear"} <= set(graph.op_types)
+    assert "Clip" not in graph.op_types  # no emulation ops left
+    fp8_inputs = [i.name for i in graph.inputs if i.dtype == "float8_e4m3fn"]
+    assert fp8_inputs and all(n.endswith(".weight") for n in fp8_inputs)
+    errors = onnxruntime_parity(spec, "tiny/s1", graph)
+    assert max(errors.values()) <= 1e-5, errors
+
+
+def test_fp8_engines_build_with_tensorrt_rtx_for_sm89(tmp_path: Path) -> None:
+    from fvrt.builder.backends import tensorrt as TB
+
+    reason = TB.backend("tensorrt-rtx").available()
+    if reason is not None:
+        pytest.skip(reason)
+    out = tmp_path / "rtx"
+    build_engines(
+        BuildRequest(out_dir=out, random="tiny", precision="fp8", stages=("dit",), calib_prompts=PROMPTS,
+                     calib_count=1, backend="tensorrt-rtx", target_ccs=("8.9",), attention="decomposable"),
+        log=lambda _: None,
+    )  # fmt: skip
+    m = read_manifest(out)
+    assert m.stages["dit_block_1"].precision == "fp8" and m.stages["dit_block"].precision == "bf16"
+    assert m.build.compute_capability == "8.9"

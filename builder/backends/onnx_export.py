@@ -47,6 +47,7 @@ TORCH_DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.int64: "int64",
     torch.int32: "int32",
     torch.bool: "bool",
+    torch.float8_e4m3fn: "float8_e4m3fn",
 }
 
 
@@ -128,12 +129,33 @@ def _rms_norm(input: Any, normalized_shape: Sequence[int], weight: Any = None, e
     return op.RMSNormalization(input, weight, axis=-len(normalized_shape), epsilon=float(eps))
 
 
+def _fp8_quantize(x: Any, scale: Any) -> Any:
+    """`fvrt::fp8_quantize` -> QuantizeLinear to float8e4m3fn (saturating, zero point 0) of x in float32."""
+    import onnx
+    from onnxscript import opset23 as op
+
+    zero = onnx.helper.make_tensor("fp8_zero", onnx.TensorProto.FLOAT8E4M3FN, [], [0.0])
+    return op.QuantizeLinear(op.Cast(x, to=onnx.TensorProto.FLOAT), scale, op.Constant(value=zero), saturate=1)
+
+
+def _fp8_dequantize(q: Any, scale: Any) -> Any:
+    """`fvrt::fp8_dequantize` -> DequantizeLinear (float8e4m3fn -> float32)."""
+    from onnxscript import opset23 as op
+
+    return op.DequantizeLinear(q, scale)
+
+
 def translation_table() -> dict[Callable[..., Any], Callable[..., Any]]:
     """The `custom_translation_table` passed to `torch.onnx.export` (see the module docstring)."""
+    from fvrt.builder.quant.fp8 import fp8_dequantize_op, fp8_quantize_op  # registers the fvrt:: ops
+
     aten = torch.ops.aten
+    del fp8_dequantize_op, fp8_quantize_op
     return {
         aten.scaled_dot_product_attention.default: _sdpa_to_attention,
         aten.rms_norm.default: _rms_norm,
+        torch.ops.fvrt.fp8_quantize.default: _fp8_quantize,
+        torch.ops.fvrt.fp8_dequantize.default: _fp8_dequantize,
     }
 
 
@@ -172,15 +194,29 @@ def per_layer_parameter_names(spec: EngineSpec) -> list[tuple[str, str]]:
 
 
 def module_precision(module: nn.Module) -> str:
-    """ "fp32" | "bf16" | "fp16": the floating dtype of the module's parameters (one dtype, or an error)."""
-    dtypes = {p.dtype for p in module.parameters() if p.is_floating_point()}
+    """ "fp32" | "bf16" | "fp16": the floating dtype of the module's parameters (one dtype, or an error). The
+    stored-dtype tensors of quantised layers (float8 weights, float32 scales) do not count; their bias does."""
+    from fvrt.builder.quant.fp8 import StorageDtypeModule
+
+    dtypes = set()
+    for m in module.modules():
+        fixed = m._FIXED_DTYPE if isinstance(m, StorageDtypeModule) else ()
+        dtypes |= {p.dtype for n, p in m.named_parameters(recurse=False) if p.is_floating_point() and n not in fixed}
     if len(dtypes) != 1 or next(iter(dtypes)) not in PRECISIONS:
         raise ExportError(f"cannot tell the engine precision from parameter dtypes {sorted(map(str, dtypes))}")
     return PRECISIONS[next(iter(dtypes))]
 
 
 # ONNX TensorProto element types of engine outputs -> torch dtype names (onnx.TensorProto enum values)
-_ONNX_DTYPE_NAMES = {1: "float32", 16: "bfloat16", 10: "float16", 7: "int64", 6: "int32", 9: "bool"}
+_ONNX_DTYPE_NAMES = {
+    1: "float32",
+    16: "bfloat16",
+    10: "float16",
+    7: "int64",
+    6: "int32",
+    9: "bool",
+    17: "float8_e4m3fn",
+}
 
 
 def _onnx_tensor_info(vi: Any) -> TensorInfo:
@@ -236,6 +272,14 @@ def _quiet_loggers() -> Iterator[None]:
             lg.setLevel(level)
 
 
+def _export_qdq(*args: Any, **kwargs: Any) -> Any:
+    """`torch.onnx.export` with FP8 layers emitting explicit Q/DQ (`fvrt.builder.quant.fp8.qdq_export`)."""
+    from fvrt.builder.quant.fp8 import qdq_export
+
+    with qdq_export():
+        return torch.onnx.export(*args, **kwargs)
+
+
 def export_onnx(
     spec: EngineSpec,
     key: str,
@@ -263,7 +307,7 @@ def export_onnx(
         contextlib.redirect_stdout(chatter),
         contextlib.redirect_stderr(chatter),
     ):
-        program = torch.onnx.export(
+        program = _export_qdq(
             module,
             inputs,
             dynamo=True,
@@ -362,6 +406,17 @@ def _bf16_tensors(model: Any) -> set[str]:
 # ONNX Runtime check
 
 
+def _ort_feed(ort: Any, t: torch.Tensor) -> Any:
+    """A numpy array, or for float8 tensors (no numpy dtype) an OrtValue typed FLOAT8E4M3FN over their bytes."""
+    t = t.detach().cpu()
+    if t.dtype == torch.float8_e4m3fn:
+        from onnx import TensorProto
+
+        raw = t.contiguous().view(torch.uint8).numpy()
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(raw, TensorProto.FLOAT8E4M3FN)
+    return t.numpy()
+
+
 def run_onnxruntime(path: str | Path, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Run the ONNX file on CPU with ONNX Runtime; feeds that the graph does not take are dropped (an input the
     exporter pruned because the graph ignores it)."""
@@ -371,7 +426,7 @@ def run_onnxruntime(path: str | Path, feeds: dict[str, torch.Tensor]) -> dict[st
     opts.log_severity_level = 3
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     taken = {i.name for i in session.get_inputs()}
-    arrays = {n: t.detach().cpu().numpy() for n, t in feeds.items() if n in taken}
+    arrays = {n: _ort_feed(ort, t) for n, t in feeds.items() if n in taken}
     names = [o.name for o in session.get_outputs()]
     return {n: torch.from_numpy(a) for n, a in zip(names, session.run(names, arrays), strict=True)}
 

@@ -291,7 +291,12 @@ class TensorRTBackend:
             raise RuntimeError(reason)
         self._check_attention()
         t_start = time.perf_counter()
-        want = _precision_name(precision)
+        if precision == "nvfp4":
+            raise ValueError(
+                f"engine {spec.name}: NVFP4 Q/DQ export for the TensorRT family is not implemented (torch-aot only)"
+            )
+        quantized = precision == "fp8"  # FP8Linear layers export as QuantizeLinear/DequantizeLinear pairs
+        want = OX.module_precision(spec.module) if quantized else _precision_name(precision)
         have = OX.module_precision(spec.module)
         if have != want:
             raise ValueError(
@@ -313,6 +318,8 @@ class TensorRTBackend:
                 t0 = time.perf_counter()
                 graph = OX.export_onnx(spec, key, scratch / f"{spec.name}.{_key_file(key)}.onnx", log=log)
                 export_s = time.perf_counter() - t0
+                if quantized and not {"QuantizeLinear", "DequantizeLinear"} <= set(graph.op_types):
+                    raise ValueError(f"{what}: --precision fp8 but the exported graph has no FP8 Q/DQ nodes")
                 built = self.build_plan(graph.path, precision=want, what=what, log=log)
                 plan_file = f"{spec.name}.{_key_file(key)}{PLAN_SUFFIX[self.name]}"
                 (out / plan_file).write_bytes(built.plan)
@@ -375,7 +382,7 @@ class TensorRTBackend:
             backend=self.name,
             file=first["file"],
             sha256=first["sha256"],
-            precision=want,
+            precision="fp8" if quantized else want,
             inputs=list(inputs.values()),
             outputs=list(outputs.values()),
             weights=weights,

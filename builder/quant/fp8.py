@@ -24,8 +24,9 @@ module stays `torch.export`-able with no data-dependent branch):
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +81,47 @@ class StorageDtypeModule(nn.Module):
             if p.dtype != old.dtype:
                 p.data = torch.empty_like(old, device=p.device) if old.is_meta else old.to(p.device)
         return self
+
+
+# ---- explicit Q/DQ for ONNX export ------------------------------------------------------------------------------
+# TensorRT reads FP8 from QuantizeLinear / DequantizeLinear pairs around a MatMul (it fuses them into an FP8
+# GEMM); the emulated forward's division, clamp and casts would reach ONNX as plain Div / Clip / Cast. Inside
+# `qdq_export()` FP8Linear routes the same math through two custom ops that the ONNX exporter translates to
+# QuantizeLinear (saturating, float8e4m3fn zero point) and DequantizeLinear (fvrt.builder.backends.onnx_export).
+# Everywhere else (eager, AOTInductor) the layer keeps its plain ops, so compiled engines never see them.
+_QDQ_EXPORT = [False]
+
+
+@contextlib.contextmanager
+def qdq_export() -> Iterator[None]:
+    """FP8Linear layers emit explicit Q/DQ custom ops (for `torch.onnx.export`) while inside."""
+    _QDQ_EXPORT[0] = True
+    try:
+        yield
+    finally:
+        _QDQ_EXPORT[0] = False
+
+
+@torch.library.custom_op("fvrt::fp8_quantize", mutates_args=())
+def fp8_quantize_op(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x / scale saturated and rounded to float8_e4m3fn (ONNX: QuantizeLinear, saturate=1)."""
+    return quantize_fp8(x, scale)
+
+
+@fp8_quantize_op.register_fake
+def _(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x, dtype=torch.float8_e4m3fn)
+
+
+@torch.library.custom_op("fvrt::fp8_dequantize", mutates_args=())
+def fp8_dequantize_op(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float8 q * scale in float32 (ONNX: DequantizeLinear)."""
+    return q.float() * scale.float()
+
+
+@fp8_dequantize_op.register_fake
+def _(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(q, dtype=torch.float32)
 
 
 class FP8Linear(StorageDtypeModule):
@@ -139,6 +181,11 @@ class FP8Linear(StorageDtypeModule):
         """x [..., in] (float32 / bf16 / fp16) -> [..., out] in x's dtype."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
+        if _QDQ_EXPORT[0]:  # the emulated math as explicit Q/DQ (see qdq_export)
+            xd = fp8_dequantize_op(fp8_quantize_op(x2, self.input_scale), self.input_scale)
+            bias = None if self.bias is None else self.bias.float()
+            out = F.linear(xd, fp8_dequantize_op(self.weight, self.weight_scale), bias).to(x.dtype)
+            return out.reshape(*lead, self.out_features)
         xq = quantize_fp8(x2, self.input_scale)
         if self._use_scaled_mm(x):
             out = self._scaled_mm(xq, x.dtype)
@@ -179,7 +226,10 @@ __all__ = [
     "FP8Linear",
     "StorageDtypeModule",
     "fp8_scale",
+    "fp8_dequantize_op",
+    "fp8_quantize_op",
     "fp8_supported",
+    "qdq_export",
     "quantize_fp8",
     "quantize_weight_fp8",
 ]
