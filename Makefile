@@ -12,7 +12,7 @@ ORACLE := ltx-core==1.0.0 ltx-pipelines==1.0.0
 MODELOPT := nvidia-modelopt==0.47.0
 MODELOPT_DEPS := requests omegaconf pulp
 
-.PHONY: setup test test-gpu lint run clean engines
+.PHONY: setup test test-gpu lint run clean engines bench bench-tiny
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,18 @@ PROMPT ?= A red fox trots across a snowy field at dawn, its breath steaming, bir
 run: engines
 	mkdir -p out
 	$(BIN)/fvrt-run $(ENGINES) --prompt "$(PROMPT)" --output out/tiny.mp4 --timings out/tiny-timings.json
+
+# Benchmark, one process: fvrt engines bf16 and FP8, presets distilled and realtime, 1088x1920x121 from full-size
+# random weights (engines built once into engines/bench, then reused), per-stage times, peak memory, FP8-vs-bf16
+# quality. GPU machine (python3 there, nothing installed): see docs/benchmarks.md for the exact command.
+BENCH_PY ?= $(BIN)/python
+bench:
+	$(BENCH_PY) scripts/bench.py --random full --device cuda --profile 1080p --out out/bench
+
+# The same harness at tiny size on the CPU (a smoke run of every code path; the numbers mean nothing).
+bench-tiny:
+	$(BIN)/python scripts/bench.py --random tiny --device cpu --profile tiny --repeats 1 --calib-count 2 \
+		--engines engines/bench-tiny --out out/bench-tiny
 
 clean:
 	rm -rf out .pytest_cache

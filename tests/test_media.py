@@ -10,6 +10,7 @@ import av
 import numpy as np
 import pytest
 
+from fvrt.metrics import psnr
 from fvrt.runtime.media import Mp4Writer, OutputError, check_writable, fps_fraction, save_raw
 
 FRAMES, HEIGHT, WIDTH = 17, 128, 192
@@ -31,10 +32,6 @@ def tone(sample_rate: int) -> np.ndarray:
     n = (4 * AUDIO_LATENTS - 3) * sample_rate // 100
     t = np.arange(n) / sample_rate
     return np.stack([0.5 * np.sin(2 * np.pi * 440 * t), 0.3 * np.sin(2 * np.pi * 660 * t)]).astype(np.float32)
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    return 10 * np.log10(255.0**2 / float(((a.astype(np.float64) - b) ** 2).mean()))
 
 
 @pytest.mark.parametrize(("fps", "sample_rate"), [(24.0, 48000), (24.0, 24000), (25.0, 48000), (24000 / 1001, 48000)])

@@ -22,6 +22,7 @@ from official_pipeline import TinyRelease, official_distilled, tiny_release, wri
 from fvrt.builder.checkpoint import ModelVersion
 from fvrt.builder.eager import EagerEngineSet
 from fvrt.builder.engines import PRESET_PROFILES
+from fvrt.metrics import psnr, snr
 from fvrt.runtime import sampler
 from fvrt.runtime.conditioning import ImageError, image_input
 from fvrt.runtime.graphs import GraphRunner
@@ -36,16 +37,6 @@ MIN_PSNR_DB, MIN_SNR_DB = 40.0, 30.0  # the acceptance bar (issue 4)
 # with the same seed), so the acceptance bar alone would not catch a wrong text path. Measured parity: ~90 dB
 # PSNR (a few uint8 steps from fp32 rounding at the conversion) and ~120 dB SNR.
 TIGHT_PSNR_DB, TIGHT_SNR_DB = 70.0, 60.0
-
-
-def psnr(actual: np.ndarray, expected: np.ndarray) -> float:
-    mse = float(((actual.astype(np.float64) - expected.astype(np.float64)) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
-
-
-def snr(actual: np.ndarray, expected: np.ndarray) -> float:
-    noise = float(((actual.astype(np.float64) - expected.astype(np.float64)) ** 2).sum())
-    return float("inf") if noise == 0 else 10 * np.log10(float((expected.astype(np.float64) ** 2).sum()) / noise)
 
 
 @pytest.fixture(scope="module", params=[ModelVersion.LTX2, ModelVersion.LTX23], ids=["ltx2", "ltx23"])

@@ -1,0 +1,250 @@
+"""`make bench`: fvrt engines end to end, bf16 and FP8, presets distilled and realtime, in ONE process.
+
+For each precision: build (or reuse, by build key) the engine directory of the profile with `fvrt-build`'s own
+code from the same random weights (same seed), open it with the runtime, and run the pipeline (text encoding,
+both stages, upsampling, VAE and audio decoding, MP4 encoding) once as the cold run (engine loading, CUDA-graph
+capture) and `--repeats` times warm. Recorded per run: per-stage times, end to end, peak GPU memory. Quality of
+FP8 vs bf16 on the same prompt and seed: the DiT velocity cosine at every step of both stages (the bf16 run's
+DiT inputs replayed through the FP8 engines) and the decoded-video PSNR / audio SNR.
+
+The official implementation's side (issue 6) is NOT here yet: its per-pass DiT numbers come from
+scripts/gpu_dit_vs_official.py (docs/benchmarks.md). Writes `bench.json` and `bench.md` to --out.
+
+GPU machine (1080p, full-size random weights; engines are rebuilt only when missing or stale):
+    FVRT_CXX=g++-12 python3 scripts/bench.py --random full --device cuda --profile 1080p --out $OUT
+CPU smoke run (tiny, what `make bench-tiny` does):
+    python scripts/bench.py --random tiny --device cpu --profile tiny --out out/bench-tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fvrt.builder.build import BuildRequest, build_engines
+from fvrt.metrics import psnr, snr
+from fvrt.runtime.engine import EngineDir
+from fvrt.runtime.media import Mp4Writer
+from fvrt.runtime.pipeline import Output, Pipeline, Request
+from fvrt.runtime.tokenizer import TOKENIZER_DIR, PromptTokenizer
+
+T0 = time.perf_counter()
+PROMPT = "A woman sings on a rooftop at dusk while the city lights come on behind her, a warm breeze in her hair."
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", flush=True)
+
+
+class Recorder(Pipeline):
+    """Keeps every DiT pass's inputs and outputs (on the CPU) when `record` is set."""
+
+    record: list[tuple[str, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] | None = None
+
+    def _dit(self, key: str, *inputs: torch.Tensor) -> Any:
+        out = super()._dit(key, *inputs)
+        if self.record is not None:
+            self.record.append((key, tuple(t.cpu() for t in inputs), tuple(t.float().cpu() for t in out)))
+        return out
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_once(pipe: Pipeline, req: Request, out_mp4: Path, device: torch.device) -> tuple[Output, dict[str, float]]:
+    """One generation including the MP4 (encoded while the audio decodes, as fvrt-run does)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    writer: dict[str, Mp4Writer] = {}
+
+    def start(pixels: np.ndarray) -> None:
+        _, h, w, _ = pixels.shape
+        writer["mp4"] = Mp4Writer(out_mp4, fps=req.fps, width=w, height=h, sample_rate=pipe.sample_rate)
+        writer["mp4"].start_video(pixels)
+
+    sync(device)
+    t = time.perf_counter()
+    out = pipe(req, on_video=start)
+    t_mux = time.perf_counter()
+    writer["mp4"].finish(out.audio)
+    sync(device)
+    times = {**out.timings, "mux": time.perf_counter() - t_mux, "end_to_end": time.perf_counter() - t}
+    if device.type == "cuda":
+        times["peak_gpu_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return out, times
+
+
+def bench_precision(args: argparse.Namespace, precision: str, res: dict[str, Any], ref: dict[str, Any]) -> None:
+    dev = torch.device(args.device)
+    engine_dir = Path(args.engines) / f"{args.profile}-{precision}"
+    t = time.perf_counter()
+    build = build_engines(
+        BuildRequest(
+            out_dir=engine_dir,
+            random=args.random,
+            precision=precision,
+            device=args.device,
+            profiles=(args.profile,),
+            attention=args.attention,
+            calib_count=args.calib_count,
+            seed=args.seed,
+        ),
+        log=log,
+    )
+    entry: dict[str, Any] = {
+        "engine_dir": str(engine_dir),
+        "build_s": round(time.perf_counter() - t, 1),
+        "up_to_date": build.up_to_date,
+    }
+    log(f"{precision}: engines ready in {entry['build_s']} s ({'reused' if build.up_to_date else 'built'})")
+    t = time.perf_counter()
+    engines = EngineDir.open(engine_dir, device=dev)
+    entry["open_s"] = time.perf_counter() - t
+    pipe = Recorder(engines, PromptTokenizer(engine_dir / TOKENIZER_DIR), memory="keep")
+    profile = engines.profiles[args.profile]
+    out_dir = Path(args.out)
+    for preset in args.presets.split(","):
+        req = Request(PROMPT, profile["height"], profile["width"], profile["frames"], profile["fps"], seed=args.seed,
+                      preset=preset)  # fmt: skip
+        mp4 = out_dir / f"{precision}-{preset}.mp4"
+        _, first_times = run_once(pipe, req, mp4, dev)
+        runs = []
+        for i in range(args.repeats):
+            if preset == "distilled" and i == 0:
+                pipe.record = []
+            out, times = run_once(pipe, req, mp4, dev)
+            if pipe.record is not None and preset == "distilled":
+                entry["dit_pass_s"] = dit_pass_times(pipe, pipe.record, dev, args.repeats_dit)
+                quality(precision, out, pipe.record, res, ref, engines)
+                pipe.record = None
+            runs.append(times)
+        med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        entry[preset] = {"first_run": first_times, "warm_median": med, "warm_runs": runs, "mp4": str(mp4)}
+        if "cold_start_s" not in entry:  # open + what the first run spent beyond a warm one (loading, capture)
+            entry["cold_start_s"] = entry["open_s"] + first_times["end_to_end"] - med["end_to_end"]
+        log(
+            f"{precision} {preset}: warm end to end {med['end_to_end']:.2f} s (first {first_times['end_to_end']:.2f} s)"
+        )
+    res["precisions"][precision] = entry
+    del pipe, engines
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def dit_pass_times(pipe: Pipeline, record: list, device: torch.device, repeats: int) -> dict[str, float]:
+    """Median time of one DiT pass (prep + in + N blocks + out, CUDA-graph replay as in the pipeline) per shape
+    key, on the recorded inputs of the first pass at that key."""
+    from functools import partial
+
+    out = {}
+    for key in sorted({k for k, _, _ in record}):
+        inputs = next(tuple(t.to(device) for t in i) for k, i, _ in record if k == key)
+        fn = partial(pipe._dit, key)
+        pipe.graphs(("dit", key), fn, *inputs)  # captured already by the run; replays
+        times = []
+        for _ in range(repeats):
+            sync(device)
+            t = time.perf_counter()
+            pipe.graphs(("dit", key), fn, *inputs)
+            sync(device)
+            times.append(time.perf_counter() - t)
+        out[key] = statistics.median(times)
+    return out
+
+
+def quality(
+    precision: str, out: Output, record: list, res: dict[str, Any], ref: dict[str, Any], engines: EngineDir
+) -> None:
+    """bf16 (the first precision) is the reference: keep its frames, audio and DiT passes; later precisions
+    replay the reference DiT inputs through their own engines (velocity cosine per step) and compare outputs."""
+    if not ref:
+        ref.update(frames=out.frames, audio=out.audio, record=record, precision=precision)
+        return
+    pipe = Pipeline(engines, lambda _: None, cuda_graphs=False)  # type: ignore[arg-type]
+    cosines = []
+    with torch.no_grad():
+        for key, inputs, want in ref["record"]:
+            got = pipe._dit(key, *(t.to(engines.device) for t in inputs))
+            pairs = zip(got, want, strict=True)
+            cosines.append([float(F.cosine_similarity(g.float().cpu().flatten(), w.flatten(), 0)) for g, w in pairs])
+    res["quality"][f"{precision}_vs_{ref['precision']}"] = {
+        "velocity_cosine_per_step": cosines,
+        "min_video_cosine": min(c[0] for c in cosines),
+        "min_audio_cosine": min(c[1] for c in cosines),
+        "video_psnr_db": psnr(out.frames, ref["frames"]),
+        "audio_snr_db": snr(out.audio, ref["audio"]),
+    }
+
+
+def table(res: dict[str, Any]) -> str:
+    rows = ["| precision | preset | text | stage 1 | upsample | stage 2 | video dec | audio dec | mux | end to end "
+            "| peak GiB | first run |", "|---" * 12 + "|"]  # fmt: skip
+    for prec, e in res["precisions"].items():
+        for preset in res["presets"]:
+            if preset not in e:
+                continue
+            m, first = e[preset]["warm_median"], e[preset]["first_run"]
+            cells = [m.get(k, float("nan")) for k in ("text_encode", "stage_1", "upsample", "stage_2")]
+            cells += [m.get(k, float("nan")) for k in ("video_decode", "audio_decode", "mux", "end_to_end")]
+            peak = f"{m['peak_gpu_GiB']:.1f}" if "peak_gpu_GiB" in m else "-"
+            rows.append(f"| {prec} | {preset} | " + " | ".join(f"{c:.2f}" for c in cells)
+                        + f" | {peak} | {first['end_to_end']:.2f} |")  # fmt: skip
+    for name, q in res["quality"].items():
+        cos = f"min velocity cosine video {q['min_video_cosine']:.4f} audio {q['min_audio_cosine']:.4f}"
+        dec = f"decoded video PSNR {q['video_psnr_db']:.1f} dB, audio SNR {q['audio_snr_db']:.1f} dB"
+        rows.append(f"\n{name}: {cos}, {dec}")
+    for prec, e in res["precisions"].items():
+        passes = ", ".join(f"{k} {v:.3f} s" for k, v in e.get("dit_pass_s", {}).items())
+        rows.append(f"\n{prec}: DiT pass {passes}; cold start {e.get('cold_start_s', float('nan')):.1f} s")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--random", default="full", choices=["tiny", "full"])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--profile", default="1080p")
+    ap.add_argument("--precisions", default="bf16,fp8", help="comma list of bf16, fp8, nvfp4 (first = reference)")
+    ap.add_argument("--presets", default="distilled,realtime")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats-dit", type=int, default=5, help="timed DiT passes per shape key")
+    ap.add_argument("--attention", default="cudnn")
+    ap.add_argument("--calib-count", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--engines", default="engines/bench", help="where the engine directories are built or reused")
+    ap.add_argument("--out", default="out/bench")
+    args = ap.parse_args()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    dev = torch.device(args.device)
+    res: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join(sys.argv),
+        "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "profile": args.profile,
+        "presets": args.presets.split(","),
+        "precisions": {},
+        "quality": {},
+    }
+    ref: dict[str, Any] = {}
+    for precision in args.precisions.split(","):
+        bench_precision(args, precision, res, ref)
+        (Path(args.out) / "bench.json").write_text(json.dumps(res, indent=1, default=float))
+    md = f"{res['gpu']}, torch {res['torch']}, {res['date']}, profile {args.profile}\n\n{table(res)}\n"
+    (Path(args.out) / "bench.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
