@@ -385,6 +385,11 @@ def stage_keys(plan: Plan, stage: str, config: dict[str, Any], ckpt_id: dict[str
     """(code key, stage key) of one engine: the code depends on the recipe, the architecture config and the tools;
     the whole stage (code + weights) also on the checkpoint."""
     r = {k: v for k, v in recipe(plan).items() if k != "stages"}
+    if r["precision"] in QUANTIZED and not stage.startswith("dit_"):
+        # quantisation touches only the DiT: every other engine of an fp8 / nvfp4 build is the bf16 engine, with
+        # the bf16 key, so a directory holding bf16 engines lends them (copy it, then build fp8 into it)
+        r["precision"] = "bf16"
+        r.pop("calibration", None)
     code = _sha256_json({"stage": stage, **r, "config": config, "tools": tool_versions(plan.device)})
     return code, _sha256_json({"code": code, "checkpoint": ckpt_id})
 
