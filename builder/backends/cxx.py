@@ -108,11 +108,12 @@ def probe(c: Compiler) -> str | None:
     if key in cache:
         return cache[key]["error"]
     with tempfile.TemporaryDirectory(prefix="fvrt-cxx-probe-") as tmp:
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": os.path.join(tmp, "inductor")}
+        # Inductor's own cache dir is kept: what the probe compiles first (headers, the wrapper's common code)
+        # then serves the build that follows; its keys include the compiler, so compilers never mix.
         try:
             r = subprocess.run(
                 [sys.executable, "-c", _PROBE, c.path, tmp],
-                capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, env=env,
+                capture_output=True, text=True, timeout=PROBE_TIMEOUT_S,
             )  # fmt: skip
         except subprocess.TimeoutExpired:
             return f"the probe did not finish in {PROBE_TIMEOUT_S} s"
