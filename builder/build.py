@@ -509,8 +509,9 @@ def stage_precision(plan: Plan, spec: EngineSpec) -> str:
 def _quantize(plan: Plan, ckpt: LTXCheckpoint, scratch: Path, log: Log) -> dict[str, Any]:
     """Calibrate the DiT on real pipeline runs (calib_data) with ModelOpt and convert its Linears in place."""
     from fvrt.builder.quant.calibrate import quantize_model
+    from fvrt.builder.quant.nvfp4 import BLOCK as NVFP4_BLOCK
     from fvrt.builder.quant.pipeline_calib import pipeline_dit_inputs, read_prompts, spread
-    from fvrt.builder.quant.recipe import QuantRecipe
+    from fvrt.builder.quant.recipe import Precision, QuantRecipe
 
     req = plan.request
     prompts_file, images = calibration_files(req)
@@ -520,15 +521,19 @@ def _quantize(plan: Plan, ckpt: LTXCheckpoint, scratch: Path, log: Log) -> dict[
     _save_tokenizer(plan, tok, scratch)
     profile = plan.profiles[0]
     log(f"calibration: {len(prompts)} pipeline runs at {profile.name} ({prompts_file}, {len(images)} images)")
-    inputs = pipeline_dit_inputs(
-        ckpt, profile, prompts, tok, images=images, device=plan.device, log=log
-    )  # fmt: skip
+    inputs = pipeline_dit_inputs(ckpt, profile, prompts, tok, images=images, device=plan.device, log=log)
     recipe_ = QuantRecipe.named(req.precision)
-    report = quantize_model(ckpt.dit, recipe_, inputs, method=CALIB_METHOD)
+    exclude = list(recipe_.exclude)
+    if recipe_.precision is Precision.NVFP4:  # 16-element blocks: narrower inputs stay bf16 (never in the 22B)
+        odd = [n for n in recipe_.select_linears(ckpt.dit) if ckpt.dit.get_submodule(n).in_features % NVFP4_BLOCK]
+        exclude += odd
+        if odd:
+            log(f"calibration: {len(odd)} Linears with an input width not a multiple of {NVFP4_BLOCK} stay bf16")
+    report = quantize_model(ckpt.dit, recipe_, inputs, method=CALIB_METHOD, exclude=exclude)
     del inputs
     log(f"calibration: {len(report.layers)} DiT Linears -> {req.precision} from {report.passes} DiT passes")
     return {
-        "recipe": recipe_.to_json(),
+        "recipe": {**recipe_.to_json(), "exclude": exclude},
         "method": report.method,
         "passes": report.passes,
         "prompts": len(prompts),

@@ -173,3 +173,31 @@ def test_fp8_engines_build_with_tensorrt_rtx_for_sm89(tmp_path: Path) -> None:
     m = read_manifest(out)
     assert m.stages["dit_block_1"].precision == "fp8" and m.stages["dit_block"].precision == "bf16"
     assert m.build.compute_capability == "8.9"
+
+
+def test_nvfp4_build_keeps_narrow_layers_bf16_and_runs(tmp_path: Path) -> None:
+    """NVFP4 needs 16-element blocks: the tiny model's 8-wide audio Linears stay bf16 (logged and recorded in
+    the recipe's exclusions); the other selected layers become NVFP4 (emulated on CPU) and the engines run."""
+    out = tmp_path / "nvfp4"
+    build_engines(
+        BuildRequest(out_dir=out, random="tiny", precision="nvfp4", stages=("dit",), calib_prompts=PROMPTS,
+                     calib_count=1),
+        log=lambda _: None,
+    )  # fmt: skip
+    m = read_manifest(out)
+    block = m.stages["dit_block_1"]
+    assert block.precision == "nvfp4" and m.stages["dit_block"].precision == "bf16"
+    q = block.extra["quantization"]
+    assert any(name.startswith("transformer_blocks.1.audio_attn1") for name in q["recipe"]["exclude"])
+    assert q["layers"] > 0
+    eng = EngineDir.open(out)
+    spec_inputs = EagerEngineSet(load_tiny_release(_release(tmp_path), torch.bfloat16, "cpu"), [TINY])
+    inputs = tuple(t.clone() for t in spec_inputs.specs["dit_block"].sample_inputs("tiny/s1"))
+    for layer in range(eng.num_layers):
+        assert all(torch.isfinite(t.float()).all() for t in eng.run_block("tiny/s1", layer, *inputs))
+
+
+def _release(tmp_path: Path) -> Path:
+    folder = tmp_path / "release"
+    write_tiny_release(folder, ModelVersion.LTX23, seed=0)
+    return folder
