@@ -12,7 +12,7 @@ pipeline's noise (see `sampler`). Only engines are called; nothing here imports 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -153,6 +153,30 @@ class _Clock:
 MEMORY_POLICIES = ("keep", "phase")
 
 
+def run_dit(
+    engines: EngineSet, key: str, prep_inputs: Sequence[torch.Tensor], in_inputs: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DiT pass through an engine set: dit_prep (`prep_inputs`: video_t, video_index, audio_t, video_sigma,
+    audio_sigma) -> dit_in (`in_inputs`: latents and contexts) -> the block engine x num_layers -> dit_out.
+    Returns the video and audio velocities."""
+    fields = engines.run("dit_prep", key, *prep_inputs)
+    vx, ax, cv, ca = engines.run("dit_in", key, *in_inputs)
+    for layer in range(engines.num_layers):
+        vx, ax = engines.run_block(key, layer, vx, ax, cv, ca, *fields)
+    n = len(fields) // 2
+    v, a = engines.run(
+        "dit_out",
+        key,
+        vx,
+        ax,
+        fields[FIELD_EMBEDDED],
+        fields[FIELD_INDEX],
+        fields[n + FIELD_EMBEDDED],
+        fields[n + FIELD_INDEX],
+    )
+    return v, a
+
+
 class Pipeline:
     """`Pipeline(engines, tokenizer)(request)` -> `Output`. `tokenizer(prompt)` gives (ids, mask) [1, 1024]."""
 
@@ -289,23 +313,9 @@ class Pipeline:
         video_index: torch.Tensor,
         sigma: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One DiT pass: prep -> in -> block x num_layers -> out. Returns velocities [1, Nv, 128], [1, Na, 128]."""
-        e = self.engines
-        fields = e.run("dit_prep", key, video_t, video_index, sigma.view(1, 1), sigma, sigma)
-        vx, ax, cv, ca = e.run("dit_in", key, video, audio, video_context, audio_context)
-        for layer in range(e.num_layers):
-            vx, ax = e.run_block(key, layer, vx, ax, cv, ca, *fields)
-        n = len(fields) // 2
-        return e.run(
-            "dit_out",
-            key,
-            vx,
-            ax,
-            fields[FIELD_EMBEDDED],
-            fields[FIELD_INDEX],
-            fields[n + FIELD_EMBEDDED],
-            fields[n + FIELD_INDEX],
-        )
+        """One DiT pass of a denoising step (see `run_dit`). Returns velocities [1, Nv, 128], [1, Na, 128]."""
+        prep = (video_t, video_index, sigma.view(1, 1), sigma, sigma)
+        return run_dit(self.engines, key, prep, (video, audio, video_context, audio_context))
 
     def _denoise(
         self,

@@ -24,6 +24,7 @@ from fvrt.builder.engines import PRESET_PROFILES, dit_reference
 from fvrt.builder.random_release import load_tiny_release, random_identity, write_tiny_release
 from fvrt.runtime.engine import EngineDir
 from fvrt.runtime.manifest import EngineError, read_manifest
+from fvrt.runtime.pipeline import run_dit
 
 TINY = PRESET_PROFILES["tiny"]
 TOL = 1e-4
@@ -102,21 +103,7 @@ def test_dit_chain_matches_forward(built: Built) -> None:
     for key, stage in (("tiny/s1", 1), ("tiny/s2", 2)):
         prep_in = eager.specs["dit_prep"].sample_inputs(key)
         in_in = eager.specs["dit_in"].sample_inputs(key)
-        fields = engines.run("dit_prep", key, *prep_in)
-        vx, ax, cv, ca = engines.run("dit_in", key, *in_in)
-        for layer in range(engines.num_layers):
-            vx, ax = engines.run_block(key, layer, vx, ax, cv, ca, *fields)
-        got = dict(zip(eager.specs["dit_block"].input_names[4:], fields, strict=True))
-        v, a = engines.run(
-            "dit_out",
-            key,
-            vx,
-            ax,
-            got["video_embedded"],
-            got["video_timestep_index"],
-            got["audio_embedded"],
-            got["audio_timestep_index"],
-        )
+        v, a = run_dit(engines, key, prep_in, in_in)
         ref_v, ref_a = dit_reference(built.ckpt.dit, TINY, stage, prep_in, in_in)
         assert_rel_close(v, ref_v, TOL, f"DiT chain video velocity [{key}]")
         assert_rel_close(a, ref_a, TOL, f"DiT chain audio velocity [{key}]")
