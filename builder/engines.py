@@ -487,23 +487,37 @@ def engine_specs(
     ]
 
 
+def dit_forward_kwargs(
+    profile: Profile,
+    stage: int,
+    prep_inputs: Sequence[torch.Tensor],
+    in_inputs: Sequence[torch.Tensor],
+    *,
+    positions_dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """The DiT engine chain's inputs (`dit_prep` inputs, `dit_in` inputs) as `LTXDiT.forward` keywords, positions
+    of the profile's stage-`stage` latent in `positions_dtype` on the latents' device."""
+    video_t, index, audio_t, video_sigma, audio_sigma = prep_inputs
+    f, h, w = profile.latent(stage)
+    dev = in_inputs[0].device
+    return {
+        "video_latent": in_inputs[0],
+        "audio_latent": in_inputs[1],
+        "video_timesteps": video_t.gather(1, index),
+        "audio_timesteps": audio_t.expand(1, profile.audio_latents),
+        "video_sigma": video_sigma,
+        "audio_sigma": audio_sigma,
+        "video_positions": D.video_positions(f, h, w, profile.fps, dtype=positions_dtype, device=dev),
+        "audio_positions": D.audio_positions(profile.audio_latents, device=dev),
+        "video_context": in_inputs[2],
+        "audio_context": in_inputs[3],
+    }
+
+
 def dit_reference(
     dit: D.LTXDiT, profile: Profile, stage: int, prep_inputs: Sequence[torch.Tensor], in_inputs: Sequence[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The model's own forward on the same inputs as the DiT engine chain (`dit_prep` inputs, `dit_in` inputs):
     the reference the prep -> in -> block x N -> out split is checked against."""
-    video_t, index, audio_t, video_sigma, audio_sigma = prep_inputs
-    f, h, w = profile.latent(stage)
     with torch.no_grad():
-        return dit(
-            in_inputs[0],
-            in_inputs[1],
-            video_timesteps=video_t.gather(1, index),
-            audio_timesteps=audio_t.expand(1, profile.audio_latents),
-            video_sigma=video_sigma,
-            audio_sigma=audio_sigma,
-            video_positions=D.video_positions(f, h, w, profile.fps),
-            audio_positions=D.audio_positions(profile.audio_latents),
-            video_context=in_inputs[2],
-            audio_context=in_inputs[3],
-        )
+        return dit(**dit_forward_kwargs(profile, stage, prep_inputs, in_inputs))

@@ -278,7 +278,7 @@ class Pipeline:
         release = getattr(self.engines, "release", None)
         if self.memory != "phase" or release is None:
             return
-        self.graphs.drop({*names, *(n for n in ("dit_prep", "dit_in", "dit_out") if "dit" in names)})
+        self.graphs.drop(set(names))  # DiT engines run only inside the ("dit", key) graphs
         release(names)
 
     def _run(self, engine: str, key: str, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:

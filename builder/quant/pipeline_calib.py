@@ -20,8 +20,7 @@ import torch
 
 from fvrt.builder.checkpoint import LTXCheckpoint
 from fvrt.builder.eager import EagerEngineSet
-from fvrt.builder.engines import Profile
-from fvrt.builder.models import dit as D
+from fvrt.builder.engines import Profile, dit_forward_kwargs
 
 Log = Callable[[str], None]
 
@@ -37,27 +36,6 @@ def spread(items: Sequence[Any], count: int) -> list[Any]:
     if count >= len(items):
         return list(items)
     return [items[(i * len(items)) // count] for i in range(count)]
-
-
-def _dit_kwargs(
-    profile: Profile, stage: int, prep: Sequence[torch.Tensor], inp: Sequence[torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """The pipeline's DiT-pass inputs as `LTXDiT.forward` keywords (the mapping `dit_reference` uses)."""
-    video_t, index, audio_t, video_sigma, audio_sigma = (t.clone() for t in prep)
-    f, h, w = profile.latent(stage)
-    dev, dtype = inp[0].device, inp[0].dtype
-    return {
-        "video_latent": inp[0].clone(),
-        "audio_latent": inp[1].clone(),
-        "video_timesteps": video_t.gather(1, index),
-        "audio_timesteps": audio_t.expand(1, profile.audio_latents).clone(),
-        "video_sigma": video_sigma,
-        "audio_sigma": audio_sigma,
-        "video_positions": D.video_positions(f, h, w, profile.fps, dtype=dtype, device=dev),
-        "audio_positions": D.audio_positions(profile.audio_latents, device=dev),
-        "video_context": inp[2].clone(),
-        "audio_context": inp[3].clone(),
-    }
 
 
 def pipeline_dit_inputs(
@@ -84,7 +62,8 @@ def pipeline_dit_inputs(
             vctx, actx, video_t, index, sigma = rest
             stage = 1 if key.endswith("/s1") else 2
             prep = (video_t, index, sigma.view(1, 1), sigma, sigma)
-            recorded.append(_dit_kwargs(profile, stage, prep, (video, audio, vctx, actx)))
+            kw = dit_forward_kwargs(profile, stage, prep, (video, audio, vctx, actx), positions_dtype=video.dtype)
+            recorded.append({k: t.clone() for k, t in kw.items()})  # the pipeline reuses its buffers
             return super()._dit(key, video, audio, *rest)
 
     pipe = Recording(engines, PromptTokenizer(tokenizer_dir), cuda_graphs=False)
