@@ -56,7 +56,9 @@ from fvrt.runtime.manifest import (
 logger = logging.getLogger(__name__)
 
 ENGINE_NAMES = (
-    "text_encoder",
+    "text_in",
+    "text_block",
+    "text_out",
     "dit_prep",
     "dit_in",
     "dit_block",
@@ -66,7 +68,11 @@ ENGINE_NAMES = (
     "video_decoder",
     "audio_decoder",
 )
-STAGE_GROUPS = {"dit": ("dit_prep", "dit_in", "dit_block", "dit_out")}
+STAGE_GROUPS = {
+    "text_encoder": ("text_in", "text_block", "text_out"),
+    "dit": ("dit_prep", "dit_in", "dit_block", "dit_out"),
+}
+TEXT_ENGINES = STAGE_GROUPS["text_encoder"]
 ATTENTION_CHOICES = ("default", "cudnn")  # torch-aot on CUDA: SDPA backend baked into the exported graphs
 # TensorRT-family backends (builder/backends/tensorrt.py): they take --attention default|decomposable (that
 # module's ATTENTION_MODES); only TensorRT-RTX takes --target-cc (full TensorRT builds for the GPU it runs on).
@@ -231,7 +237,7 @@ def validate(req: BuildRequest) -> Plan:
     if req.checkpoint is not None:
         if "upsampler" in stages and req.upsampler is None:
             raise BuildError("the upsampler engine needs --upsampler FILE (or leave it out with --stages)")
-        if "text_encoder" in stages and req.gemma is None:
+        if set(TEXT_ENGINES) & set(stages) and req.gemma is None:
             raise BuildError("the text_encoder engine needs --gemma DIR (or leave it out with --stages)")
     _check_out_dir(Path(req.out_dir), req.force)
     be = make_backend(req)
@@ -423,7 +429,7 @@ def _loader_stages(engines: Sequence[str]) -> set[str]:
     need: set[str] = set()
     for e in engines:
         need |= {
-            "text_encoder": {"text_encoder", "text_projection"},
+            **{t: {"text_encoder", "text_projection"} for t in TEXT_ENGINES},
             "video_encoder": {"video_encoder"},
             "upsampler": {"upsampler", "video_encoder", "video_decoder"},  # + the VAE latent statistics
             "video_decoder": {"video_decoder"},
@@ -626,10 +632,10 @@ def _build_into(
         for name in [n for n in specs if is_block_engine(n)] if stage == "dit_block" else [stage]:
             keys = stage_keys(plan, name, ckpt.config, ckpt_id)
             entry = _build_stage(plan, specs[name], plan.backend, tmp, keys, old, result, log)
-            if quant is not None and specs[name].per_layer:
+            if quant is not None and is_block_engine(name):
                 entry = replace(entry, extra={**entry.extra, "quantization": quant})
             stages[name] = entry
-    assets = _copy_tokenizer(plan, tmp, scratch, log) if "text_encoder" in plan.stages else {}
+    assets = _copy_tokenizer(plan, tmp, scratch, log) if set(TEXT_ENGINES) & set(plan.stages) else {}
     manifest = Manifest(
         format_version=FORMAT_VERSION,
         profiles={p.name: {k: v for k, v in p._asdict().items() if k != "name"} for p in plan.profiles},

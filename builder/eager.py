@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from fvrt.builder.checkpoint import LTXCheckpoint
-from fvrt.builder.engines import EngineSpec, Profile, engine_specs
+from fvrt.builder.engines import EngineSpec, Profile, engine_specs, is_block_engine
 
 
 class EagerEngineSet:
@@ -25,10 +25,11 @@ class EagerEngineSet:
         self._blocks: dict[int, tuple[EngineSpec, dict[str, torch.Tensor]]] = {
             i: (spec, dict(layer.named_parameters()))
             for spec in self.specs.values()
-            if spec.per_layer
+            if spec.per_layer and is_block_engine(spec.name)
             for i, layer in zip(spec.layers, spec.per_layer, strict=True)
         }
         self.num_layers = len(self._blocks)
+        self.text_layer_kinds: list[int] = list(self.specs["text_block"].notes["layer_kinds"])
         self.config: dict[str, Any] = ckpt.config
         self.profiles = {p.name: p._asdict() for p in profiles}
 
@@ -46,3 +47,9 @@ class EagerEngineSet:
         return torch.func.functional_call(
             spec.module.block, weights, (*inputs[:4], *spec.module.fields_to_streams(inputs[4:]))
         )
+
+    @torch.no_grad()
+    def run_text_layer(self, layer: int, *inputs: torch.Tensor) -> torch.Tensor:
+        """Gemma layer `layer` (every layer runs the same code, which the text_block engine compiles once)."""
+        spec = self.specs["text_block"]
+        return type(spec.module)(spec.per_layer[layer])(*inputs)

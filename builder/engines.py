@@ -3,7 +3,13 @@ resolution profile. Backends (torch-aot, ONNX / TensorRT) consume `EngineSpec`s 
 model code.
 
 Engines and why they are cut this way:
-- `text_encoder`: Gemma-3 + feature extractor + connectors, (token ids, mask) -> (video, audio) contexts.
+- the text encoder, cut like the DiT so that build time does not grow with Gemma's 48 layers (one monolithic
+  Gemma-3 12B graph did not finish compiling in 5 minutes on the H100):
+  `text_in` (token ids, mask) -> embeddings, and per attention kind (full / sliding) the boolean mask and the
+  rotary cos / sin tables; `text_block`: ONE Gemma decoder layer whose weights are inputs, applied to the 48
+  per-layer weight sets (local and global layers share the code: only the mask and rotary table differ; the
+  runtime picks them per layer from `notes.layer_kinds`); `text_out` (all N + 1 hidden states, mask) -> final
+  norm, feature extractor and connectors -> (video, audio) contexts.
 - `dit_prep`: everything sigma-dependent but block-independent (AdaLN for the K=2 timestep values a step has,
   cross-modal and prompt AdaLN, RoPE tables of the profile's fixed positions). Once per step.
 - `dit_in`: patchify projections and the LTX-2 caption projection. Once per step.
@@ -132,16 +138,41 @@ def _rand(shape: Sequence[int], dtype: torch.dtype, device: torch.device, gen: t
 # wrappers
 
 
-class TextEncoderEngine(nn.Module):
-    """(input_ids [1, 1024] int64, attention_mask [1, 1024] int64) -> (video_context, audio_context)."""
+class TextInEngine(nn.Module):
+    """(input_ids [1, 1024] int64, attention_mask [1, 1024] int64) -> (embeddings [1, 1024, D], then per attention
+    kind in `GemmaTextEncoder.attention_kinds` order: mask [1, 1, 1024, 1024] bool, cos, sin [1, 1024, head_dim])."""
+
+    def __init__(self, gemma: nn.Module) -> None:
+        super().__init__()
+        self.gemma = gemma
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.gemma.prologue(input_ids, attention_mask)
+
+
+class TextBlockEngine(nn.Module):
+    """(hidden [1, 1024, D], mask, cos, sin) -> hidden: one Gemma decoder layer; its weights are per-layer inputs."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.block = layer  # named like DiTBlockEngine.block: per-layer weight inputs are "block.<param>"
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        from fvrt.builder.models.gemma import GemmaTextEncoder
+
+        return GemmaTextEncoder.run_layer(self.block, h, mask, cos, sin)
+
+
+class TextOutEngine(nn.Module):
+    """(states [N + 1, 1, 1024, D]: the embeddings and each layer's output, attention_mask [1, 1024] int64) ->
+    (video_context, audio_context): final norm, feature extractor, connectors."""
 
     def __init__(self, gemma: nn.Module, projection: nn.Module) -> None:
         super().__init__()
         self.gemma, self.projection = gemma, projection
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.gemma(input_ids, attention_mask)
-        return self.projection(hidden, attention_mask)
+    def forward(self, states: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.projection(self.gemma.epilogue(states), attention_mask)
 
 
 VIDEO_FIELDS = tuple(f"video_{n}" for n in D.StreamInputs._fields)
@@ -393,19 +424,56 @@ def engine_specs(
     block_field_names = [*_stream_names(VIDEO_FIELDS, has_prompt), *_stream_names(AUDIO_FIELDS, has_prompt)]
     prep_outputs = block_field_names
     full = {p.name: p for p in profiles}
-    text = TextEncoderEngine(ckpt.text_encoder, ckpt.text_projection)
-    vocab = ckpt.text_encoder.config.vocab_size if hasattr(ckpt.text_encoder, "config") else 1000
+    gemma = ckpt.text_encoder
+    vocab = gemma.config.vocab_size if hasattr(gemma, "config") else 1000
+    text_kinds = {"layer_kinds": list(gemma.layer_kind_index), "attention_kinds": list(gemma.attention_kinds)}
+    kind_names = [f"{n}_{k.removesuffix('_attention')}" for k in gemma.attention_kinds for n in ("mask", "cos", "sin")]
+
+    def text_in_inputs(_key: str) -> tuple[torch.Tensor, ...]:
+        return (
+            torch.randint(1, vocab, (1, TEXT_TOKENS), generator=gen, device=device),
+            (torch.arange(TEXT_TOKENS, device=device) >= TEXT_TOKENS - 37).long().unsqueeze(0),
+        )
+
+    def text_block_inputs(key: str) -> tuple[torch.Tensor, ...]:
+        with torch.no_grad():
+            h, *tables = TextInEngine(gemma)(*text_in_inputs(key))
+        k = gemma.layer_kind_index[0]
+        return (h, *tables[3 * k : 3 * k + 3])
+
+    def text_out_inputs(key: str) -> tuple[torch.Tensor, ...]:
+        ids, mask = text_in_inputs(key)
+        states = _rand((gemma.num_hidden_states, 1, TEXT_TOKENS, gemma.hidden_size), dtype, device, gen)
+        return states, mask
+
     return [
         EngineSpec(
-            "text_encoder",
-            text,
+            "text_in",
+            TextInEngine(gemma),
             ["input_ids", "attention_mask"],
+            ["embeddings", *kind_names],
+            ["any"],
+            text_in_inputs,
+            notes=text_kinds,
+        ),
+        EngineSpec(
+            "text_block",
+            TextBlockEngine(gemma.model.layers[0]),
+            ["hidden", "mask", "cos", "sin"],
+            ["hidden_out"],
+            ["any"],
+            text_block_inputs,
+            per_layer=list(gemma.model.layers),
+            layers=list(range(len(gemma.model.layers))),
+            notes=text_kinds,
+        ),
+        EngineSpec(
+            "text_out",
+            TextOutEngine(gemma, ckpt.text_projection),
+            ["states", "attention_mask"],
             ["video_context", "audio_context"],
             ["any"],
-            lambda _k: (
-                torch.randint(1, vocab, (1, TEXT_TOKENS), generator=gen, device=device),
-                (torch.arange(TEXT_TOKENS, device=device) >= TEXT_TOKENS - 37).long().unsqueeze(0),
-            ),
+            text_out_inputs,
         ),
         EngineSpec(
             "dit_prep",

@@ -54,7 +54,7 @@ class EngineDir:
     """A verified engine directory; implements `fvrt.runtime.protocol.EngineSet`.
 
     run(name, key, *inputs) -> outputs of engine `name` for shape key `key`; run_block(key, layer, *inputs)
-    applies the DiT block engine with layer `layer`'s weights. Shapes and dtypes of inputs are checked against
+    applies the DiT block engine with layer `layer`'s weights, run_text_layer(layer, *inputs) the Gemma layer. Shapes and dtypes of inputs are checked against
     the manifest (one-line ValueError)."""
 
     def __init__(self, root: Path, manifest: Manifest, device: torch.device) -> None:
@@ -64,10 +64,12 @@ class EngineDir:
         self._engines: dict[str, Any] = {}
         dit_in = manifest.stages.get("dit_in")
         self.dtype = _TORCH_DTYPES.get(dit_in.inputs[0].dtype, torch.float32) if dit_in else torch.float32
-        # DiT block engines (per-layer weights; one per layer group, e.g. bf16 and FP8 blocks): global layer ->
-        # (engine, its local weight set)
+        # Per-layer engines. DiT blocks: one engine per layer group (e.g. bf16 and FP8 blocks): global layer ->
+        # (engine, its local weight set). Text encoder: `text_block`, one weight set per Gemma layer.
         self._blocks: dict[int, tuple[str, int]] = {}
         for name, entry in manifest.stages.items():
+            if not name.startswith("dit_"):
+                continue
             n = int(entry.extra.get("per_layer", 0) or 0)
             for local, layer in enumerate(entry.extra.get("layers") or range(n)):
                 if int(layer) in self._blocks:
@@ -76,6 +78,10 @@ class EngineDir:
         self.num_layers = len(self._blocks)
         if sorted(self._blocks) != list(range(self.num_layers)):
             raise EngineError(f"{root}: the block engines do not cover DiT blocks 0..{self.num_layers - 1}")
+        text = manifest.stages.get("text_block")
+        self.text_layer_kinds: list[int] = list((text.extra.get("notes") or {}).get("layer_kinds", [])) if text else []
+        if text is not None and len(self.text_layer_kinds) != int(text.extra.get("per_layer", 0) or 0):
+            raise EngineError(f"{root}: text_block: notes.layer_kinds does not give a kind for every layer")
 
     @classmethod
     def open(
@@ -118,15 +124,23 @@ class EngineDir:
         vx, ax = self.engine(name).run(key, *inputs, layer=local)
         return vx, ax
 
+    def run_text_layer(self, layer: int, *inputs: torch.Tensor) -> torch.Tensor:
+        """Apply `text_block` with Gemma layer `layer`'s weights: (hidden, mask, cos, sin) -> hidden."""
+        (h,) = self.engine("text_block").run("any", *inputs, layer=layer)
+        return h
+
     def release(self, names: Iterable[str] | None = None) -> None:
-        """Drop loaded engines and their weights (all, or `names`; "dit" = every DiT engine), freeing device
-        memory between pipeline phases; a later call loads them again."""
+        """Drop loaded engines and their weights (all, or `names`; "dit" = every DiT engine, "text_encoder" =
+        text_in, text_block, text_out), freeing device memory between pipeline phases; a later call loads them
+        again."""
         if names is None:
             self._engines.clear()
             return
         drop = set(names)
         if "dit" in drop:
             drop |= {n for n in self.manifest.stages if n.startswith("dit_")}
+        if "text_encoder" in drop:
+            drop |= {n for n in self.manifest.stages if n.startswith("text_")}
         for n in drop:
             self._engines.pop(n, None)
 

@@ -177,6 +177,17 @@ def run_dit(
     return v, a
 
 
+def run_text_encoder(engines: EngineSet, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Prompt tokens -> (video_context, audio_context): text_in -> text_block x Gemma layers (each with the mask
+    and rotary tables of its attention kind) -> text_out (all hidden states stacked)."""
+    h, *tables = engines.run("text_in", "any", input_ids, attention_mask)
+    states = [h]
+    for i, k in enumerate(engines.text_layer_kinds):
+        h = engines.run_text_layer(i, h, *tables[3 * k : 3 * k + 3])
+        states.append(h)
+    return engines.run("text_out", "any", torch.stack(states), attention_mask)
+
+
 class Pipeline:
     """`Pipeline(engines, tokenizer)(request)` -> `Output`. `tokenizer(prompt)` gives (ids, mask) [1, 1024]."""
 
@@ -217,7 +228,8 @@ class Pipeline:
 
         # Prompt -> 1024 tokens -> video and audio contexts (no negative prompt: the distilled model runs CFG 1)
         ids, mask = self.tokenizer(req.prompt)
-        context = tuple(t.clone() for t in self._run("text_encoder", "any", ids.to(dev), mask.to(dev)))
+        encode = partial(run_text_encoder, self.engines)
+        context = tuple(t.clone() for t in self.graphs(("text_encoder", "any"), encode, ids.to(dev), mask.to(dev)))
         self._release("text_encoder")
         clock.lap("text_encode")
         progress("text encode", 1, 1)

@@ -16,6 +16,7 @@ class EngineSet(Protocol):
     device: torch.device
     dtype: torch.dtype  # activation dtype of the DiT and VAE engines (bf16 on GPU builds, fp32 for tiny CPU ones)
     num_layers: int  # how many times `dit_block` is applied per DiT pass
+    text_layer_kinds: list[int]  # per Gemma layer: which (mask, cos, sin) triple of text_in's outputs it takes
     config: dict[str, Any]  # the checkpoint's `config` metadata
     profiles: dict[str, dict[str, Any]]  # name -> {"height", "width", "frames", "fps"}
 
@@ -28,5 +29,9 @@ class EngineSet(Protocol):
         """Apply the compiled DiT block with layer `layer`'s weights."""
         ...
 
-    # Optional: `release(names)` drops loaded engines ("dit" = every DiT engine) to free device memory; the
+    def run_text_layer(self, layer: int, *inputs: torch.Tensor) -> torch.Tensor:
+        """Apply `text_block` (one Gemma decoder layer) with layer `layer`'s weights."""
+        ...
+
+    # Optional: `release(names)` drops loaded engines ("dit" = every DiT engine, "text_encoder" = the three text engines) to free device memory; the
     # pipeline calls it between phases with memory="phase" when the engine set has it.

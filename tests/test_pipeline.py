@@ -52,7 +52,7 @@ class ContiguousInputs:
     def __init__(self, engines: EagerEngineSet) -> None:
         self.engines = engines
         self.device, self.dtype, self.num_layers = engines.device, engines.dtype, engines.num_layers
-        self.config, self.profiles = engines.config, engines.profiles
+        self.config, self.profiles, self.text_layer_kinds = engines.config, engines.profiles, engines.text_layer_kinds
 
     @staticmethod
     def _check(what: str, inputs: tuple[torch.Tensor, ...]) -> None:
@@ -66,6 +66,10 @@ class ContiguousInputs:
 
     def run_block(self, key: str, layer: int, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.engines.run_block(key, layer, *inputs)
+
+    def run_text_layer(self, layer: int, *inputs: torch.Tensor) -> torch.Tensor:
+        self._check("text_block", inputs)
+        return self.engines.run_text_layer(layer, *inputs)
 
 
 @pytest.fixture(scope="module")
@@ -365,7 +369,7 @@ class Releasing(ContiguousInputs):
         self.released: set[str] = set()
 
     def run(self, name: str, key: str, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        group = "dit" if name.startswith("dit_") else name
+        group = "dit" if name.startswith("dit_") else "text_encoder" if name.startswith("text_") else name
         assert group not in self.released, f"{name} ran after it was released"
         self.events.append(("run", group))
         return super().run(name, key, *inputs)
@@ -373,6 +377,10 @@ class Releasing(ContiguousInputs):
     def run_block(self, key: str, layer: int, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         assert "dit" not in self.released, "a DiT block ran after the DiT was released"
         return super().run_block(key, layer, *inputs)
+
+    def run_text_layer(self, layer: int, *inputs: torch.Tensor) -> torch.Tensor:
+        assert "text_encoder" not in self.released, "a Gemma layer ran after the text encoder was released"
+        return super().run_text_layer(layer, *inputs)
 
     def release(self, names: object) -> None:
         self.released |= set(names)  # type: ignore[arg-type]

@@ -330,7 +330,7 @@ class TorchAOTBackend:
             }
             for i, layer in enumerate(spec.per_layer):
                 if list(module_tensors(layer)) != inner:
-                    raise RuntimeError(f"dit_block: layer {i} has other tensors than layer 0")
+                    raise RuntimeError(f"{spec.name}: layer {i} has other tensors than layer 0")
             return input_names, inner, file_tensors
         module = spec.module_for(first)
         used = used_weight_names(module, spec.sample_inputs(first))

@@ -372,6 +372,7 @@ class TensorRTBackend:
             "onnx_opset": OX.OPSET,
             "attention": attention,
             **graph_notes,
+            **({"notes": spec.notes} if spec.notes else {}),
         }
         if spec.per_layer:
             extra["per_layer"] = len(spec.per_layer)

@@ -163,23 +163,56 @@ class GemmaTextEncoder(nn.Module):
             masks["sliding_attention"] = full & (k > q - self.sliding_window)
         return masks
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """input_ids: [B, T] int64; attention_mask: [B, T] (1 = real token, 0 = left padding).
+    @property
+    def attention_kinds(self) -> tuple[str, ...]:
+        """The distinct layer types ("full_attention", "sliding_attention"), sorted: the order of `prologue`'s
+        (mask, cos, sin) triples."""
+        return tuple(sorted(set(self.layer_types)))
 
-        Returns all hidden states stacked as [B, T, D, N + 1] in the weights' dtype: index 0 is the scaled
-        embedding, index i the output of layer i, and index N the final-normed output of layer N.
-        """
+    @property
+    def layer_kind_index(self) -> list[int]:
+        """Per decoder layer, the index of its type in `attention_kinds`."""
+        return [self.attention_kinds.index(t) for t in self.layer_types]
+
+    def prologue(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Everything before the first decoder layer: (scaled embeddings [B, T, D], then per attention kind the
+        boolean mask [B, 1, T, T] and the rotary cos, sin [B, T, head_dim])."""
         m = self.model
         h = m.embed_tokens(input_ids)
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
         masks = self._masks(attention_mask)
-        rope = {lt: m.rotary_emb(h, positions, lt) for lt in sorted(set(self.layer_types))}
+        tables: list[torch.Tensor] = []
+        for kind in self.attention_kinds:
+            cos, sin = m.rotary_emb(h, positions, kind)
+            tables += [masks[kind], cos, sin]
+        return (h, *tables)
+
+    @staticmethod
+    def run_layer(
+        layer: nn.Module, h: torch.Tensor, mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        """One decoder layer (the same code for local and global layers: only the mask and rotary table differ)."""
+        return layer(h, position_embeddings=(cos, sin), attention_mask=mask)
+
+    def epilogue(self, states: torch.Tensor) -> torch.Tensor:
+        """states [N + 1, B, T, D] (the embeddings, then every layer's output) -> [B, T, D, N + 1], the last one
+        final-normed (HF `output_hidden_states` convention)."""
+        hidden = torch.cat([states[:-1], self.model.norm(states[-1:])], dim=0)
+        return hidden.permute(1, 2, 3, 0)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """input_ids: [B, T] int64; attention_mask: [B, T] (1 = real token, 0 = left padding).
+
+        Returns all hidden states stacked as [B, T, D, N + 1] in the weights' dtype: index 0 is the scaled
+        embedding, index i the output of layer i, and index N the final-normed output of layer N. (The engines
+        run the same three pieces: `prologue`, `run_layer` x N, `epilogue`.)
+        """
+        h, *tables = self.prologue(input_ids, attention_mask)
         states = [h]
-        for layer, lt in zip(m.layers, self.layer_types, strict=True):
-            h = layer(h, position_embeddings=rope[lt], attention_mask=masks[lt], position_ids=positions)
+        for layer, k in zip(self.model.layers, self.layer_kind_index, strict=True):
+            h = self.run_layer(layer, h, *tables[3 * k : 3 * k + 3])
             states.append(h)
-        states[-1] = m.norm(h)
-        return torch.stack(states, dim=-1)
+        return self.epilogue(torch.stack(states))
 
     @torch.no_grad()
     def encode_prompt(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
