@@ -18,6 +18,7 @@ import errno
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 import tempfile
@@ -126,6 +127,10 @@ class BuildRequest:
     calib_prompts: Path | None = None  # fp8 / nvfp4: prompts file (default calib_data/prompts.txt)
     calib_count: int = 8  # fp8 / nvfp4: pipeline runs (prompts spread over the file)
     calib_images: Path | None = None  # fp8 / nvfp4: conditioning images folder (default: beside the prompts)
+    # fp8 / nvfp4, programmatic only: `LTXDiT.forward` keyword inputs recorded elsewhere (e.g. by scripts/bench.py
+    # from the bf16 engines' own pipeline run), used instead of running the eager pipeline over the prompts
+    calib_inputs: tuple[dict[str, torch.Tensor], ...] | None = field(default=None, compare=False, repr=False)
+    verify: bool = False  # torch-aot: run each new engine against eager on fresh inputs; errors go in the manifest
 
 
 @dataclass
@@ -215,6 +220,8 @@ def validate(req: BuildRequest) -> Plan:
             version = ModelVersion(req.version)
         except ValueError:
             raise BuildError(f"--version: choose 2.0 or 2.3, got '{req.version}'") from None
+    if req.verify and req.backend != "torch-aot":
+        raise BuildError(f"--verify: only --backend torch-aot engines run on this machine's torch, not {req.backend}")
     if req.precision not in PRECISIONS:
         raise BuildError(f"--precision: choose one of {', '.join(PRECISIONS)}, got '{req.precision}'")
     if req.device not in DEVICES:
@@ -267,6 +274,10 @@ def _validate_quantized(req: BuildRequest, stages: Sequence[str]) -> None:
         raise BuildError(
             f"--precision {req.precision} calibrates on real pipeline runs: it needs --gemma DIR and --upsampler FILE"
         )
+    if req.calib_inputs is not None:
+        if not req.calib_inputs:
+            raise BuildError("calib_inputs: no recorded DiT passes given")
+        return
     prompts, _ = calibration_files(req)
     if not prompts.is_file():
         raise BuildError(f"--calib-prompts: calibration prompts file not found: {prompts}")
@@ -371,7 +382,9 @@ def recipe(plan: Plan) -> dict[str, Any]:
         "profiles": [p._asdict() for p in plan.profiles],
         "stages": plan.stages,
     }
-    if req.precision in QUANTIZED:  # the scales depend on the calibration data
+    if req.precision in QUANTIZED and req.calib_inputs is not None:
+        out["calibration"] = {"method": CALIB_METHOD, "inputs_sha256": _tensors_sha256(req.calib_inputs)}
+    elif req.precision in QUANTIZED:  # the scales depend on the calibration data
         prompts, images = calibration_files(req)
         out["calibration"] = {
             "method": CALIB_METHOD,
@@ -385,6 +398,16 @@ def recipe(plan: Plan) -> dict[str, Any]:
         out["tensorrt"] = plan.backend.version()
         out["compute_capabilities"] = list(plan.backend.compute_capabilities())
     return out
+
+
+def _tensors_sha256(passes: Sequence[dict[str, torch.Tensor]]) -> str:
+    h = hashlib.sha256()
+    for kw in passes:
+        for name in sorted(kw):
+            t = kw[name]
+            h.update(f"{name}:{t.dtype}:{list(t.shape)};".encode())
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def stage_keys(plan: Plan, stage: str, config: dict[str, Any], ckpt_id: dict[str, Any]) -> tuple[str, str]:
@@ -499,7 +522,17 @@ def _reuse(old_dir: Path, entry: StageEntry, tmp: Path, *, weights: bool = True)
     """Copy an engine's files (its code: `file` and every file of `files`, e.g. one TensorRT plan per shape key;
     with `weights`, its weights file too) from the old directory."""
     for f in {entry.file, *entry.files, *([entry.weights] if weights and entry.weights else [])}:
-        shutil.copyfile(old_dir / f, tmp / f)
+        link_or_copy(old_dir / f, tmp / f)
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link `src` to `dst` (engine files are never modified in place: a rebuild writes new files and the
+    sha256 in the manifest guards them), copying where links are impossible (another file system). A full-size
+    build holds ~60 GB of weights: a copy per rebuild would double the disk it needs."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 def stage_precision(plan: Plan, spec: EngineSpec) -> str:
@@ -520,14 +553,20 @@ def _quantize(plan: Plan, ckpt: LTXCheckpoint, scratch: Path, log: Log) -> dict[
     from fvrt.builder.quant.recipe import Precision, QuantRecipe
 
     req = plan.request
-    prompts_file, images = calibration_files(req)
-    prompts = spread(read_prompts(prompts_file), req.calib_count)
-    tok = scratch / "calib-tokenizer"
-    tok.mkdir(parents=True, exist_ok=True)
-    _save_tokenizer(plan, tok, scratch)
     profile = plan.profiles[0]
-    log(f"calibration: {len(prompts)} pipeline runs at {profile.name} ({prompts_file}, {len(images)} images)")
-    inputs = pipeline_dit_inputs(ckpt, profile, prompts, tok, images=images, device=plan.device, log=log)
+    prompts: list[str] = []
+    images: list[Path] = []
+    if req.calib_inputs is not None:
+        inputs = list(req.calib_inputs)
+        log(f"calibration: {len(inputs)} recorded DiT passes given")
+    else:
+        prompts_file, images = calibration_files(req)
+        prompts = spread(read_prompts(prompts_file), req.calib_count)
+        tok = scratch / "calib-tokenizer"
+        tok.mkdir(parents=True, exist_ok=True)
+        _save_tokenizer(plan, tok, scratch)
+        log(f"calibration: {len(prompts)} pipeline runs at {profile.name} ({prompts_file}, {len(images)} images)")
+        inputs = pipeline_dit_inputs(ckpt, profile, prompts, tok, images=images, device=plan.device, log=log)
     recipe_ = QuantRecipe.named(req.precision)
     exclude = list(recipe_.exclude)
     if recipe_.precision is Precision.NVFP4:  # 16-element blocks: narrower inputs stay bf16 (never in the 22B)
@@ -576,7 +615,24 @@ def _build_stage(
     else:
         entry = backend.build(spec, tmp, precision=stage_precision(plan, spec), log=log)
         result.built.append(spec.name)
+        if plan.request.verify:
+            entry = replace(entry, extra={**entry.extra, "verify": _verify(plan, spec, tmp, entry, log)})
     return replace(entry, extra={**entry.extra, "code_key": code_key, "stage_key": stage_key})
+
+
+def _verify(plan: Plan, spec: EngineSpec, tmp: Path, entry: StageEntry, log: Log) -> dict[str, Any]:
+    """--verify: the new engine (bound to the in-memory weights) against eager on fresh sample inputs."""
+    from fvrt.builder.backends.aoti import weight_file_tensors
+    from fvrt.builder.verify import check_engine
+    from fvrt.runtime.backends.aoti import AOTIEngine
+
+    t = time.perf_counter()
+    engine = AOTIEngine(tmp, entry, plan.device, tensors=weight_file_tensors(spec, entry.extra["weight_names"]))
+    errs = check_engine(spec, engine)
+    del engine
+    worst = max(errs.values())
+    log(f"{spec.name}: verified against eager, max rel err {worst:.2e} ({time.perf_counter() - t:.1f} s)")
+    return {"max_rel_err": worst, "rel_err": errs}
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:

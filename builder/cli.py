@@ -84,6 +84,12 @@ EXIT_INTERNAL = 1
     help="fp8 / nvfp4: folder of PNG images for the image-to-video calibration runs (default: images/ beside the "
     "prompts file).",
 )
+@click.option(
+    "--verify",
+    is_flag=True,
+    help="torch-aot: run every newly built engine against eager PyTorch on fresh sample inputs and record the "
+    "relative errors in the manifest (extra.verify).",
+)
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of random weights and sample inputs.")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR even if it is not an engine directory.")
 @click.option("--debug", is_flag=True, help="Show tracebacks of internal errors.")
@@ -105,6 +111,7 @@ def fvrt_build(
     calib_prompts: Path | None,
     calib_count: int,
     calib_images: Path | None,
+    verify: bool,
     seed: int,
     force: bool,
     debug: bool,
@@ -130,6 +137,7 @@ def fvrt_build(
         calib_prompts=calib_prompts,
         calib_count=calib_count,
         calib_images=calib_images,
+        verify=verify,
     )
     result = build_engines(request, log=lambda msg: click.echo(msg))
     click.echo(describe(result))

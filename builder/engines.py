@@ -442,7 +442,7 @@ def engine_specs(
         return (h, *tables[3 * k : 3 * k + 3])
 
     def text_out_inputs(key: str) -> tuple[torch.Tensor, ...]:
-        ids, mask = text_in_inputs(key)
+        _, mask = text_in_inputs(key)
         states = _rand((gemma.num_hidden_states, 1, TEXT_TOKENS, gemma.hidden_size), dtype, device, gen)
         return states, mask
 

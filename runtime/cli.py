@@ -133,7 +133,8 @@ def _report(timings: dict[str, float]) -> str:
     type=click.Choice(MEMORY_POLICIES),
     default="phase",
     show_default=True,
-    help="phase: load each engine for its phase and release it after (lowest peak memory); keep: keep all loaded.",
+    help="phase: load each engine for its phase and release it after (lowest peak memory); keep: keep all loaded; "
+    "offload: keep all loaded but park the text encoder in pinned host memory between prompts (warm servers).",
 )
 def main(
     engine_dir: Path,

@@ -54,8 +54,8 @@ class EngineDir:
     """A verified engine directory; implements `fvrt.runtime.protocol.EngineSet`.
 
     run(name, key, *inputs) -> outputs of engine `name` for shape key `key`; run_block(key, layer, *inputs)
-    applies the DiT block engine with layer `layer`'s weights, run_text_layer(layer, *inputs) the Gemma layer. Shapes and dtypes of inputs are checked against
-    the manifest (one-line ValueError)."""
+    applies the DiT block engine with layer `layer`'s weights, run_text_layer(layer, *inputs) the Gemma layer.
+    Shapes and dtypes of inputs are checked against the manifest (one-line ValueError)."""
 
     def __init__(self, root: Path, manifest: Manifest, device: torch.device) -> None:
         self.root, self.manifest, self.device = root, manifest, device
@@ -114,7 +114,10 @@ class EngineDir:
             if name not in self.manifest.stages:
                 raise EngineError(f"{self.root}: no engine '{name}' (has: {', '.join(self.manifest.stages)})")
             self._engines[name] = load_engine(self.root, self.manifest.stages[name], self.device)
-        return self._engines[name]
+        eng = self._engines[name]
+        if getattr(eng, "offloaded", False):
+            eng.onload()
+        return eng
 
     def run(self, name: str, key: str, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.engine(name).run(key, *inputs)
@@ -129,6 +132,23 @@ class EngineDir:
         (h,) = self.engine("text_block").run("any", *inputs, layer=layer)
         return h
 
+    def _group(self, names: Iterable[str]) -> set[str]:
+        """Expand "dit" and "text_encoder" to their engines."""
+        out = set(names)
+        for group, prefix in (("dit", "dit_"), ("text_encoder", "text_")):
+            if group in out:
+                out |= {n for n in self.manifest.stages if n.startswith(prefix)}
+        return out
+
+    def offload(self, names: Iterable[str]) -> None:
+        """Move the loaded engines `names` ("text_encoder" = its three engines) to pinned host memory; the next
+        use copies them back (memory="offload": the 12B text encoder waits in host memory while the DiT and the
+        decoders run)."""
+        for n in self._group(names):
+            eng = self._engines.get(n)
+            if eng is not None and hasattr(eng, "offload"):
+                eng.offload()
+
     def release(self, names: Iterable[str] | None = None) -> None:
         """Drop loaded engines and their weights (all, or `names`; "dit" = every DiT engine, "text_encoder" =
         text_in, text_block, text_out), freeing device memory between pipeline phases; a later call loads them
@@ -136,12 +156,7 @@ class EngineDir:
         if names is None:
             self._engines.clear()
             return
-        drop = set(names)
-        if "dit" in drop:
-            drop |= {n for n in self.manifest.stages if n.startswith("dit_")}
-        if "text_encoder" in drop:
-            drop |= {n for n in self.manifest.stages if n.startswith("text_")}
-        for n in drop:
+        for n in self._group(names):
             self._engines.pop(n, None)
 
 

@@ -33,5 +33,6 @@ class EngineSet(Protocol):
         """Apply `text_block` (one Gemma decoder layer) with layer `layer`'s weights."""
         ...
 
-    # Optional: `release(names)` drops loaded engines ("dit" = every DiT engine, "text_encoder" = the three text engines) to free device memory; the
-    # pipeline calls it between phases with memory="phase" when the engine set has it.
+    # Optional: `release(names)` drops loaded engines ("dit" = every DiT engine, "text_encoder" = the three text
+    # engines) to free device memory; the pipeline calls it between phases with memory="phase" when the engine set
+    # has it. `offload(names)` parks engines' weights in host memory (memory="offload"; the next run copies back).

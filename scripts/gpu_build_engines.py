@@ -40,6 +40,7 @@ from fvrt.builder.checkpoint import ModelVersion
 from fvrt.builder.engines import PRESET_PROFILES, EngineSpec, engine_specs
 from fvrt.builder.models import dit as D
 from fvrt.builder.random_release import full_random_checkpoint, load_tiny_release, write_tiny_release
+from fvrt.builder.verify import check_engine, rel_err
 from fvrt.runtime.backends.aoti import AOTIEngine
 
 DIT = ("dit_prep", "dit_in", "dit_block", "dit_out")
@@ -51,11 +52,6 @@ T0 = time.perf_counter()
 
 def log(msg: str) -> None:
     print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", flush=True)
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def sync(device: torch.device) -> None:
@@ -120,26 +116,8 @@ class Run:
         return eng
 
     def check(self, spec: EngineSpec, eng: AOTIEngine) -> None:
-        """Engine vs eager on fresh sample inputs, every shape key (dit_block: first and last layer)."""
-        errs: dict[str, float] = {}
-        with torch.no_grad():
-            for key in spec.shape_keys:
-                inputs = tuple(t.clone() for t in spec.sample_inputs(key))  # no two inputs share memory
-                layers = [0, len(spec.per_layer) - 1] if spec.per_layer else [None]
-                for layer in layers:
-                    if layer is None:
-                        want = spec.module_for(key)(*inputs)
-                    else:
-                        w = dict(spec.per_layer[layer].named_parameters())
-                        mod = spec.module
-                        want = torch.func.functional_call(
-                            mod.block, w, (*inputs[:4], *mod.fields_to_streams(inputs[4:]))
-                        )
-                    want = want if isinstance(want, tuple) else (want,)
-                    got = eng.run(key, *inputs, layer=layer)
-                    for name, g, r in zip(spec.output_names, got, want, strict=True):
-                        tag = f"{key}{'' if layer is None else f' L{layer}'} {name}"
-                        errs[tag] = rel(g, r) if g.is_floating_point() else float(not torch.equal(g, r))
+        """Engine vs eager on fresh sample inputs, every shape key (per-layer engines: first and last layer)."""
+        errs = check_engine(spec, eng)
         worst = max(errs.values())
         self.results["engines"][spec.name]["max_rel_err"] = worst
         self.results["engines"][spec.name]["rel_err"] = errs
@@ -160,7 +138,7 @@ class Run:
                 got = eng.run(key, *inputs)
                 want, eager = (x if isinstance(x, tuple) else (x,) for x in (want, eager))
                 for name, g, e, w in zip(spec.output_names, got, eager, want, strict=True):
-                    row[f"{key} {name}"] = {"engine_vs_fp32": rel(g, w), "eager_bf16_vs_fp32": rel(e, w)}
+                    row[f"{key} {name}"] = {"engine_vs_fp32": rel_err(g, w), "eager_bf16_vs_fp32": rel_err(e, w)}
         del ref
         self.results["engines"][spec.name]["vs_fp32"] = row
         e_max = max(v["engine_vs_fp32"] for v in row.values())
@@ -244,8 +222,8 @@ class Run:
                     "engine_times": times_eng,
                     "eager_s": t_eager,
                     "eager_times": times_eager,
-                    "rel_err_video": rel(v, rv),
-                    "rel_err_audio": rel(a, ra),
+                    "rel_err_video": rel_err(v, rv),
+                    "rel_err_audio": rel_err(a, ra),
                 }
                 if self.device.type == "cuda":
                     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -345,7 +323,8 @@ def main() -> None:
 
                 ckpt.text_encoder = random_gemma_12b(run.dtype, run.device, seed=args.seed)
             specs = {s.name: s for s in engine_specs(ckpt, [vae_profile], device=run.device, seed=args.seed)}
-            run.stage(specs["text_encoder"])
+            for name in ("text_in", "text_block", "text_out"):
+                run.stage(specs[name])
             run.save()
     finally:
         run.save()

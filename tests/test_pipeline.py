@@ -382,6 +382,9 @@ class Releasing(ContiguousInputs):
         assert "text_encoder" not in self.released, "a Gemma layer ran after the text encoder was released"
         return super().run_text_layer(layer, *inputs)
 
+    def offload(self, names: object) -> None:
+        self.events.append(("offload", ",".join(sorted(names))))  # type: ignore[arg-type]
+
     def release(self, names: object) -> None:
         self.released |= set(names)  # type: ignore[arg-type]
         self.events.append(("release", ",".join(sorted(names))))  # type: ignore[arg-type]
@@ -400,3 +403,16 @@ def test_phase_memory_releases_each_engine_after_its_last_use(release: TinyRelea
     assert np.array_equal(again.frames, want.frames)
     with pytest.raises(ValueError, match="memory must be one of keep, phase"):
         Pipeline(engines, PromptTokenizer(release.tokenizer), memory="low")
+
+
+def test_offload_memory_parks_only_the_text_encoder(release: TinyRelease, pipe: Pipeline) -> None:
+    engines = Releasing(EagerEngineSet(release.checkpoint, [TINY]))
+    parked = Pipeline(engines, PromptTokenizer(release.tokenizer), memory="offload")
+    req = Request(PROMPT, TINY.height, TINY.width, TINY.frames, TINY.fps, seed=SEED)
+    for _ in range(2):
+        engines.events.clear()
+        got, want = parked(req), pipe(req)
+        assert np.array_equal(got.frames, want.frames) and np.array_equal(got.audio, want.audio)
+        assert [e for e in engines.events if e[0] != "run"] == [("offload", "text_encoder")]
+        first_dit = next(i for i, e in enumerate(engines.events) if e == ("run", "dit"))
+        assert engines.events.index(("offload", "text_encoder")) < first_dit  # parked before the DiT runs

@@ -53,6 +53,37 @@ class AOTIEngine:
         self.outputs: list[TensorSpec] = entry.outputs
         self.shape_keys = list(models)
         self._models = _load_models(root, models, device)
+        self._host: list[torch.Tensor] | None = None  # pinned host copies while offloaded
+
+    def _weight_lists(self) -> list[list[torch.Tensor]]:
+        return self.layers if self.num_layers else [self.weights]
+
+    @property
+    def offloaded(self) -> bool:
+        return self._host is not None
+
+    def offload(self) -> None:
+        """Move the weights to pinned host memory, freeing their device memory (the compiled code stays loaded;
+        weights are inputs of every call, so nothing else holds a device address). `onload` brings them back."""
+        if self._host is not None or self.device.type != "cuda":
+            return
+        host = []
+        for ws in self._weight_lists():
+            for i, t in enumerate(ws):
+                h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                h.copy_(t)
+                host.append(h)
+                ws[i] = h
+        self._host = host
+
+    def onload(self) -> None:
+        """Copy offloaded weights back to the device (asynchronously, on the current stream)."""
+        if self._host is None:
+            return
+        for ws in self._weight_lists():
+            for i, t in enumerate(ws):
+                ws[i] = t.to(self.device, non_blocking=True)
+        self._host = None
 
     def check_inputs(self, key: str, inputs: Sequence[torch.Tensor]) -> None:
         """One-line ValueError naming the input when count, shape, dtype, device or contiguity differ from what
@@ -85,6 +116,8 @@ class AOTIEngine:
         """Run shape key `key`. Returns the outputs ([shapes as in the manifest]); with `out`, copies into it."""
         if check:
             self.check_inputs(key, inputs)
+        if self._host is not None:
+            raise ValueError(f"engine {self.name} is offloaded to host memory: onload() it before running")
         if self.num_layers:
             if layer is None or not 0 <= layer < self.num_layers:
                 raise ValueError(f"engine {self.name} needs layer= in [0, {self.num_layers}), got {layer}")

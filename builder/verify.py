@@ -1,0 +1,52 @@
+"""Engine vs eager on fresh sample inputs: the build-time self-check (`fvrt-build --verify`) and the GPU scripts.
+
+Every shape key of the engine runs on `spec.sample_inputs(key)`; per-layer engines (DiT blocks, Gemma layers)
+run their first and last weight set against the wrapper module evaluated with that layer's weights. The result
+is the relative L2 error of every output (1.0 / 0.0 for integer outputs that differ / match)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fvrt.builder.engines import EngineSpec
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected|| in float64 (integers: 0.0 if equal else 1.0)."""
+    if not actual.is_floating_point():
+        return float(not torch.equal(actual, expected))
+    a, b = actual.detach().double(), expected.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def eager_outputs(spec: EngineSpec, key: str, inputs: tuple[torch.Tensor, ...], layer: int | None) -> tuple:
+    """The eager module's outputs; for per-layer engines with layer `layer`'s weights (the engine module wraps
+    `per_layer[0]` as `.block`, so its parameters are renamed `block.<name>`)."""
+    with torch.no_grad():
+        if layer is None:
+            out = spec.module_for(key)(*inputs)
+        else:
+            weights = {f"block.{n}": t for n, t in spec.per_layer[layer].named_parameters()}
+            out = torch.func.functional_call(spec.module, weights, inputs, strict=False)
+    return out if isinstance(out, tuple) else (out,)
+
+
+def check_engine(spec: EngineSpec, engine: Any) -> dict[str, float]:
+    """Relative error of every output, keyed "<shape key>[ L<layer>] <output name>"; `engine.run(key, *inputs,
+    layer=)` is a loaded engine (e.g. `fvrt.runtime.backends.aoti.AOTIEngine`)."""
+    errs: dict[str, float] = {}
+    for key in spec.shape_keys:
+        inputs = tuple(t.clone() for t in spec.sample_inputs(key))  # no two inputs share memory
+        layers: list[int | None] = sorted({0, len(spec.per_layer) - 1}) if spec.per_layer else [None]
+        for layer in layers:
+            want = eager_outputs(spec, key, inputs, layer)
+            with torch.no_grad():
+                got = engine.run(key, *inputs, layer=layer)
+            for name, g, w in zip(spec.output_names, got, want, strict=True):
+                errs[f"{key}{'' if layer is None else f' L{layer}'} {name}"] = rel_err(g, w)
+    return errs
+
+
+__all__ = ["check_engine", "eager_outputs", "rel_err"]
