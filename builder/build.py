@@ -82,7 +82,7 @@ TARGET_CC_BACKENDS = ("tensorrt-rtx",)
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16, "nvfp4": torch.bfloat16}
 QUANTIZED = ("fp8", "nvfp4")  # DiT Linears quantised after calibration; every other tensor in bf16
 DEFAULT_CALIB_PROMPTS = Path("calib_data/prompts.txt")  # relative to the working directory (the repo root)
-CALIB_METHOD = "modelopt"
+CALIB_METHODS = ("modelopt", "hooks")  # hooks: the same max statistic without ModelOpt (tests/test_quant.py)
 DEVICES = ("cpu", "cuda")
 # Tokenizer files copied from the Gemma folder into <engine dir>/tokenizer/ (the runtime tokenizes prompts).
 TOKENIZER_FILES = (
@@ -130,6 +130,7 @@ class BuildRequest:
     # fp8 / nvfp4, programmatic only: `LTXDiT.forward` keyword inputs recorded elsewhere (e.g. by scripts/bench.py
     # from the bf16 engines' own pipeline run), used instead of running the eager pipeline over the prompts
     calib_inputs: tuple[dict[str, torch.Tensor], ...] | None = field(default=None, compare=False, repr=False)
+    calib_method: str = "modelopt"  # fp8 / nvfp4: CALIB_METHODS
     verify: bool = False  # torch-aot: run each new engine against eager on fresh inputs; errors go in the manifest
 
 
@@ -274,6 +275,8 @@ def _validate_quantized(req: BuildRequest, stages: Sequence[str]) -> None:
         raise BuildError(
             f"--precision {req.precision} calibrates on real pipeline runs: it needs --gemma DIR and --upsampler FILE"
         )
+    if req.calib_method not in CALIB_METHODS:
+        raise BuildError(f"--calib-method: choose one of {', '.join(CALIB_METHODS)}, got '{req.calib_method}'")
     if req.calib_inputs is not None:
         if not req.calib_inputs:
             raise BuildError("calib_inputs: no recorded DiT passes given")
@@ -383,11 +386,11 @@ def recipe(plan: Plan) -> dict[str, Any]:
         "stages": plan.stages,
     }
     if req.precision in QUANTIZED and req.calib_inputs is not None:
-        out["calibration"] = {"method": CALIB_METHOD, "inputs_sha256": _tensors_sha256(req.calib_inputs)}
+        out["calibration"] = {"method": req.calib_method, "inputs_sha256": _tensors_sha256(req.calib_inputs)}
     elif req.precision in QUANTIZED:  # the scales depend on the calibration data
         prompts, images = calibration_files(req)
         out["calibration"] = {
-            "method": CALIB_METHOD,
+            "method": req.calib_method,
             "count": req.calib_count,
             "prompts_sha256": sha256_file(prompts),
             "images_sha256": [sha256_file(p) for p in images],
@@ -529,6 +532,7 @@ def link_or_copy(src: Path, dst: Path) -> None:
     """Hard-link `src` to `dst` (engine files are never modified in place: a rebuild writes new files and the
     sha256 in the manifest guards them), copying where links are impossible (another file system). A full-size
     build holds ~60 GB of weights: a copy per rebuild would double the disk it needs."""
+    dst.unlink(missing_ok=True)
     try:
         os.link(src, dst)
     except OSError:
@@ -574,7 +578,7 @@ def _quantize(plan: Plan, ckpt: LTXCheckpoint, scratch: Path, log: Log) -> dict[
         exclude += odd
         if odd:
             log(f"calibration: {len(odd)} Linears with an input width not a multiple of {NVFP4_BLOCK} stay bf16")
-    report = quantize_model(ckpt.dit, recipe_, inputs, method=CALIB_METHOD, exclude=exclude)
+    report = quantize_model(ckpt.dit, recipe_, inputs, method=req.calib_method, exclude=exclude)
     del inputs
     log(f"calibration: {len(report.layers)} DiT Linears -> {req.precision} from {report.passes} DiT passes")
     return {
@@ -635,6 +639,17 @@ def _verify(plan: Plan, spec: EngineSpec, tmp: Path, entry: StageEntry, log: Log
     return {"max_rel_err": worst, "rel_err": errs}
 
 
+def _drop_stages(ckpt: LTXCheckpoint, names: Sequence[str]) -> None:
+    """Free the device memory of loader stages no later engine reads (their engines are written; the specs of
+    later engines hold what they need, e.g. the VAE latent statistics, as their own tensors)."""
+    for n in names:
+        module = getattr(ckpt, n, None)
+        if isinstance(module, torch.nn.Module):
+            module.to("meta")
+    if names and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _swap_into_place(tmp: Path, out: Path) -> None:
     """Rename the finished build to `out`; the previous directory (if any) is removed only afterwards."""
     if not out.exists():
@@ -684,13 +699,16 @@ def _build_into(
     ckpt = _load(plan, scratch, log)
     quant = _quantize(plan, ckpt, scratch, log) if req.precision in QUANTIZED else None
     specs = {s.name: s for s in engine_specs(ckpt, plan.profiles, device=plan.device, seed=req.seed)}
-    for stage in plan.stages:  # dit_block: one engine per layer group (e.g. bf16 blocks and FP8 blocks)
+    last_use = {s: i for i, stage in enumerate(plan.stages) for s in _loader_stages([stage])}
+    for i, stage in enumerate(plan.stages):  # dit_block: one engine per layer group (e.g. bf16 and FP8 blocks)
         for name in [n for n in specs if is_block_engine(n)] if stage == "dit_block" else [stage]:
             keys = stage_keys(plan, name, ckpt.config, ckpt_id)
             entry = _build_stage(plan, specs[name], plan.backend, tmp, keys, old, result, log)
             if quant is not None and is_block_engine(name):
                 entry = replace(entry, extra={**entry.extra, "quantization": quant})
             stages[name] = entry
+        # full size: 12B Gemma + 19B DiT + the 1080p decode (--verify) do not fit 80 GB together
+        _drop_stages(ckpt, [s for s, last in last_use.items() if last == i])
     assets = _copy_tokenizer(plan, tmp, scratch, log) if set(TEXT_ENGINES) & set(plan.stages) else {}
     manifest = Manifest(
         format_version=FORMAT_VERSION,

@@ -85,6 +85,14 @@ EXIT_INTERNAL = 1
     "prompts file).",
 )
 @click.option(
+    "--calib-method",
+    type=click.Choice(["modelopt", "hooks"]),
+    default="modelopt",
+    show_default=True,
+    help="fp8 / nvfp4: amax collection by nvidia-modelopt's max calibration, or by forward hooks computing the same "
+    "statistic (for machines without ModelOpt).",
+)
+@click.option(
     "--verify",
     is_flag=True,
     help="torch-aot: run every newly built engine against eager PyTorch on fresh sample inputs and record the "
@@ -111,6 +119,7 @@ def fvrt_build(
     calib_prompts: Path | None,
     calib_count: int,
     calib_images: Path | None,
+    calib_method: str,
     verify: bool,
     seed: int,
     force: bool,
@@ -137,6 +146,7 @@ def fvrt_build(
         calib_prompts=calib_prompts,
         calib_count=calib_count,
         calib_images=calib_images,
+        calib_method=calib_method,
         verify=verify,
     )
     result = build_engines(request, log=lambda msg: click.echo(msg))

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fvrt.builder.build import BuildRequest, build_engines
+from fvrt.builder.build import BuildRequest, build_engines, link_or_copy
+from fvrt.builder.engines import PRESET_PROFILES, dit_forward_kwargs
 from fvrt.metrics import psnr, snr
 from fvrt.runtime.engine import EngineDir
 from fvrt.runtime.media import Mp4Writer
@@ -91,7 +92,8 @@ def bench_precision(args: argparse.Namespace, precision: str, res: dict[str, Any
     engine_dir = Path(args.engines) / f"{args.profile}-{precision}"
     first = Path(args.engines) / f"{args.profile}-{args.precisions.split(',')[0]}"
     if not engine_dir.exists() and first.is_dir() and first != engine_dir:
-        shutil.copytree(first, engine_dir)  # the engines outside the DiT are the same: only those get reused
+        # the engines outside the DiT are the same: hard links, so the fp8 directory costs only its DiT on disk
+        shutil.copytree(first, engine_dir, copy_function=link_or_copy)
     t = time.perf_counter()
     build = build_engines(
         BuildRequest(
@@ -102,6 +104,9 @@ def bench_precision(args: argparse.Namespace, precision: str, res: dict[str, Any
             profiles=(args.profile,),
             attention=args.attention,
             calib_count=args.calib_count,
+            calib_method=args.calib_method,
+            calib_inputs=calib_from_record(args, ref) if precision in ("fp8", "nvfp4") and ref else None,
+            verify=args.verify,
             seed=args.seed,
         ),
         log=log,
@@ -112,27 +117,46 @@ def bench_precision(args: argparse.Namespace, precision: str, res: dict[str, Any
         "up_to_date": build.up_to_date,
     }
     log(f"{precision}: engines ready in {entry['build_s']} s ({'reused' if build.up_to_date else 'built'})")
+    entry["engines"] = {
+        name: {
+            "status": "built" if name in build.built else "reused",
+            "precision": e.precision,
+            "build_s": e.extra.get("build_seconds"),
+            "code_MB": round(e.extra.get("code_bytes", 0) / 1e6, 2),
+            "weights_GB": round(e.extra.get("weights_bytes", 0) / 1e9, 3),
+            **({"max_rel_err_vs_eager": e.extra["verify"]["max_rel_err"]} if "verify" in e.extra else {}),
+        }
+        for name, e in build.manifest.stages.items()
+    }
     t = time.perf_counter()
     engines = EngineDir.open(engine_dir, device=dev)
     entry["open_s"] = time.perf_counter() - t
-    pipe = Recorder(engines, PromptTokenizer(engine_dir / TOKENIZER_DIR), memory="keep")
+    pipe = Recorder(engines, PromptTokenizer(engine_dir / TOKENIZER_DIR), memory=args.memory)
     profile = engines.profiles[args.profile]
     out_dir = Path(args.out)
+    res["precisions"][precision] = entry
+    save(args, res)
     for preset in args.presets.split(","):
+        if time.perf_counter() - T0 > args.deadline_s:
+            log(f"{precision} {preset}: skipped (past the {args.deadline_s:.0f} s deadline)")
+            res.setdefault("skipped", []).append(f"{precision} {preset}")
+            continue
         req = Request(PROMPT, profile["height"], profile["width"], profile["frames"], profile["fps"], seed=args.seed,
                       preset=preset)  # fmt: skip
         mp4 = out_dir / f"{precision}-{preset}.mp4"
-        _, first_times = run_once(pipe, req, mp4, dev)
+        # the first (cold) run records every DiT pass: the warm runs below are timed without the host copies
+        pipe.record = [] if preset == "distilled" else None
+        first_out, first_times = run_once(pipe, req, mp4, dev)
+        if pipe.record is not None:
+            entry["dit_pass_s"] = dit_pass_times(pipe, pipe.record, dev, args.repeats_dit)
+            quality(precision, first_out, pipe.record, res, ref, engines)
+            pipe.record = None
         runs = []
-        for i in range(args.repeats):
-            if preset == "distilled" and i == 0:
-                pipe.record = []
+        for _ in range(args.repeats):
             out, times = run_once(pipe, req, mp4, dev)
-            if pipe.record is not None and preset == "distilled":
-                entry["dit_pass_s"] = dit_pass_times(pipe, pipe.record, dev, args.repeats_dit)
-                quality(precision, out, pipe.record, res, ref, engines)
-                pipe.record = None
             runs.append(times)
+        # replays of the same request must give the same video (graphs, offload / onload, release and reload)
+        entry.setdefault("repeat_identical", {})[preset] = bool(np.array_equal(out.frames, first_out.frames))
         med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         entry[preset] = {"first_run": first_times, "warm_median": med, "warm_runs": runs, "mp4": str(mp4)}
         if "cold_start_s" not in entry:  # open + what the first run spent beyond a warm one (loading, capture)
@@ -140,10 +164,29 @@ def bench_precision(args: argparse.Namespace, precision: str, res: dict[str, Any
         log(
             f"{precision} {preset}: warm end to end {med['end_to_end']:.2f} s (first {first_times['end_to_end']:.2f} s)"
         )
-    res["precisions"][precision] = entry
+        save(args, res)
     del pipe, engines
     if dev.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def save(args: argparse.Namespace, res: dict[str, Any]) -> None:
+    """bench.json after every step: a run cut short still leaves what it measured."""
+    (Path(args.out) / "bench.json").write_text(json.dumps(res, indent=1, default=float))
+
+
+def calib_from_record(args: argparse.Namespace, ref: dict[str, Any]) -> tuple[dict[str, torch.Tensor], ...]:
+    """The reference (bf16) run's recorded DiT passes as `LTXDiT.forward` inputs: FP8 calibration on the real
+    pipeline trajectory of the benchmark prompt, without an eager pipeline run (which would need the 12B text
+    encoder, the DiT and the 1080p decode in memory at once)."""
+    profile = PRESET_PROFILES[args.profile]
+    out = []
+    for key, inputs, _ in ref["record"]:
+        video, audio, vctx, actx, video_t, index, sigma = (t.to(args.device) for t in inputs)
+        stage = 1 if key.endswith("/s1") else 2
+        prep = (video_t, index, sigma.view(1, 1), sigma, sigma)
+        out.append(dit_forward_kwargs(profile, stage, prep, (video, audio, vctx, actx), positions_dtype=video.dtype))
+    return tuple(out)
 
 
 def dit_pass_times(pipe: Pipeline, record: list, device: torch.device, repeats: int) -> dict[str, float]:
@@ -224,7 +267,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--repeats-dit", type=int, default=5, help="timed DiT passes per shape key")
     ap.add_argument("--attention", default="cudnn")
-    ap.add_argument("--calib-count", type=int, default=8)
+    ap.add_argument("--calib-count", type=int, default=8, help="eager calibration runs (without a reference run)")
+    ap.add_argument("--calib-method", default="modelopt", choices=["modelopt", "hooks"])
+    ap.add_argument("--memory", default="offload", choices=["keep", "phase", "offload"], help="runtime memory policy")
+    ap.add_argument("--verify", action="store_true", help="check every newly built engine against eager")
+    ap.add_argument("--deadline-s", type=float, default=1e9, help="start no precision / preset after this")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--engines", default="engines/bench", help="where the engine directories are built or reused")
     ap.add_argument("--out", default="out/bench")
@@ -243,8 +290,12 @@ def main() -> None:
     }
     ref: dict[str, Any] = {}
     for precision in args.precisions.split(","):
+        if time.perf_counter() - T0 > args.deadline_s:
+            log(f"{precision}: skipped (past the {args.deadline_s:.0f} s deadline)")
+            res.setdefault("skipped", []).append(precision)
+            continue
         bench_precision(args, precision, res, ref)
-        (Path(args.out) / "bench.json").write_text(json.dumps(res, indent=1, default=float))
+        save(args, res)
     md = f"{res['gpu']}, torch {res['torch']}, {res['date']}, profile {args.profile}\n\n{table(res)}\n"
     (Path(args.out) / "bench.md").write_text(md)
     print(md)

@@ -266,7 +266,8 @@ def test_tensorrt_options_reach_the_backend(tmp_path: Path) -> None:
 
 
 def test_reuse_copies_every_engine_file(tmp_path: Path) -> None:
-    """_reuse copies `file`, every file of `files` (TensorRT: one plan per shape key) and the weights file."""
+    """_reuse hard-links (or copies) `file`, every file of `files` (TensorRT: one plan per shape key) and the
+    weights file."""
     from fvrt.runtime.manifest import StageEntry
 
     old, new = tmp_path / "old", tmp_path / "new"
@@ -283,6 +284,7 @@ def test_reuse_copies_every_engine_file(tmp_path: Path) -> None:
     assert sorted(p.name for p in new.iterdir()) == names[:3]
     B._reuse(old, entry, new)
     assert all((new / n).read_bytes() == (old / n).read_bytes() for n in names)
+    assert all((new / n).stat().st_ino == (old / n).stat().st_ino for n in names)  # linked: no second copy
 
 
 @needs_rtx
