@@ -413,17 +413,21 @@ def _tensors_sha256(passes: Sequence[dict[str, torch.Tensor]]) -> str:
     return h.hexdigest()
 
 
-def stage_keys(plan: Plan, stage: str, config: dict[str, Any], ckpt_id: dict[str, Any]) -> tuple[str, str]:
+def stage_keys(
+    plan: Plan, stage: str, config: dict[str, Any], ckpt_id: dict[str, Any], spec: EngineSpec | None = None
+) -> tuple[str, str]:
     """(code key, stage key) of one engine: the code depends on the recipe, the architecture config and the tools;
-    the whole stage (code + weights) also on the checkpoint."""
+    the whole stage (code + weights) also on the checkpoint and, for per-layer engines, on its layer list."""
     r = {k: v for k, v in recipe(plan).items() if k != "stages"}
-    if r["precision"] in QUANTIZED and not stage.startswith("dit_"):
-        # quantisation touches only the DiT: every other engine of an fp8 / nvfp4 build is the bf16 engine, with
-        # the bf16 key, so a directory holding bf16 engines lends them (copy it, then build fp8 into it)
+    if r["precision"] in QUANTIZED and (spec is None or low_bit_kind(spec) is None):
+        # an engine of an fp8 / nvfp4 build without quantised layers (text, VAE, the DiT's bf16 blocks, prep, in,
+        # out) is the bf16 engine, with the bf16 keys: a directory of bf16 engines lends it (its code, and its
+        # weights where the layer list is the same), so an fp8 build next to a bf16 one compiles only the FP8 blocks
         r["precision"] = "bf16"
         r.pop("calibration", None)
     code = _sha256_json({"stage": stage, **r, "config": config, "tools": tool_versions(plan.device)})
-    return code, _sha256_json({"code": code, "checkpoint": ckpt_id})
+    layers = {"layers": spec.layers} if spec is not None and spec.per_layer else {}
+    return code, _sha256_json({"code": code, "checkpoint": ckpt_id, **layers})
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -528,10 +532,11 @@ def _reuse(old_dir: Path, entry: StageEntry, tmp: Path, *, weights: bool = True)
         link_or_copy(old_dir / f, tmp / f)
 
 
-def link_or_copy(src: Path, dst: Path) -> None:
+def link_or_copy(src: str | Path, dst: str | Path) -> None:
     """Hard-link `src` to `dst` (engine files are never modified in place: a rebuild writes new files and the
     sha256 in the manifest guards them), copying where links are impossible (another file system). A full-size
     build holds ~60 GB of weights: a copy per rebuild would double the disk it needs."""
+    src, dst = Path(src), Path(dst)  # shutil.copytree(copy_function=...) passes strings
     dst.unlink(missing_ok=True)
     try:
         os.link(src, dst)
@@ -539,13 +544,22 @@ def link_or_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
+def low_bit_kind(spec: EngineSpec) -> str | None:
+    """"nvfp4" / "fp8" when the engine computes with such layers, else None. Per-layer engines: their layers;
+    others: their module outside the DiT's transformer blocks (which only the block engines run)."""
+    if spec.per_layer:
+        mods = [m for layer in spec.per_layer for m in layer.modules()]
+    else:
+        mods = [m for n, m in spec.module.named_modules() if "transformer_blocks" not in n.split(".")]
+    kinds = {type(m).__name__ for m in mods}
+    return "nvfp4" if "NVFP4Linear" in kinds else "fp8" if "FP8Linear" in kinds else None
+
+
 def stage_precision(plan: Plan, spec: EngineSpec) -> str:
-    """The manifest precision of one engine: fp8 / nvfp4 for block engines holding such layers, else the dtype."""
-    kinds = {type(m).__name__ for layer in spec.per_layer for m in layer.modules()}
-    if "NVFP4Linear" in kinds:
-        return "nvfp4"
-    if "FP8Linear" in kinds:
-        return "fp8"
+    """The manifest precision of one engine: fp8 / nvfp4 for engines holding such layers, else the dtype."""
+    kind = low_bit_kind(spec)
+    if kind is not None:
+        return kind
     return "bf16" if plan.request.precision in QUANTIZED else plan.request.precision
 
 
@@ -702,7 +716,7 @@ def _build_into(
     last_use = {s: i for i, stage in enumerate(plan.stages) for s in _loader_stages([stage])}
     for i, stage in enumerate(plan.stages):  # dit_block: one engine per layer group (e.g. bf16 and FP8 blocks)
         for name in [n for n in specs if is_block_engine(n)] if stage == "dit_block" else [stage]:
-            keys = stage_keys(plan, name, ckpt.config, ckpt_id)
+            keys = stage_keys(plan, name, ckpt.config, ckpt_id, specs[name])
             entry = _build_stage(plan, specs[name], plan.backend, tmp, keys, old, result, log)
             if quant is not None and is_block_engine(name):
                 entry = replace(entry, extra={**entry.extra, "quantization": quant})

@@ -7,6 +7,7 @@ CPU runs FP8 / NVFP4 through the layers' exact emulation; the real FP8 GEMM path
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from helpers import assert_rel_close
 
-from fvrt.builder.build import BuildRequest, build_engines
+from fvrt.builder.build import BuildRequest, build_engines, link_or_copy
 from fvrt.builder.checkpoint import ModelVersion
 from fvrt.builder.eager import EagerEngineSet
 from fvrt.builder.engines import PRESET_PROFILES
@@ -74,9 +75,11 @@ def test_manifest_describes_the_layer_groups_and_calibration(fp8_build: Path) ->
 
 
 def test_fp8_engines_match_the_eager_quantised_model(fp8_build: Path, models: tuple) -> None:
-    _, quant, _ = models
-    eng = EngineDir.open(fp8_build)
-    ref = EagerEngineSet(quant, [TINY])
+    assert_blocks_match(EngineDir.open(fp8_build), models[1])
+
+
+def assert_blocks_match(eng: EngineDir, quant: object) -> None:
+    ref = EagerEngineSet(quant, [TINY])  # type: ignore[arg-type]
     assert eng.num_layers == ref.num_layers == len(quant.dit.transformer_blocks)
     spec = ref.specs["dit_block_1"]
     assert any(type(m).__name__ == "FP8Linear" for m in spec.per_layer[0].modules())
@@ -90,6 +93,27 @@ def test_fp8_engines_match_the_eager_quantised_model(fp8_build: Path, models: tu
 
 
 TINY_KEYS = ("tiny/s1", "tiny/s2")
+
+
+def test_fp8_build_next_to_bf16_compiles_only_the_fp8_blocks(tmp_path: Path, models: tuple) -> None:
+    """An fp8 build into a (hard-linked) copy of a bf16 directory, calibrated on given recorded passes (what the
+    benchmark does with its bf16 run): the bf16 block group keeps the bf16 code with a weights file of its own
+    layers (block 0 here; 0 and 43-47 at full size), prep / in / out are reused whole, only the FP8 group
+    compiles; the bf16 directory stays intact."""
+    _, quant, inputs = models
+    bf16, fp8 = tmp_path / "bf16", tmp_path / "fp8"
+    build_engines(BuildRequest(out_dir=bf16, random="tiny", precision="bf16", stages=("dit",)), log=lambda _: None)
+    shutil.copytree(bf16, fp8, copy_function=link_or_copy)
+    req = BuildRequest(out_dir=fp8, random="tiny", precision="fp8", stages=("dit",), calib_inputs=tuple(inputs))
+    result = build_engines(req, log=lambda _: None)
+    assert result.built == ["dit_block_1"] and result.rebound == ["dit_block"]
+    assert sorted(result.reused) == ["dit_in", "dit_out", "dit_prep"]
+    m = read_manifest(fp8)
+    assert m.stages["dit_block"].extra["layers"] == [0] and m.stages["dit_block"].extra["per_layer"] == 1
+    assert m.stages["dit_block"].precision == "bf16" and m.stages["dit_block_1"].precision == "fp8"
+    assert m.stages["dit_block_1"].extra["quantization"]["passes"] == len(inputs)
+    assert_blocks_match(EngineDir.open(fp8), quant)
+    assert EngineDir.open(bf16).num_layers == len(quant.dit.transformer_blocks)  # sha256 still intact
 
 
 def test_fp8_velocity_cosine_vs_bf16_on_every_calibration_step(models: tuple) -> None:

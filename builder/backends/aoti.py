@@ -424,11 +424,12 @@ class TorchAOTBackend:
         weights_file = Path(out_dir) / f"{spec.name}{WEIGHTS_SUFFIX}"
         save_weights(weights_file, tensors, {"format": "pt", "engine": spec.name})
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        layers = {"per_layer": len(spec.per_layer), "layers": spec.layers} if spec.per_layer else {}
         return replace(
             entry,
             weights=weights_file.name,
             weights_sha256=sha256_file(weights_file),
-            extra={**entry.extra, "weights_bytes": nbytes},
+            extra={**entry.extra, "weights_bytes": nbytes, **layers},
         )
 
 
