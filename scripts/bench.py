@@ -19,11 +19,13 @@ CPU smoke run (tiny, what `make bench-tiny` does):
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import shutil
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +119,11 @@ def bench_precision(args: argparse.Namespace, precision: str, res: dict[str, Any
         "up_to_date": build.up_to_date,
     }
     log(f"{precision}: engines ready in {entry['build_s']} s ({'reused' if build.up_to_date else 'built'})")
+    if args.drop_reference and first != engine_dir and first.is_dir():
+        shutil.rmtree(first)  # measured already; /dev/shm holds ~60 GB per full-size directory
+        log(f"{first}: removed (--drop-reference)")
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()  # the build's model is gone: give its cached blocks back before the engines load
     entry["engines"] = {
         name: {
             "status": "built" if name in build.built else "reused",
@@ -168,6 +175,8 @@ def bench_precision(args: argparse.Namespace, precision: str, res: dict[str, Any
     del pipe, engines
     if dev.type == "cuda":
         torch.cuda.empty_cache()
+        if hasattr(torch._C, "_host_emptyCache"):  # the offloaded text encoder's pinned host blocks
+            torch._C._host_emptyCache()
 
 
 def save(args: argparse.Namespace, res: dict[str, Any]) -> None:
@@ -271,6 +280,11 @@ def main() -> None:
     ap.add_argument("--calib-method", default="modelopt", choices=["modelopt", "hooks"])
     ap.add_argument("--memory", default="offload", choices=["keep", "phase", "offload"], help="runtime memory policy")
     ap.add_argument("--verify", action="store_true", help="check every newly built engine against eager")
+    ap.add_argument(
+        "--drop-reference",
+        action="store_true",
+        help="delete the first precision's engine directory once the next one is built (RAM-backed /dev/shm)",
+    )
     ap.add_argument("--deadline-s", type=float, default=1e9, help="start no precision / preset after this")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--engines", default="engines/bench", help="where the engine directories are built or reused")
@@ -294,7 +308,15 @@ def main() -> None:
             log(f"{precision}: skipped (past the {args.deadline_s:.0f} s deadline)")
             res.setdefault("skipped", []).append(precision)
             continue
-        bench_precision(args, precision, res, ref)
+        try:
+            bench_precision(args, precision, res, ref)
+        except Exception as e:  # keep what the earlier steps measured; say what failed
+            log(f"{precision}: FAILED: {type(e).__name__}: {e}")
+            traceback.print_exc()
+            res.setdefault("errors", {})[precision] = f"{type(e).__name__}: {e}"
+            gc.collect()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
         save(args, res)
     md = f"{res['gpu']}, torch {res['torch']}, {res['date']}, profile {args.profile}\n\n{table(res)}\n"
     (Path(args.out) / "bench.md").write_text(md)
