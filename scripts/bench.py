@@ -50,15 +50,29 @@ def log(msg: str) -> None:
 
 
 class Recorder(Pipeline):
-    """Keeps every DiT pass's inputs and outputs (on the CPU) when `record` is set."""
+    """Keeps every DiT pass's inputs and outputs (on the CPU) while `record` is a list. The passes are tapped at
+    the graph runner (the inputs handed to the ("dit", key) graph, the velocities it returns): a replayed CUDA
+    graph never calls the Python `_dit`, and nothing may copy to the host inside a capture."""
 
     record: list[tuple[str, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] | None = None
 
-    def _dit(self, key: str, *inputs: torch.Tensor) -> Any:
-        out = super()._dit(key, *inputs)
-        if self.record is not None:
-            self.record.append((key, tuple(t.cpu() for t in inputs), tuple(t.float().cpu() for t in out)))
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.graphs = _Tap(self.graphs, self)  # type: ignore[assignment]
+
+
+class _Tap:
+    def __init__(self, runner: Any, pipe: Recorder) -> None:
+        self.runner, self.pipe = runner, pipe
+
+    def __call__(self, key: Any, fn: Any, *inputs: torch.Tensor) -> Any:
+        out = self.runner(key, fn, *inputs)
+        if self.pipe.record is not None and key[0] == "dit":
+            self.pipe.record.append((key[1], tuple(t.cpu() for t in inputs), tuple(t.float().cpu() for t in out)))
         return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.runner, name)
 
 
 def sync(device: torch.device) -> None:
@@ -155,9 +169,10 @@ def bench_precision(args: argparse.Namespace, precision: str, res: dict[str, Any
         pipe.record = [] if preset == "distilled" else None
         first_out, first_times = run_once(pipe, req, mp4, dev)
         if pipe.record is not None:
-            entry["dit_pass_s"] = dit_pass_times(pipe, pipe.record, dev, args.repeats_dit)
-            quality(precision, first_out, pipe.record, res, ref, engines)
-            pipe.record = None
+            record, pipe.record = pipe.record, None
+            entry["dit_passes_recorded"] = len(record)
+            entry["dit_pass_s"] = dit_pass_times(pipe, record, dev, args.repeats_dit)
+            quality(precision, first_out, record, res, ref, engines)
         runs = []
         for _ in range(args.repeats):
             out, times = run_once(pipe, req, mp4, dev)
