@@ -376,7 +376,7 @@ def build_random(
     `device` (a full-size DiT goes straight to the GPU, never through host memory)."""
     spec = stage_spec(name)
     device = torch.device(device)
-    module = _build_on_meta(spec, config).to_empty(device=device).to(dtype)
+    module = _build_on_meta(spec, config).to(dtype).to_empty(device=device)  # cast on meta: no fp32 copy
     gen = torch.Generator(device=device).manual_seed(seed)
     (spec.randomize or default_randomize)(module, gen)
     return _finalize(module)
