@@ -110,6 +110,10 @@ class EngineSpec:
     layers: list[int] = field(default_factory=list)  # global block index of each per_layer entry
     by_key: dict[str, nn.Module] = field(default_factory=dict)
     notes: dict[str, Any] = field(default_factory=dict)
+    # parity checks: which rows (dim 1, tokens) of the outputs carry meaning, from the inputs; None = all. The
+    # Gemma layer's padded query rows attend to nothing and hold backend-dependent values (cuDNN: finite garbage,
+    # math / mem-efficient: 0) that no valid token ever reads and the feature extractor zeroes
+    valid_rows: Callable[[tuple[torch.Tensor, ...]], torch.Tensor] | None = None
 
     def module_for(self, key: str) -> nn.Module:
         """The module to compile for shape key `key` (`by_key` overrides `module`, e.g. baked-in positions)."""
@@ -466,6 +470,7 @@ def engine_specs(
             per_layer=list(gemma.model.layers),
             layers=list(range(len(gemma.model.layers))),
             notes=text_kinds,
+            valid_rows=lambda inputs: inputs[1][0, 0].any(-1),  # query rows with at least one key to attend
         ),
         EngineSpec(
             "text_out",

@@ -2,7 +2,8 @@
 
 Every shape key of the engine runs on `spec.sample_inputs(key)`; per-layer engines (DiT blocks, Gemma layers)
 run their first and last weight set against the wrapper module evaluated with that layer's weights. The result
-is the relative L2 error of every output (1.0 / 0.0 for integer outputs that differ / match)."""
+is the relative L2 error of every output (1.0 / 0.0 for integer outputs that differ / match), over the rows that
+carry meaning where the spec says which (`EngineSpec.valid_rows`; the all-rows error is kept as information)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from typing import Any
 import torch
 
 from fvrt.builder.engines import EngineSpec
+
+INFO = "info: "  # prefix of entries that are reported but not checked
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -44,9 +47,20 @@ def check_engine(spec: EngineSpec, engine: Any) -> dict[str, float]:
             want = eager_outputs(spec, key, inputs, layer)
             with torch.no_grad():
                 got = engine.run(key, *inputs, layer=layer)
+            rows = spec.valid_rows(inputs) if spec.valid_rows is not None else None
             for name, g, w in zip(spec.output_names, got, want, strict=True):
-                errs[f"{key}{'' if layer is None else f' L{layer}'} {name}"] = rel_err(g, w)
+                tag = f"{key}{'' if layer is None else f' L{layer}'} {name}"
+                if rows is None:
+                    errs[tag] = rel_err(g, w)
+                else:  # the meaningful rows are the check; all rows are reported for information
+                    errs[tag] = rel_err(g[:, rows], w[:, rows])
+                    errs[f"{INFO}{tag} incl. rows without meaning"] = rel_err(g, w)
     return errs
 
 
-__all__ = ["check_engine", "eager_outputs", "rel_err"]
+def worst(errs: dict[str, float]) -> float:
+    """The largest error of a `check_engine` result (informational entries left out)."""
+    return max(v for k, v in errs.items() if not k.startswith(INFO))
+
+
+__all__ = ["INFO", "check_engine", "eager_outputs", "rel_err", "worst"]

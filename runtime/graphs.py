@@ -7,6 +7,9 @@ and then replays; every later call copies the new inputs into the static buffers
 call replays, so the first and the later results come from the same kernels. No call synchronises the host with
 the device. Elsewhere (CPU) `fn` simply runs eagerly.
 
+A key whose capture fails (an op that synchronises with the host or is otherwise not capturable) is logged,
+recorded in `failures`, and runs eagerly from then on: slower, never wrong.
+
 The key must name everything the captured work depends on besides the input tensors: the engine, its shape
 key and any Python-level flag. Input shapes and dtypes are added to the key here. Outputs are the graph's own
 static tensors, overwritten by the next replay of the same key: consume (or clone) them before that.
@@ -14,12 +17,17 @@ static tensors, overwritten by the next replay of the same key: consume (or clon
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Hashable
 from typing import NamedTuple
 
 import torch
 
+logger = logging.getLogger(__name__)
+
 WARMUP_CALLS = 1  # side-stream warm-up run before capture (lazy initialisation, cuBLAS workspaces)
+
+_CAPTURE_ERRORS = (RuntimeError, getattr(torch, "AcceleratorError", RuntimeError))
 
 EngineFn = Callable[..., tuple[torch.Tensor, ...]]
 
@@ -37,15 +45,26 @@ class GraphRunner:
         self.device = torch.device(device)
         self.enabled = enabled and self.device.type == "cuda"
         self._graphs: dict[Hashable, _Graph] = {}
+        self._eager: set[Hashable] = set()  # keys whose capture failed: they run eagerly from then on
+        self.failures: dict[str, str] = {}  # key -> why its capture failed (reported by the timings)
         self._pool = torch.cuda.graph_pool_handle() if self.enabled else None
 
     def __call__(self, key: Hashable, fn: EngineFn, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if not self.enabled:
             return fn(*inputs)
         full_key = (key, tuple((tuple(t.shape), t.dtype) for t in inputs))
+        if full_key in self._eager:
+            return fn(*inputs)
         entry = self._graphs.get(full_key)
         if entry is None:
-            entry = self._capture(fn, inputs)
+            try:
+                entry = self._capture(fn, inputs)
+            except _CAPTURE_ERRORS as e:  # e.g. an op that synchronises with the host: run this key eagerly
+                torch.cuda.synchronize(self.device)
+                self._eager.add(full_key)
+                self.failures[repr(key)] = " ".join(str(e).split())[:300]
+                logger.warning("CUDA-graph capture of %s failed, running it without a graph: %s", key, e)
+                return fn(*inputs)
             self._graphs[full_key] = entry
         for static, new in zip(entry.inputs, inputs, strict=True):
             if static.data_ptr() != new.data_ptr():

@@ -157,8 +157,8 @@ def bench_precision(args: argparse.Namespace, precision: str, res: dict[str, Any
     out_dir = Path(args.out)
     res["precisions"][precision] = entry
     save(args, res)
-    for preset in args.presets.split(","):
-        if time.perf_counter() - T0 > args.deadline_s:
+    for n, preset in enumerate(args.presets.split(",")):
+        if n and time.perf_counter() - T0 > args.deadline_s:  # a built precision always gets its first preset
             log(f"{precision} {preset}: skipped (past the {args.deadline_s:.0f} s deadline)")
             res.setdefault("skipped", []).append(f"{precision} {preset}")
             continue
@@ -181,6 +181,7 @@ def bench_precision(args: argparse.Namespace, precision: str, res: dict[str, Any
         entry.setdefault("repeat_identical", {})[preset] = bool(np.array_equal(out.frames, first_out.frames))
         med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         entry[preset] = {"first_run": first_times, "warm_median": med, "warm_runs": runs, "mp4": str(mp4)}
+        entry["graph_capture_failures"] = dict(pipe.graphs.failures)
         if "cold_start_s" not in entry:  # open + what the first run spent beyond a warm one (loading, capture)
             entry["cold_start_s"] = entry["open_s"] + first_times["end_to_end"] - med["end_to_end"]
         log(
@@ -300,7 +301,9 @@ def main() -> None:
         action="store_true",
         help="delete the first precision's engine directory once the next one is built (RAM-backed /dev/shm)",
     )
-    ap.add_argument("--deadline-s", type=float, default=1e9, help="start no precision / preset after this")
+    ap.add_argument(
+        "--deadline-s", type=float, default=1e9, help="start no new precision, and no second preset, after this"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--engines", default="engines/bench", help="where the engine directories are built or reused")
     ap.add_argument("--out", default="out/bench")

@@ -338,6 +338,22 @@ def test_graph_runner_is_eager_on_cpu() -> None:
 
 
 @pytest.mark.gpu
+def test_graph_runner_runs_uncapturable_work_eagerly() -> None:
+    """A function that synchronises with the host cannot be captured: the key falls back to eager calls (same
+    results), the failure is recorded, and other keys still capture."""
+    dev = torch.device("cuda")
+    runner = GraphRunner(dev)
+    x = torch.randn(32, device=dev)
+    (y,) = runner("sync", lambda t: (t * float(t.sum().item()),), x)
+    assert torch.allclose(y, x * float(x.sum()))
+    assert "sync" in next(iter(runner.failures))
+    (z,) = runner("sync", lambda t: (t * float(t.sum().item()),), x * 2)
+    assert torch.allclose(z, 2 * x * float(2 * x.sum()))
+    (w,) = runner("fine", lambda t: (t + 1,), x)
+    assert torch.allclose(w, x + 1) and len(runner.failures) == 1
+
+
+@pytest.mark.gpu
 def test_graph_runner_captures_once_and_replays() -> None:
     """On CUDA: one capture per key and input signature; replays follow new inputs; no host sync needed."""
     dev = torch.device("cuda")

@@ -16,11 +16,19 @@ LAYER_PREFIX = "layers.{}."  # same layout as the builder writes
 
 
 def _load_models(root: Path, files: dict[str, str], device: torch.device) -> dict[str, Any]:
-    """Shape key -> loaded AOTInductor model (one single-model package per key)."""
+    """Shape key -> loaded AOTInductor model (one single-model package per key).
+
+    `run_single_threaded=True`: the default model container guards its model instances with CUDA events
+    (`cudaEventQuery` / `cudaEventSynchronize` on the previous run) which are illegal inside a CUDA-graph capture;
+    the first H100 pipeline run died there ("operation not permitted when stream is capturing", text_in). The
+    runtime calls every engine from one thread, the case the single-threaded runner is for."""
     from torch._inductor import aoti_load_package
 
     index = (device.index or 0) if device.type == "cuda" else -1
-    return {key: aoti_load_package(str(root / file), device_index=index) for key, file in files.items()}
+    return {
+        key: aoti_load_package(str(root / file), run_single_threaded=True, device_index=index)
+        for key, file in files.items()
+    }
 
 
 class AOTIEngine:
