@@ -48,6 +48,8 @@ from fvrt.runtime.manifest import (
     EngineError,
     Manifest,
     StageEntry,
+    chunk_digests,
+    manifest_files,
     read_manifest,
     sha256_file,
     verify,
@@ -767,6 +769,8 @@ def build_engines(req: BuildRequest, log: Log = logger.info) -> BuildResult:
         n_built, n_reused, n_new = len(result.built), len(result.reused), len(result.rebound)
         tee(f"built {n_built}, reused {n_reused}, new weights {n_new} in {time.perf_counter() - t0:.1f} s")
         (tmp / BUILD_LOG).write_text("\n".join(lines) + "\n")
+        files = [f for f, _, _ in manifest_files(result.manifest)]
+        result.manifest = replace(result.manifest, chunks=chunk_digests(tmp, files))
         write_manifest(tmp, result.manifest)
         _swap_into_place(tmp, out)
         return result

@@ -95,3 +95,28 @@ def test_unknown_backend(tmp_path: Path) -> None:
     bad = dataclasses.replace(manifest, stages={"dit": dataclasses.replace(manifest.stages["dit"], backend="onnx")})
     with pytest.raises(EngineError, match="unknown backend 'onnx'"):
         verify(root, bad)
+
+
+def test_big_files_verify_chunk_by_chunk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Files of at least CHUNK_BYTES get one sha256 per chunk (verified on every core); a changed byte in any chunk
+    or a changed size is refused; the chunk size travels with the manifest."""
+    import fvrt.runtime.manifest as M
+
+    monkeypatch.setattr(M, "CHUNK_BYTES", 8)
+    root, manifest = _engine_dir(tmp_path)  # dit.safetensors: 13 bytes -> chunks of 8 + 5; dit.pt2: 12 -> 8 + 4
+    files = [f for f, _, _ in M.manifest_files(manifest)]
+    assert files == ["dit.pt2", "dit.safetensors"]
+    chunked = dataclasses.replace(manifest, chunks=M.chunk_digests(root, files))
+    assert chunked.chunks["dit.safetensors"]["size"] == 13 and len(chunked.chunks["dit.safetensors"]["sha256"]) == 2
+    write_manifest(root, chunked)
+    assert read_manifest(root) == chunked
+    monkeypatch.setattr(M, "CHUNK_BYTES", 4)  # a reader with another default still uses the manifest's chunk size
+    verify(root, read_manifest(root))
+    data = bytearray((root / "dit.safetensors").read_bytes())
+    data[10] ^= 1  # second chunk
+    (root / "dit.safetensors").write_bytes(bytes(data))
+    with pytest.raises(EngineError, match=r"dit\.safetensors does not match its sha256"):
+        verify(root, chunked)
+    (root / "dit.safetensors").write_bytes(b"weights-bytes!")
+    with pytest.raises(EngineError, match=r"dit\.safetensors does not match its size"):
+        verify(root, chunked)
