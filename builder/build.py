@@ -84,6 +84,7 @@ TARGET_CC_BACKENDS = ("tensorrt-rtx",)
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16, "nvfp4": torch.bfloat16}
 QUANTIZED = ("fp8", "nvfp4")  # DiT Linears quantised after calibration; every other tensor in bf16
 DEFAULT_CALIB_PROMPTS = Path("calib_data/prompts.txt")  # relative to the working directory (the repo root)
+TEXT_PRECISIONS = ("bf16", "fp8")  # the Gemma decoder layers (--text-precision)
 CALIB_METHODS = ("modelopt", "hooks")  # hooks: the same max statistic without ModelOpt (tests/test_quant.py)
 DEVICES = ("cpu", "cuda")
 # Tokenizer files copied from the Gemma folder into <engine dir>/tokenizer/ (the runtime tokenizes prompts).
@@ -133,6 +134,7 @@ class BuildRequest:
     # from the bf16 engines' own pipeline run), used instead of running the eager pipeline over the prompts
     calib_inputs: tuple[dict[str, torch.Tensor], ...] | None = field(default=None, compare=False, repr=False)
     calib_method: str = "modelopt"  # fp8 / nvfp4: CALIB_METHODS
+    text_precision: str = "bf16"  # "fp8": the Gemma decoder layers in FP8 (text_block), calibrated on the prompts
     verify: bool = False  # torch-aot: run each new engine against eager on fresh inputs; errors go in the manifest
 
 
@@ -238,8 +240,11 @@ def validate(req: BuildRequest) -> Plan:
     if len({p.name for p in profiles}) != len(profiles):
         raise BuildError(f"--profile: names must be unique, got {', '.join(p.name for p in profiles)}")
     stages = resolve_stages(req.stages)
+    if req.calib_method not in CALIB_METHODS:
+        raise BuildError(f"--calib-method: choose one of {', '.join(CALIB_METHODS)}, got '{req.calib_method}'")
     if req.precision in QUANTIZED:
         _validate_quantized(req, stages)
+    _validate_text_precision(req, stages)
     _check_file(req.checkpoint, "--checkpoint", "checkpoint file")
     _check_file(req.upsampler, "--upsampler", "upsampler file")
     if req.gemma is not None and not Path(req.gemma).is_dir():
@@ -265,6 +270,20 @@ def calibration_files(req: BuildRequest) -> tuple[Path, list[Path]]:
     return prompts, images
 
 
+def _validate_text_precision(req: BuildRequest, stages: Sequence[str]) -> None:
+    if req.text_precision not in TEXT_PRECISIONS:
+        raise BuildError(f"--text-precision: choose one of {', '.join(TEXT_PRECISIONS)}, got '{req.text_precision}'")
+    if req.text_precision == "bf16":
+        return
+    if req.precision == "fp32":
+        raise BuildError(f"--text-precision {req.text_precision} goes with --precision bf16, fp8 or nvfp4, not fp32")
+    if "text_block" not in stages:
+        raise BuildError(f"--text-precision {req.text_precision} quantises text_block: include it in --stages")
+    prompts, _ = calibration_files(req)
+    if not prompts.is_file():
+        raise BuildError(f"--calib-prompts: calibration prompts file not found: {prompts}")
+
+
 def _validate_quantized(req: BuildRequest, stages: Sequence[str]) -> None:
     if req.backend != "torch-aot" and req.precision == "nvfp4":
         raise BuildError(
@@ -277,8 +296,6 @@ def _validate_quantized(req: BuildRequest, stages: Sequence[str]) -> None:
         raise BuildError(
             f"--precision {req.precision} calibrates on real pipeline runs: it needs --gemma DIR and --upsampler FILE"
         )
-    if req.calib_method not in CALIB_METHODS:
-        raise BuildError(f"--calib-method: choose one of {', '.join(CALIB_METHODS)}, got '{req.calib_method}'")
     if req.calib_inputs is not None:
         if not req.calib_inputs:
             raise BuildError("calib_inputs: no recorded DiT passes given")
@@ -397,6 +414,13 @@ def recipe(plan: Plan) -> dict[str, Any]:
             "prompts_sha256": sha256_file(prompts),
             "images_sha256": [sha256_file(p) for p in images],
         }
+    if req.text_precision != "bf16":  # the text scales depend on the calibration prompts
+        prompts, _ = calibration_files(req)
+        out["text"] = {
+            "precision": req.text_precision,
+            "method": req.calib_method,
+            "prompts_sha256": sha256_file(prompts),
+        }
     if req.backend == "torch-aot":  # the wrapper library depends on its compiler
         out["cxx"] = plan.backend.compiler.version or plan.backend.compiler.path
     if req.backend in TENSORRT_BACKENDS:  # the plans depend on the library version and the target GPUs too
@@ -421,9 +445,13 @@ def stage_keys(
     """(code key, stage key) of one engine: the code depends on the recipe, the architecture config and the tools;
     the whole stage (code + weights) also on the checkpoint and, for per-layer engines, on its layer list."""
     r = {k: v for k, v in recipe(plan).items() if k != "stages"}
-    if r["precision"] in QUANTIZED and (spec is None or low_bit_kind(spec) is None):
-        # an engine of an fp8 / nvfp4 build without quantised layers (text, VAE, the DiT's bf16 blocks, prep, in,
-        # out) is the bf16 engine, with the bf16 keys: a directory of bf16 engines lends it (its code, and its
+    low = low_bit_kind(spec) if spec is not None else None
+    text = stage.startswith("text_")
+    if not text or low is None:
+        r.pop("text", None)  # the text encoder's quantisation keys only the engines holding its FP8 layers
+    if r["precision"] in QUANTIZED and (text or low is None):
+        # an engine of an fp8 / nvfp4 build without DiT low-bit layers (text, VAE, the DiT's bf16 blocks, prep,
+        # in, out) is the bf16 engine, with the bf16 keys: a directory of bf16 engines lends it (its code, and its
         # weights where the layer list is the same), so an fp8 build next to a bf16 one compiles only the FP8 blocks
         r["precision"] = "bf16"
         r.pop("calibration", None)
@@ -547,12 +575,14 @@ def link_or_copy(src: str | Path, dst: str | Path) -> None:
 
 
 def low_bit_kind(spec: EngineSpec) -> str | None:
-    """ "nvfp4" / "fp8" when the engine computes with such layers, else None. Per-layer engines: their layers;
-    others: their module outside the DiT's transformer blocks (which only the block engines run)."""
+    """The low-bit kind ("nvfp4" / "fp8") the engine computes with, else None. Per-layer engines: their layers;
+    others: their module outside the per-layer stacks (the DiT's `transformer_blocks`, Gemma's `layers`), which
+    only the block engines run."""
     if spec.per_layer:
         mods = [m for layer in spec.per_layer for m in layer.modules()]
     else:
-        mods = [m for n, m in spec.module.named_modules() if "transformer_blocks" not in n.split(".")]
+        stacks = {"transformer_blocks", "layers"}
+        mods = [m for n, m in spec.module.named_modules() if not stacks & set(n.split("."))]
     kinds = {type(m).__name__ for m in mods}
     return "nvfp4" if "NVFP4Linear" in kinds else "fp8" if "FP8Linear" in kinds else None
 
@@ -604,6 +634,46 @@ def _quantize(plan: Plan, ckpt: LTXCheckpoint, scratch: Path, log: Log) -> dict[
         "prompts": len(prompts),
         "images": len(images),
         "profile": profile.name,
+        "layers": len(report.layers),
+    }
+
+
+def _quantize_text(plan: Plan, ckpt: LTXCheckpoint, scratch: Path, log: Log) -> dict[str, Any]:
+    """--text-precision fp8: calibrate the Gemma decoder layers' Linears on every calibration prompt (tokenized as
+    the runtime tokenizes; 1024 tokens each) and convert them in place (embeddings stay bf16). The feature
+    extractor and connectors (text_out) stay bf16. DiT calibration, when there is one, ran before this on bf16
+    text contexts."""
+    from fvrt.builder.quant.calibrate import quantize_model
+    from fvrt.builder.quant.pipeline_calib import read_prompts
+    from fvrt.builder.quant.recipe import TEXT_ENCODER_DEFAULT_EXCLUDE, QuantRecipe
+    from fvrt.runtime.tokenizer import PromptTokenizer
+
+    req = plan.request
+    prompts_file, _ = calibration_files(req)
+    prompts = read_prompts(prompts_file)
+    tok = scratch / "text-calib-tokenizer"
+    tok.mkdir(parents=True, exist_ok=True)
+    _save_tokenizer(plan, tok, scratch)
+    tokenizer = PromptTokenizer(tok)
+    inputs = []
+    for prompt in prompts:
+        ids, mask = tokenizer(prompt)
+        inputs.append({"input_ids": ids.to(plan.device), "attention_mask": mask.to(plan.device)})
+    recipe_ = QuantRecipe.named(req.text_precision)
+    exclude = list(TEXT_ENCODER_DEFAULT_EXCLUDE)
+    report = quantize_model(
+        ckpt.text_encoder,
+        recipe_,
+        inputs,
+        run=lambda m, inp: m(inp["input_ids"], inp["attention_mask"]),
+        method=req.calib_method,
+        exclude=exclude,
+    )
+    log(f"text calibration: {len(report.layers)} Gemma Linears -> {req.text_precision} from {len(prompts)} prompts")
+    return {
+        "recipe": {"precision": req.text_precision, "exclude": exclude},
+        "method": report.method,
+        "prompts": len(prompts),
         "layers": len(report.layers),
     }
 
@@ -714,6 +784,7 @@ def _build_into(
     result = BuildResult(Path(req.out_dir), None, up_to_date=False)  # type: ignore[arg-type]
     ckpt = _load(plan, scratch, log)
     quant = _quantize(plan, ckpt, scratch, log) if req.precision in QUANTIZED else None
+    text_quant = _quantize_text(plan, ckpt, scratch, log) if req.text_precision != "bf16" else None
     specs = {s.name: s for s in engine_specs(ckpt, plan.profiles, device=plan.device, seed=req.seed)}
     last_use = {s: i for i, stage in enumerate(plan.stages) for s in _loader_stages([stage])}
     for i, stage in enumerate(plan.stages):  # dit_block: one engine per layer group (e.g. bf16 and FP8 blocks)
@@ -722,6 +793,8 @@ def _build_into(
             entry = _build_stage(plan, specs[name], plan.backend, tmp, keys, old, result, log)
             if quant is not None and is_block_engine(name):
                 entry = replace(entry, extra={**entry.extra, "quantization": quant})
+            if text_quant is not None and name == "text_block":
+                entry = replace(entry, extra={**entry.extra, "quantization": text_quant})
             stages[name] = entry
         # full size: 12B Gemma + 19B DiT + the 1080p decode (--verify) do not fit 80 GB together
         _drop_stages(ckpt, [s for s, last in last_use.items() if last == i])

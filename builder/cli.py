@@ -85,6 +85,13 @@ EXIT_INTERNAL = 1
     "prompts file).",
 )
 @click.option(
+    "--text-precision",
+    type=click.Choice(["bf16", "fp8"]),
+    default="bf16",
+    show_default=True,
+    help="Precision of the Gemma decoder layers (text_block); fp8 calibrates on every prompt of --calib-prompts.",
+)
+@click.option(
     "--calib-method",
     type=click.Choice(["modelopt", "hooks"]),
     default="modelopt",
@@ -119,6 +126,7 @@ def fvrt_build(
     calib_prompts: Path | None,
     calib_count: int,
     calib_images: Path | None,
+    text_precision: str,
     calib_method: str,
     verify: bool,
     seed: int,
@@ -147,6 +155,7 @@ def fvrt_build(
         calib_count=calib_count,
         calib_images=calib_images,
         calib_method=calib_method,
+        text_precision=text_precision,
         verify=verify,
     )
     result = build_engines(request, log=lambda msg: click.echo(msg))

@@ -121,6 +121,7 @@ def bench_precision(args: argparse.Namespace, precision: str, res: dict[str, Any
             attention=args.attention,
             calib_count=args.calib_count,
             calib_method=args.calib_method,
+            text_precision="fp8" if args.fp8_text and precision in ("fp8", "nvfp4") else "bf16",
             calib_inputs=calib_from_record(args, ref) if precision in ("fp8", "nvfp4") and ref else None,
             verify=args.verify,
             seed=args.seed,
@@ -296,6 +297,7 @@ def main() -> None:
     ap.add_argument("--calib-method", default="modelopt", choices=["modelopt", "hooks"])
     ap.add_argument("--memory", default="offload", choices=["keep", "phase", "offload"], help="runtime memory policy")
     ap.add_argument("--verify", action="store_true", help="check every newly built engine against eager")
+    ap.add_argument("--fp8-text", action="store_true", help="fp8 / nvfp4 runs also use the FP8 Gemma (text_block)")
     ap.add_argument(
         "--drop-reference",
         action="store_true",
