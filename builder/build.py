@@ -285,11 +285,18 @@ def _validate_text_precision(req: BuildRequest, stages: Sequence[str]) -> None:
 
 
 def _validate_quantized(req: BuildRequest, stages: Sequence[str]) -> None:
-    if req.backend != "torch-aot" and req.precision == "nvfp4":
-        raise BuildError(
-            f"--precision nvfp4: NVFP4 engines are built by --backend torch-aot only (the {req.backend} FP4 "
-            "export is not wired yet; see docs/quantization.md)"
-        )
+    if req.backend == "tensorrt-rtx" and req.precision == "nvfp4":
+        try:
+            from fvrt.builder.backends.tensorrt import DEFAULT_TARGET_CCS, parse_compute_capabilities
+
+            ccs = parse_compute_capabilities(",".join(req.target_ccs)) if req.target_ccs else DEFAULT_TARGET_CCS
+        except (ImportError, ValueError):
+            ccs = ()  # make_backend reports the import or the flag in its own words
+        if any(float(cc) < 12.0 for cc in ccs):
+            raise BuildError(
+                f"--precision nvfp4: TensorRT-RTX builds FP4 for compute capability 12.0 (Blackwell GeForce) only, "
+                f"got --target-cc {','.join(ccs)}; pass --target-cc 12.0"
+            )
     if "dit_block" not in stages:
         raise BuildError(f"--precision {req.precision} quantises the DiT: include the dit_block engine in --stages")
     if req.checkpoint is not None and (req.gemma is None or req.upsampler is None):

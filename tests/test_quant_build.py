@@ -130,7 +130,8 @@ def test_quantised_build_bad_input(tmp_path: Path) -> None:
     from fvrt.builder.build import BuildError
 
     for kwargs, message in [
-        ({"backend": "tensorrt-rtx", "precision": "nvfp4"}, "NVFP4 engines are built by --backend torch-aot only"),
+        ({"backend": "tensorrt-rtx", "precision": "nvfp4"}, "builds FP4 for compute capability 12.0 .* only"),
+        ({"backend": "tensorrt-rtx", "precision": "nvfp4", "target_ccs": ("8.9",)}, "pass --target-cc 12.0"),
         ({"stages": ("dit_prep",)}, "include the dit_block engine"),
         ({"calib_prompts": tmp_path / "none.txt"}, "calibration prompts file not found"),
         ({"calib_count": 0}, "--calib-count: at least 1"),
@@ -265,3 +266,107 @@ def test_fp8_text_encoder_next_to_bf16(tmp_path: Path) -> None:
         for g, w, r in zip(got, want, ref, strict=True):
             assert_rel_close(g.float(), w.float(), 2e-2, f"fp8 text engines vs eager quantised: {prompt[:30]}")
             assert F.cosine_similarity(g.float().flatten(), r.float().flatten(), 0) >= 0.99, prompt[:30]
+
+
+class _TrtFp4DynamicQuantize:
+    """`trt::TRT_FP4DynamicQuantize` for onnx's reference evaluator: TensorRT's documented semantics (E4M3 block
+    scales of block_amax / (6 * global), E2M1 values), computed with fvrt's NVFP4 helpers."""
+
+    @staticmethod
+    def op() -> type:
+        import ml_dtypes
+        import numpy as np
+        from onnx.reference.op_run import OpRun
+
+        from fvrt.builder.quant.nvfp4 import block_scales, round_e2m1
+
+        class TRT_FP4DynamicQuantize(OpRun):
+            op_domain = "trt"
+
+            def _run(self, x, scale, axis=-1, block_size=16, scale_type=17):  # type: ignore[no-untyped-def]
+                t, g = torch.from_numpy(np.asarray(x, dtype=np.float32)), torch.tensor(float(scale))
+                s = block_scales(t, g)
+                xb = t.reshape(*t.shape[:-1], -1, block_size)
+                q = torch.sign(xb) * round_e2m1(xb.abs() / (s.float().unsqueeze(-1) * g))
+                return (
+                    q.reshape(t.shape).numpy().astype(ml_dtypes.float4_e2m1fn),
+                    s.float().numpy().astype(ml_dtypes.float8_e4m3fn),
+                )
+
+        return TRT_FP4DynamicQuantize
+
+
+def test_nvfp4_block_exports_fp4_qdq_that_the_onnx_reference_matches(tmp_path: Path) -> None:
+    """NVFP4Linear reaches ONNX in ModelOpt's form: activations trt::TRT_FP4DynamicQuantize -> DQ(scales) ->
+    DQ(block 16), weights as FLOAT4E2M1 graph inputs (the packed bytes, retyped) -> DQ(E4M3 scales, FP32 global)
+    -> DQ(block 16). onnx's reference evaluator (standard ops; the TensorRT op by its documented semantics)
+    reproduces the emulated eager block: the nibble order, block layout and scale chain are right."""
+    import ml_dtypes
+    import numpy as np
+    import onnx
+    import onnx.numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    from fvrt.builder.backends.onnx_export import export_onnx
+    from fvrt.builder.engines import engine_specs
+    from fvrt.builder.quant.calibrate import CalibShape, random_dit_inputs, two_stage_passes
+    from fvrt.builder.quant.nvfp4 import e2m1_values, unpack_fp4
+
+    folder = tmp_path / "release"
+    write_tiny_release(folder, ModelVersion.LTX23, seed=1)
+    ck = load_tiny_release(folder, torch.float32, "cpu")
+    s1, s2 = (CalibShape(*TINY.latent(i), TINY.audio_latents) for i in (1, 2))
+    inputs = random_dit_inputs(ck.dit, two_stage_passes(s1, s2)[::4], text_tokens=16)
+    recipe = QuantRecipe.named("nvfp4")
+    odd = [n for n in recipe.select_linears(ck.dit) if ck.dit.get_submodule(n).in_features % 16]
+    quantize_model(ck.dit, recipe, inputs, method="hooks", exclude=[*recipe.exclude, *odd])
+    spec = {s.name: s for s in engine_specs(ck, [TINY])}["dit_block_1"]
+    graph = export_onnx(spec, "tiny/s1", tmp_path / "block.onnx")
+    assert {"TRT_FP4DynamicQuantize", "DequantizeLinear"} <= set(graph.op_types) and "AsFloat4" not in graph.op_types
+    fp4_inputs = [i.name for i in graph.inputs if i.dtype == "float4_e2m1"]
+    assert fp4_inputs and all(n.endswith(".weight") for n in fp4_inputs)
+
+    model = onnx.load(str(graph.path))
+    ref = ReferenceEvaluator(model, new_ops=[_TrtFp4DynamicQuantize.op()])
+    sample = tuple(t.clone() for t in spec.sample_inputs("tiny/s1"))
+    weights = {n: t for n, t in zip(graph.weight_inputs, _layer_weights(spec, graph.weight_inputs), strict=True)}
+    feed = {n: t.numpy() for n, t in zip(spec.input_names, sample, strict=True) if n in {i.name for i in graph.inputs}}
+    for name, t in weights.items():
+        if name in fp4_inputs:  # what the graph input holds: our packed bytes read by ONNX's FLOAT4E2M1 rule
+            shape = [t.shape[0], 2 * t.shape[1]]
+            proto = onnx.helper.make_tensor(name, onnx.TensorProto.FLOAT4E2M1, shape, t.numpy().tobytes(), raw=True)
+            feed[name] = onnx.numpy_helper.to_array(proto)
+            ours = e2m1_values(unpack_fp4(t))
+            assert np.array_equal(feed[name].astype(np.float32), ours.numpy()), f"{name}: nibble order"
+        elif t.dtype == torch.float8_e4m3fn:
+            feed[name] = t.float().numpy().astype(ml_dtypes.float8_e4m3fn)
+        else:
+            feed[name] = t.numpy()
+    got = ref.run(None, feed)
+    with torch.no_grad():
+        want = spec.module(*sample)
+    for g, w, name in zip(got, want, spec.output_names, strict=True):
+        assert_rel_close(torch.from_numpy(np.asarray(g, dtype=np.float32)), w.float(), 1e-4, f"nvfp4 onnx {name}")
+
+
+def _layer_weights(spec: object, names: list[str]) -> list[torch.Tensor]:
+    params = dict(spec.per_layer[0].named_parameters())  # type: ignore[attr-defined]
+    return [params[n].detach() for n in names]
+
+
+def test_nvfp4_engines_build_with_tensorrt_rtx_for_sm120(tmp_path: Path) -> None:
+    from fvrt.builder.backends import tensorrt as TB
+
+    reason = TB.backend("tensorrt-rtx").available()
+    if reason is not None:
+        pytest.skip(reason)
+    out = tmp_path / "rtx"
+    build_engines(
+        BuildRequest(out_dir=out, random="tiny", precision="nvfp4", stages=("dit",), calib_prompts=PROMPTS,
+                     calib_count=1, backend="tensorrt-rtx", target_ccs=("12.0",), attention="decomposable"),
+        log=lambda _: None,
+    )  # fmt: skip
+    m = read_manifest(out)
+    assert m.stages["dit_block_1"].precision == "nvfp4" and m.stages["dit_block"].precision == "bf16"
+    assert "TRT_FP4DynamicQuantize" in m.stages["dit_block_1"].extra["op_types"]
+    assert m.build.compute_capability == "12.0"

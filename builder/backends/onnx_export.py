@@ -145,17 +145,129 @@ def _fp8_dequantize(q: Any, scale: Any) -> Any:
     return op.DequantizeLinear(q, scale)
 
 
+NVFP4_BLOCK = 16
+AS_FLOAT4 = "AsFloat4"  # placeholder op (domain "fvrt") marking packed uint8 weights to retype as FLOAT4E2M1
+
+
+def _register_nvfp4_schemas() -> None:
+    """Schemas for the two non-standard ops the NVFP4 translations emit (onnxscript binds calls by schema):
+    TensorRT's `trt::TRT_FP4DynamicQuantize` (as ModelOpt exports it) and our `fvrt::AsFloat4` placeholder."""
+    import onnx
+    from onnx.defs import OpSchema
+
+    if onnx.defs.has("TRT_FP4DynamicQuantize", "trt"):
+        return
+    param, attr = OpSchema.FormalParameter, OpSchema.Attribute
+    fp4 = OpSchema(
+        "TRT_FP4DynamicQuantize",
+        "trt",
+        1,
+        "x -> (FP4 E2M1 values, E4M3 scale per block_size block along axis) under the FP32 global scale",
+        inputs=[param("x", "T1"), param("scale", "tensor(float)")],
+        outputs=[param("y", "T2"), param("y_scale", "T3")],
+        type_constraints=[
+            ("T1", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "input"),
+            ("T2", ["tensor(float4e2m1)"], "values"),
+            ("T3", ["tensor(float8e4m3fn)"], "block scales"),
+        ],
+        attributes=[
+            attr("axis", OpSchema.AttrType.INT, "quantised axis"),
+            attr("block_size", OpSchema.AttrType.INT, "block length"),
+            attr("scale_type", OpSchema.AttrType.INT, "element type of y_scale"),
+        ],
+    )
+    mark = OpSchema(
+        AS_FLOAT4,
+        "fvrt",
+        1,
+        "placeholder: these packed bytes are FLOAT4E2M1 (removed by retype_float4 after export)",
+        inputs=[param("packed", "tensor(uint8)")],
+        outputs=[param("values", "tensor(uint8)")],
+    )
+    onnx.defs.register_schema(fp4)
+    onnx.defs.register_schema(mark)
+
+
+def _nvfp4_act_qdq(x: Any) -> Any:
+    """`fvrt::nvfp4_act_qdq` (unit global scale) -> trt::TRT_FP4DynamicQuantize (FP4 values + E4M3 block scales
+    computed at run time; its scale input must be a constant) -> DequantizeLinear of the block scales ->
+    DequantizeLinear(block 16)."""
+    import onnx
+    from onnxscript import opset23 as op
+    from onnxscript.values import Opset
+
+    _register_nvfp4_schemas()
+    one = op.Constant(value_float=1.0)
+    xq, xs = Opset("trt", 1).TRT_FP4DynamicQuantize(
+        op.Cast(x, to=onnx.TensorProto.FLOAT),
+        one,
+        axis=-1,
+        block_size=NVFP4_BLOCK,
+        scale_type=onnx.TensorProto.FLOAT8E4M3FN,
+    )
+    return op.DequantizeLinear(xq, op.DequantizeLinear(xs, one), axis=-1, block_size=NVFP4_BLOCK)
+
+
+def _nvfp4_weight_dq(packed: Any, scales: Any, gscale: Any) -> Any:
+    """`fvrt::nvfp4_weight_dq` -> FLOAT4E2M1 weights (the packed bytes retyped after export, see
+    `retype_float4`) -> DequantizeLinear(E4M3 block scales, FP32 global) -> DequantizeLinear(block 16)."""
+    from onnxscript import opset23 as op
+    from onnxscript.values import Opset
+
+    _register_nvfp4_schemas()
+    w4 = Opset("fvrt", 1).AsFloat4(packed)
+    return op.DequantizeLinear(w4, op.DequantizeLinear(scales, gscale), axis=-1, block_size=NVFP4_BLOCK)
+
+
+def retype_float4(model: Any) -> int:
+    """Replace every fvrt::AsFloat4(w) by `w` itself, retyped from UINT8 [out, in / 2] to FLOAT4E2M1 [out, in]
+    (the same bytes: element 2i in the low nibble, as ONNX packs FLOAT4E2M1); w is a graph input (per-layer
+    weights) or an initializer. Returns how many weights were retyped."""
+    import onnx
+
+    g = model.graph
+    marks = [n for n in g.node if n.op_type == AS_FLOAT4 and n.domain == "fvrt"]
+    tensors = {**{i.name: i for i in g.input}, **{t.name: t for t in g.initializer}}
+    for node in marks:
+        src, dst = node.input[0], node.output[0]
+        t = tensors.get(src)
+        if t is None:
+            raise ExportError(f"NVFP4 weight '{src}' is neither a graph input nor an initializer")
+        if isinstance(t, onnx.TensorProto):
+            t.data_type = onnx.TensorProto.FLOAT4E2M1
+            t.dims[-1] *= 2
+        else:
+            t.type.tensor_type.elem_type = onnx.TensorProto.FLOAT4E2M1
+            t.type.tensor_type.shape.dim[-1].dim_value *= 2
+        for other in g.node:
+            for i, name in enumerate(other.input):
+                if name == dst:
+                    other.input[i] = src
+        g.node.remove(node)
+    for vi in list(g.value_info):
+        if vi.name in {n.output[0] for n in marks}:
+            g.value_info.remove(vi)
+    if marks and not any(n.domain == "fvrt" for n in g.node):
+        keep = [o for o in model.opset_import if o.domain != "fvrt"]
+        del model.opset_import[:]
+        model.opset_import.extend(keep)
+    return len(marks)
+
+
 def translation_table() -> dict[Callable[..., Any], Callable[..., Any]]:
     """The `custom_translation_table` passed to `torch.onnx.export` (see the module docstring)."""
     from fvrt.builder.quant.fp8 import fp8_dequantize_op, fp8_quantize_op  # registers the fvrt:: ops
+    from fvrt.builder.quant.nvfp4 import nvfp4_act_qdq_op, nvfp4_weight_dq_op
 
     aten = torch.ops.aten
-    del fp8_dequantize_op, fp8_quantize_op
+    del fp8_dequantize_op, fp8_quantize_op, nvfp4_act_qdq_op, nvfp4_weight_dq_op
     return {
         aten.scaled_dot_product_attention.default: _sdpa_to_attention,
         aten.rms_norm.default: _rms_norm,
         torch.ops.fvrt.fp8_quantize.default: _fp8_quantize,
         torch.ops.fvrt.fp8_dequantize.default: _fp8_dequantize,
+        torch.ops.fvrt.nvfp4_act_qdq.default: _nvfp4_act_qdq,
+        torch.ops.fvrt.nvfp4_weight_dq.default: _nvfp4_weight_dq,
     }
 
 
@@ -216,6 +328,7 @@ _ONNX_DTYPE_NAMES = {
     6: "int32",
     9: "bool",
     17: "float8_e4m3fn",
+    23: "float4_e2m1",  # packed 2 per byte; the weights file holds the uint8 bytes [out, in / 2]
 }
 
 
@@ -329,13 +442,16 @@ def export_onnx(
 
     model = onnx.load(str(path), load_external_data=False)
     islands = upcast_ops(model, BF16_FP32_OPS) if precision == "bf16" else []
-    if islands:
+    retyped = retype_float4(model)
+    if islands or retyped:
         onnx.save(model, str(path))  # external data references (relative locations) stay valid in place
     graph_inputs = [i.name for i in model.graph.input]
     graph_outputs = [o.name for o in model.graph.output]
     if graph_outputs != list(spec.output_names):
         raise ExportError(f"{spec.name}[{key}]: exported outputs {graph_outputs} != {spec.output_names}")
     unused = [n for n in input_names if n not in graph_inputs]
+    # NVFP4 weights: uint8 bytes in torch, FLOAT4E2M1 [out, in] in the graph (retype_float4)
+    fp4 = {vi.name: vi for vi in model.graph.input if vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT4E2M1}
     for vi in [*model.graph.input, *model.graph.output]:
         dims = vi.type.tensor_type.shape.dim
         if any(not d.HasField("dim_value") for d in dims):
@@ -344,7 +460,7 @@ def export_onnx(
         path=path,
         key=key,
         inputs=[
-            TensorInfo(n, _dtype_name(t), list(t.shape))
+            _onnx_tensor_info(fp4[n]) if n in fp4 else TensorInfo(n, _dtype_name(t), list(t.shape))
             for n, t in zip(input_names, inputs, strict=True)
             if n not in unused
         ],

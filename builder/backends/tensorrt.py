@@ -291,11 +291,9 @@ class TensorRTBackend:
             raise RuntimeError(reason)
         self._check_attention()
         t_start = time.perf_counter()
-        if precision == "nvfp4":
-            raise ValueError(
-                f"engine {spec.name}: NVFP4 Q/DQ export for the TensorRT family is not implemented (torch-aot only)"
-            )
-        quantized = precision == "fp8"  # FP8Linear layers export as QuantizeLinear/DequantizeLinear pairs
+        # FP8Linear layers export as QuantizeLinear / DequantizeLinear pairs, NVFP4Linear as ModelOpt's NVFP4 form
+        # (trt::TRT_FP4DynamicQuantize + DequantizeLinear chains, FLOAT4E2M1 weights)
+        quantized = precision in ("fp8", "nvfp4")
         want = OX.module_precision(spec.module) if quantized else _precision_name(precision)
         have = OX.module_precision(spec.module)
         if have != want:
@@ -318,8 +316,8 @@ class TensorRTBackend:
                 t0 = time.perf_counter()
                 graph = OX.export_onnx(spec, key, scratch / f"{spec.name}.{_key_file(key)}.onnx", log=log)
                 export_s = time.perf_counter() - t0
-                if quantized and not {"QuantizeLinear", "DequantizeLinear"} <= set(graph.op_types):
-                    raise ValueError(f"{what}: --precision fp8 but the exported graph has no FP8 Q/DQ nodes")
+                if quantized and not QDQ_OPS[precision] <= set(graph.op_types):
+                    raise ValueError(f"{what}: --precision {precision} but the exported graph has no {precision} Q/DQ")
                 built = self.build_plan(graph.path, precision=want, what=what, log=log)
                 plan_file = f"{spec.name}.{_key_file(key)}{PLAN_SUFFIX[self.name]}"
                 (out / plan_file).write_bytes(built.plan)
@@ -383,7 +381,7 @@ class TensorRTBackend:
             backend=self.name,
             file=first["file"],
             sha256=first["sha256"],
-            precision="fp8" if quantized else want,
+            precision=precision if quantized else want,
             inputs=list(inputs.values()),
             outputs=list(outputs.values()),
             weights=weights,
@@ -414,6 +412,13 @@ def _add_shape(table: dict[str, TensorSpec], t: OX.TensorInfo, key: str) -> None
     elif table[t.name].dtype != t.dtype:
         raise TensorRTBuildError(f"tensor {t.name}: dtype {t.dtype} at {key} differs from {table[t.name].dtype}")
     table[t.name].shapes[key] = list(t.shape)
+
+
+QDQ_OPS = {
+    "fp8": {"QuantizeLinear", "DequantizeLinear"},
+    "nvfp4": {"TRT_FP4DynamicQuantize", "DequantizeLinear"},
+}
+"""The ops a quantised engine's graph must hold."""
 
 
 def write_per_layer_weights(spec: EngineSpec, path: Path, names: Sequence[str]) -> None:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fvrt.builder.quant.fp8 import E4M3_MAX, MIN_AMAX, StorageDtypeModule
+from fvrt.builder.quant.fp8 import _QDQ_EXPORT, E4M3_MAX, MIN_AMAX, StorageDtypeModule
 
 E2M1_MAX = 6.0
 """Largest FP4 E2M1 magnitude."""
@@ -124,6 +124,38 @@ def dequantize_weight_nvfp4(packed: torch.Tensor, scales: torch.Tensor, gscale: 
     return (vals * (scales.float().unsqueeze(-1) * gscale.float())).flatten(-2)
 
 
+# ---- explicit Q/DQ for the ONNX export (TensorRT family) -----------------------------------------------------
+# Inside `fvrt.builder.quant.fp8.qdq_export()`, NVFP4Linear calls these two ops; the ONNX translations
+# (builder/backends/onnx_export.py) turn them into ModelOpt's NVFP4 form: activations
+# trt::TRT_FP4DynamicQuantize -> DequantizeLinear(block scales) -> DequantizeLinear(block_size=16), weights
+# FLOAT4E2M1 -> DequantizeLinear(E4M3 scales, FP32 global) -> DequantizeLinear(block_size=16).
+
+
+@torch.library.custom_op("fvrt::nvfp4_act_qdq", mutates_args=())
+def nvfp4_act_qdq_op(x: torch.Tensor) -> torch.Tensor:
+    """Dynamic-block NVFP4 quantise-dequantise of x under a unit global scale (float32 out). TensorRT takes the
+    global scale of its dynamic quantiser only as a constant, and a per-layer engine's scales are inputs, so
+    the layer divides x by its global scale first and multiplies the GEMM output by it (the same values:
+    block scales are amax / (6 * global) either way)."""
+    return fake_quantize(x, torch.ones((), device=x.device))
+
+
+@nvfp4_act_qdq_op.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x, dtype=torch.float32)
+
+
+@torch.library.custom_op("fvrt::nvfp4_weight_dq", mutates_args=())
+def nvfp4_weight_dq_op(packed: torch.Tensor, scales: torch.Tensor, gscale: torch.Tensor) -> torch.Tensor:
+    """Packed NVFP4 weight [out, in / 2] -> float32 [out, in]."""
+    return dequantize_weight_nvfp4(packed, scales, gscale)
+
+
+@nvfp4_weight_dq_op.register_fake
+def _(packed: torch.Tensor, scales: torch.Tensor, gscale: torch.Tensor) -> torch.Tensor:
+    return packed.new_empty((packed.shape[0], packed.shape[1] * 2), dtype=torch.float32)
+
+
 class NVFP4Linear(StorageDtypeModule):
     """NVFP4 weights (packed) and NVFP4 activations (dynamic 16-blocks, static global scale), emulated in
     float32: y = fq(x) @ dq(W).T + bias. A Blackwell engine runs the same math with FP4 tensor cores."""
@@ -161,8 +193,13 @@ class NVFP4Linear(StorageDtypeModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out] in x's dtype (float32 emulation inside)."""
-        xq = fake_quantize(x, self.input_scale)
         bias = None if self.bias is None else self.bias.float()
+        if _QDQ_EXPORT[0]:  # the same math as explicit ops for the ONNX export (unit-scale activations)
+            xq = nvfp4_act_qdq_op(x.float() / self.input_scale)
+            w = nvfp4_weight_dq_op(self.weight, self.weight_scale, self.weight_scale_2)
+            out = F.linear(xq, w) * self.input_scale
+            return (out if bias is None else out + bias).to(x.dtype)
+        xq = fake_quantize(x, self.input_scale)
         return F.linear(xq, self.dequantized_weight(), bias).to(x.dtype)
 
     _FIXED_DTYPE = ("weight", "weight_scale", "weight_scale_2", "input_scale")
@@ -181,6 +218,8 @@ __all__ = [
     "e2m1_values",
     "fake_quantize",
     "global_scale",
+    "nvfp4_act_qdq_op",
+    "nvfp4_weight_dq_op",
     "pack_fp4",
     "quantize_weight_nvfp4",
     "round_e2m1",
