@@ -183,7 +183,10 @@ def test_fp8_block_exports_explicit_qdq_that_onnxruntime_matches(tmp_path: Path)
     assert max(errors.values()) <= 1e-5, errors
 
 
-def test_fp8_engines_build_with_tensorrt_rtx_for_sm89(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("precision", "cc", "op"), [("fp8", "8.9", "QuantizeLinear"), ("nvfp4", "12.0",
+                                                     "TRT_FP4DynamicQuantize")])  # fmt: skip
+def test_low_bit_engines_build_with_tensorrt_rtx(tmp_path: Path, precision: str, cc: str, op: str) -> None:
+    """FP8 for SM89 (Ada) and NVFP4 for SM120 (Blackwell GeForce), built on this CPU-only machine."""
     from fvrt.builder.backends import tensorrt as TB
 
     reason = TB.backend("tensorrt-rtx").available()
@@ -191,13 +194,14 @@ def test_fp8_engines_build_with_tensorrt_rtx_for_sm89(tmp_path: Path) -> None:
         pytest.skip(reason)
     out = tmp_path / "rtx"
     build_engines(
-        BuildRequest(out_dir=out, random="tiny", precision="fp8", stages=("dit",), calib_prompts=PROMPTS,
-                     calib_count=1, backend="tensorrt-rtx", target_ccs=("8.9",), attention="decomposable"),
+        BuildRequest(out_dir=out, random="tiny", precision=precision, stages=("dit",), calib_prompts=PROMPTS,
+                     calib_count=1, backend="tensorrt-rtx", target_ccs=(cc,), attention="decomposable"),
         log=lambda _: None,
     )  # fmt: skip
     m = read_manifest(out)
-    assert m.stages["dit_block_1"].precision == "fp8" and m.stages["dit_block"].precision == "bf16"
-    assert m.build.compute_capability == "8.9"
+    assert m.stages["dit_block_1"].precision == precision and m.stages["dit_block"].precision == "bf16"
+    assert op in m.stages["dit_block_1"].extra["op_types"]
+    assert m.build.compute_capability == cc
 
 
 def test_nvfp4_build_keeps_narrow_layers_bf16_and_runs(tmp_path: Path) -> None:
@@ -352,21 +356,3 @@ def test_nvfp4_block_exports_fp4_qdq_that_the_onnx_reference_matches(tmp_path: P
 def _layer_weights(spec: object, names: list[str]) -> list[torch.Tensor]:
     params = dict(spec.per_layer[0].named_parameters())  # type: ignore[attr-defined]
     return [params[n].detach() for n in names]
-
-
-def test_nvfp4_engines_build_with_tensorrt_rtx_for_sm120(tmp_path: Path) -> None:
-    from fvrt.builder.backends import tensorrt as TB
-
-    reason = TB.backend("tensorrt-rtx").available()
-    if reason is not None:
-        pytest.skip(reason)
-    out = tmp_path / "rtx"
-    build_engines(
-        BuildRequest(out_dir=out, random="tiny", precision="nvfp4", stages=("dit",), calib_prompts=PROMPTS,
-                     calib_count=1, backend="tensorrt-rtx", target_ccs=("12.0",), attention="decomposable"),
-        log=lambda _: None,
-    )  # fmt: skip
-    m = read_manifest(out)
-    assert m.stages["dit_block_1"].precision == "nvfp4" and m.stages["dit_block"].precision == "bf16"
-    assert "TRT_FP4DynamicQuantize" in m.stages["dit_block_1"].extra["op_types"]
-    assert m.build.compute_capability == "12.0"
