@@ -602,6 +602,15 @@ def stage_precision(plan: Plan, spec: EngineSpec) -> str:
     return "bf16" if plan.request.precision in QUANTIZED else plan.request.precision
 
 
+def _calib_tokenizer(plan: Plan, scratch: Path) -> Path:
+    """The tokenizer as the runtime reads it, saved once per build for the calibration runs (DiT and text)."""
+    tok = scratch / "calib-tokenizer"
+    if not tok.is_dir():
+        tok.mkdir(parents=True)
+        _save_tokenizer(plan, tok, scratch)
+    return tok
+
+
 def _quantize(plan: Plan, ckpt: LTXCheckpoint, scratch: Path, log: Log) -> dict[str, Any]:
     """Calibrate the DiT on real pipeline runs (calib_data) with ModelOpt and convert its Linears in place."""
     from fvrt.builder.quant.calibrate import quantize_model
@@ -619,9 +628,7 @@ def _quantize(plan: Plan, ckpt: LTXCheckpoint, scratch: Path, log: Log) -> dict[
     else:
         prompts_file, images = calibration_files(req)
         prompts = spread(read_prompts(prompts_file), req.calib_count)
-        tok = scratch / "calib-tokenizer"
-        tok.mkdir(parents=True, exist_ok=True)
-        _save_tokenizer(plan, tok, scratch)
+        tok = _calib_tokenizer(plan, scratch)
         log(f"calibration: {len(prompts)} pipeline runs at {profile.name} ({prompts_file}, {len(images)} images)")
         inputs = pipeline_dit_inputs(ckpt, profile, prompts, tok, images=images, device=plan.device, log=log)
     recipe_ = QuantRecipe.named(req.precision)
@@ -658,10 +665,7 @@ def _quantize_text(plan: Plan, ckpt: LTXCheckpoint, scratch: Path, log: Log) -> 
     req = plan.request
     prompts_file, _ = calibration_files(req)
     prompts = read_prompts(prompts_file)
-    tok = scratch / "text-calib-tokenizer"
-    tok.mkdir(parents=True, exist_ok=True)
-    _save_tokenizer(plan, tok, scratch)
-    tokenizer = PromptTokenizer(tok)
+    tokenizer = PromptTokenizer(_calib_tokenizer(plan, scratch))
     inputs = []
     for prompt in prompts:
         ids, mask = tokenizer(prompt)

@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from fvrt.builder.build import BuildRequest, build_engines, link_or_copy
-from fvrt.builder.engines import PRESET_PROFILES, dit_forward_kwargs
+from fvrt.builder.engines import PRESET_PROFILES
+from fvrt.builder.quant.pipeline_calib import dit_call_kwargs
 from fvrt.metrics import psnr, snr
 from fvrt.runtime.engine import EngineDir
 from fvrt.runtime.media import Mp4Writer
@@ -208,10 +209,7 @@ def calib_from_record(args: argparse.Namespace, ref: dict[str, Any]) -> tuple[di
     profile = PRESET_PROFILES[args.profile]
     out = []
     for key, inputs, _ in ref["record"]:
-        video, audio, vctx, actx, video_t, index, sigma = (t.to(args.device) for t in inputs)
-        stage = 1 if key.endswith("/s1") else 2
-        prep = (video_t, index, sigma.view(1, 1), sigma, sigma)
-        out.append(dit_forward_kwargs(profile, stage, prep, (video, audio, vctx, actx), positions_dtype=video.dtype))
+        out.append(dit_call_kwargs(profile, key, *(t.to(args.device) for t in inputs)))
     return tuple(out)
 
 

@@ -38,6 +38,15 @@ def spread(items: Sequence[Any], count: int) -> list[Any]:
     return [items[(i * len(items)) // count] for i in range(count)]
 
 
+def dit_call_kwargs(profile: Profile, key: str, *call: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One pipeline DiT call (`Pipeline._dit(key, video, audio, video_context, audio_context, video_t, index,
+    sigma)`, the runtime's order) as `LTXDiT.forward` keyword inputs of the profile's stage-1 or stage-2 shape."""
+    video, audio, vctx, actx, video_t, index, sigma = call
+    stage = 1 if key.endswith("/s1") else 2
+    prep = (video_t, index, sigma.view(1, 1), sigma, sigma)
+    return dit_forward_kwargs(profile, stage, prep, (video, audio, vctx, actx), positions_dtype=video.dtype)
+
+
 def pipeline_dit_inputs(
     ckpt: LTXCheckpoint,
     profile: Profile,
@@ -58,13 +67,10 @@ def pipeline_dit_inputs(
     recorded: list[dict[str, torch.Tensor]] = []
 
     class Recording(Pipeline):
-        def _dit(self, key: str, video: torch.Tensor, audio: torch.Tensor, *rest: torch.Tensor) -> Any:
-            vctx, actx, video_t, index, sigma = rest
-            stage = 1 if key.endswith("/s1") else 2
-            prep = (video_t, index, sigma.view(1, 1), sigma, sigma)
-            kw = dit_forward_kwargs(profile, stage, prep, (video, audio, vctx, actx), positions_dtype=video.dtype)
+        def _dit(self, key: str, *call: torch.Tensor) -> Any:
+            kw = dit_call_kwargs(profile, key, *call)
             recorded.append({k: t.clone() for k, t in kw.items()})  # the pipeline reuses its buffers
-            return super()._dit(key, video, audio, *rest)
+            return super()._dit(key, *call)
 
     pipe = Recording(engines, PromptTokenizer(tokenizer_dir), cuda_graphs=False)
     for i, prompt in enumerate(prompts):
@@ -84,4 +90,4 @@ def pipeline_dit_inputs(
     return recorded
 
 
-__all__ = ["pipeline_dit_inputs", "read_prompts", "spread"]
+__all__ = ["dit_call_kwargs", "pipeline_dit_inputs", "read_prompts", "spread"]
