@@ -724,16 +724,23 @@ def _build_stage(
 def _verify(plan: Plan, spec: EngineSpec, tmp: Path, entry: StageEntry, log: Log) -> dict[str, Any]:
     """--verify: the new engine (bound to the in-memory weights) against eager on fresh sample inputs."""
     from fvrt.builder.backends.aoti import weight_file_tensors
-    from fvrt.builder.verify import check_engine, worst
+    from fvrt.builder.verify import FP32_REFERENCED, check_against_fp32, check_engine, worst
     from fvrt.runtime.backends.aoti import AOTIEngine
 
     t = time.perf_counter()
     engine = AOTIEngine(tmp, entry, plan.device, tensors=weight_file_tensors(spec, entry.extra["weight_names"]))
     errs = check_engine(spec, engine)
-    del engine
     top = worst(errs)
     log(f"{spec.name}: verified against eager, max rel err {top:.2e} ({time.perf_counter() - t:.1f} s)")
-    return {"max_rel_err": top, "rel_err": errs}
+    out: dict[str, Any] = {"max_rel_err": top, "rel_err": errs}
+    if spec.name in FP32_REFERENCED and next(spec.module.parameters()).dtype != torch.float32:
+        row = check_against_fp32(spec, engine)
+        out["vs_fp32"] = row
+        e_max = max(v["engine_vs_fp32"] for v in row.values())
+        b_max = max(v["eager_bf16_vs_fp32"] for v in row.values())
+        log(f"{spec.name}: against an fp32 copy: engine {e_max:.2e}, eager {b_max:.2e}")
+    del engine
+    return out
 
 
 def _drop_stages(ckpt: LTXCheckpoint, names: Sequence[str]) -> None:

@@ -19,7 +19,6 @@ CPU dry run at tiny size (what CI machines can do):
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import shutil
@@ -40,12 +39,11 @@ from fvrt.builder.checkpoint import ModelVersion
 from fvrt.builder.engines import PRESET_PROFILES, EngineSpec, engine_specs
 from fvrt.builder.models import dit as D
 from fvrt.builder.random_release import full_random_checkpoint, load_tiny_release, write_tiny_release
-from fvrt.builder.verify import check_engine, rel_err, worst
+from fvrt.builder.verify import FP32_REFERENCED, check_against_fp32, check_engine, rel_err, worst
 from fvrt.runtime.backends.aoti import AOTIEngine
 
 DIT = ("dit_prep", "dit_in", "dit_block", "dit_out")
 VAE = ("video_encoder", "upsampler", "video_decoder", "audio_decoder")
-FP32_REFERENCED = ("video_encoder", "upsampler", "audio_decoder", "text_out")  # small enough for an fp32 copy
 SMALL_STAGES = ("video_encoder", "video_decoder", "upsampler", "audio_decoder", "vocoder", "text_projection")
 T0 = time.perf_counter()
 
@@ -126,20 +124,7 @@ class Run:
             self.check_fp32(spec, eng)
 
     def check_fp32(self, spec: EngineSpec, eng: AOTIEngine) -> None:
-        """bf16 rounding is noise of the order of the bar: measure the engine and eager bf16 both against an fp32
-        copy of the module on the same inputs. The engine is as good as eager when its fp32 error is no larger."""
-        ref = copy.deepcopy(spec.module).float()
-        row: dict[str, dict[str, float]] = {}
-        with torch.no_grad():
-            for key in spec.shape_keys:
-                inputs = tuple(t.clone() for t in spec.sample_inputs(key))
-                want = ref(*(t.float() if t.is_floating_point() else t for t in inputs))
-                eager = spec.module_for(key)(*inputs)
-                got = eng.run(key, *inputs)
-                want, eager = (x if isinstance(x, tuple) else (x,) for x in (want, eager))
-                for name, g, e, w in zip(spec.output_names, got, eager, want, strict=True):
-                    row[f"{key} {name}"] = {"engine_vs_fp32": rel_err(g, w), "eager_bf16_vs_fp32": rel_err(e, w)}
-        del ref
+        row = check_against_fp32(spec, eng)
         self.results["engines"][spec.name]["vs_fp32"] = row
         e_max = max(v["engine_vs_fp32"] for v in row.values())
         b_max = max(v["eager_bf16_vs_fp32"] for v in row.values())

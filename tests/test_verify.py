@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from fvrt.builder.engines import EngineSpec
-from fvrt.builder.verify import INFO, check_engine, rel_err, worst
+from fvrt.builder.verify import INFO, check_against_fp32, check_engine, rel_err, worst
 
 
 class Scale(nn.Module):
@@ -75,3 +75,38 @@ def test_rel_err_integers_and_zero() -> None:
     assert rel_err(torch.tensor([1, 2]), torch.tensor([1, 2])) == 0.0
     assert rel_err(torch.tensor([1, 2]), torch.tensor([1, 3])) == 1.0
     assert rel_err(torch.ones(3), torch.ones(3)) == 0.0
+
+
+def test_fp32_reference_separates_engine_error_from_bf16_rounding() -> None:
+    """A bf16 module: an engine computing in fp32 is closer to the fp32 copy than eager bf16 is; an engine with a
+    real error is not. The fp32 copy is a deep copy: the bf16 module stays bf16."""
+
+    class Chain(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.tensor(1.3, dtype=torch.bfloat16))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for _ in range(4):  # eager rounds to bf16 after every op
+                x = x * self.w + 0.1
+            return x
+
+    gen = torch.Generator().manual_seed(1)
+    module = Chain()
+    spec = EngineSpec("toy", module, ["x"], ["y"], ["any"], lambda _k: (torch.randn(4096, generator=gen).bfloat16(),))
+
+    class Fp32Inside:
+        def __init__(self, bias: float) -> None:
+            self.bias = bias
+
+        def run(self, key: str, x: torch.Tensor, layer: int | None = None) -> tuple[torch.Tensor]:
+            y = x.float()
+            for _ in range(4):
+                y = y * module.w.float() + 0.1
+            return ((y + self.bias).bfloat16(),)
+
+    good = check_against_fp32(spec, Fp32Inside(0.0))["any y"]
+    assert good["engine_vs_fp32"] < good["eager_bf16_vs_fp32"]
+    bad = check_against_fp32(spec, Fp32Inside(0.5))["any y"]
+    assert bad["engine_vs_fp32"] > 10 * bad["eager_bf16_vs_fp32"]
+    assert module.w.dtype == torch.bfloat16
