@@ -7,8 +7,11 @@ capture) and `--repeats` times warm. Recorded per run: per-stage times, end to e
 FP8 vs bf16 on the same prompt and seed: the DiT velocity cosine at every step of both stages (the bf16 run's
 DiT inputs replayed through the FP8 engines) and the decoded-video PSNR / audio SNR.
 
-The official implementation's side (issue 6) is NOT here yet: its per-pass DiT numbers come from
-scripts/gpu_dit_vs_official.py (docs/benchmarks.md). Writes `bench.json` and `bench.md` to --out.
+With `--official` (default on), the official implementation runs last in the same process: ltx-pipelines 1.0.0's
+distilled 8+3 pipeline, stage by stage, over ltx-core modules holding the same random weights (regenerated from
+the build's seed; scripts/official_distilled.py), bf16, eager, PyTorch SDPA; its per-stage compute times (model
+building timed apart), peak memory, and speedups of every fvrt run over it. Writes `bench.json` and `bench.md`
+to --out.
 
 GPU machine (1080p, full-size random weights; engines are rebuilt only when missing or stale):
     FVRT_CXX=g++-12 python3 scripts/bench.py --random full --device cuda --profile 1080p --out $OUT
@@ -19,6 +22,7 @@ CPU smoke run (tiny, what `make bench-tiny` does):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import shutil
@@ -197,6 +201,63 @@ def bench_precision(args: argparse.Namespace, precision: str, res: dict[str, Any
             torch._C._host_emptyCache()
 
 
+def bench_official(args: argparse.Namespace, res: dict[str, Any], ref: dict[str, Any]) -> None:
+    """The official distilled pipeline on the weights of the fvrt builds (same seed), same prompt, seed and
+    shape; compared with the reference precision's video and audio."""
+    import official_distilled as od  # scripts/ (this script's folder) is on sys.path
+
+    from fvrt.builder.build import PRECISIONS
+    from fvrt.builder.checkpoint import ModelVersion
+    from fvrt.builder.configs import full_config, tiny_config, upsampler_config
+    from fvrt.builder.random_release import full_random_checkpoint, load_tiny_release, write_tiny_release
+
+    dev, version = torch.device(args.device), ModelVersion("2.3")
+    dtype = PRECISIONS[args.precisions.split(",")[0]]
+    tiny = args.random == "tiny"
+    cfg = tiny_config(version) if tiny else full_config(version)
+    configs = {n: upsampler_config(version, tiny=tiny) if n == "upsampler" else cfg for n in od.BUILDERS.values()}
+    if tiny:  # the build's tiny release, written again from the same seed
+        folder = Path(args.out) / "official-release"
+        write_tiny_release(folder, version, seed=args.seed)
+        ckpt = load_tiny_release(folder, dtype, dev)
+        stage, gemma = (lambda n: getattr(ckpt, n)), (lambda: ckpt.text_encoder)
+    else:  # each stage regenerated on the GPU when the official ledger builds its model (as a load from disk)
+
+        def stage(n: str) -> torch.nn.Module:
+            return getattr(full_random_checkpoint(version, dtype=dtype, device=dev, seed=args.seed, materialize={n}), n)
+
+        def gemma() -> torch.nn.Module:
+            return full_random_checkpoint(
+                version, dtype=dtype, device=dev, seed=args.seed, materialize={"text_encoder"}
+            ).text_encoder
+
+    engine_dir = next(Path(e["engine_dir"]) for e in res["precisions"].values() if Path(e["engine_dir"]).is_dir())
+    ledger = od.MemoryLedger(stage=stage, gemma=gemma, configs=configs, tokenizer_dir=engine_dir / TOKENIZER_DIR,
+                             dtype=dtype, device=dev)  # fmt: skip
+    profile = PRESET_PROFILES[args.profile]
+    log("official: distilled 8+3 (ltx-pipelines 1.0.0 wiring, ltx-core 1.0.0 modules, eager)")
+    with od.official_tiny_gemma() if tiny else contextlib.nullcontext():
+        frames, audio, _, timer = od.run(
+            ledger, prompt=PROMPT, seed=args.seed, height=profile.height, width=profile.width,
+            num_frames=profile.frames, frame_rate=profile.fps, dtype=dtype, device=dev,
+        )  # fmt: skip
+    out: dict[str, Any] = {"compute_s": timer.compute, "model_build_s": timer.build}
+    if dev.type == "cuda":
+        out["peak_gpu_GiB"] = timer.peak_gpu_GiB
+    if ref:
+        out[f"video_psnr_db_vs_{ref['precision']}"] = psnr(frames.numpy(), ref["frames"])
+        out[f"audio_snr_db_vs_{ref['precision']}"] = snr(audio.numpy(), ref["audio"])
+    total = timer.compute["end_to_end"]
+    out["speedup_end_to_end"] = {
+        f"{prec} {preset}": total / e[preset]["warm_median"]["end_to_end"]
+        for prec, e in res["precisions"].items()
+        for preset in res["presets"]
+        if preset in e
+    }
+    res["official"] = out
+    log(f"official: end to end {total:.2f} s (compute; models built in {sum(timer.build.values()):.1f} s)")
+
+
 def save(args: argparse.Namespace, res: dict[str, Any]) -> None:
     """bench.json after every step: a run cut short still leaves what it measured."""
     (Path(args.out) / "bench.json").write_text(json.dumps(res, indent=1, default=float))
@@ -275,6 +336,15 @@ def table(res: dict[str, Any]) -> str:
         cos = f"min velocity cosine video {q['min_video_cosine']:.4f} audio {q['min_audio_cosine']:.4f}"
         dec = f"decoded video PSNR {q['video_psnr_db']:.1f} dB, audio SNR {q['audio_snr_db']:.1f} dB"
         rows.append(f"\n{name}: {cos}, {dec}")
+    if "official" in res:
+        o = res["official"]["compute_s"]
+        cells = [o.get(k, float("nan")) for k in ("text_encode", "stage_1", "upsample", "stage_2", "video_decode",
+                                                   "audio_decode", "end_to_end")]  # fmt: skip
+        peak = res["official"].get("peak_gpu_GiB")
+        rows.insert(2, "| official | distilled | " + " | ".join(f"{c:.2f}" for c in cells[:6]) + " | - | "
+                    + f"{cells[6]:.2f} | {'-' if peak is None else f'{peak:.1f}'} | - |")  # fmt: skip
+        speed = ", ".join(f"{k} {v:.2f}x" for k, v in res["official"]["speedup_end_to_end"].items())
+        rows.append(f"\nspeedup over the official implementation, end to end: {speed}")
     for prec, e in res["precisions"].items():
         passes = ", ".join(f"{k} {v:.3f} s" for k, v in e.get("dit_pass_s", {}).items())
         rows.append(f"\n{prec}: DiT pass {passes}; cold start {e.get('cold_start_s', float('nan')):.1f} s")
@@ -304,6 +374,10 @@ def main() -> None:
     ap.add_argument(
         "--deadline-s", type=float, default=1e9, help="start no new precision, and no second preset, after this"
     )
+    ap.add_argument(
+        "--official", action=argparse.BooleanOptionalAction, default=True,
+        help="run the official implementation last, same process, same weights (--no-official: skip it)",
+    )  # fmt: skip
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--engines", default="engines/bench", help="where the engine directories are built or reused")
     ap.add_argument("--out", default="out/bench")
@@ -335,6 +409,14 @@ def main() -> None:
             gc.collect()
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
+        save(args, res)
+    if args.official and res["precisions"]:
+        try:
+            bench_official(args, res, ref)
+        except Exception as e:
+            log(f"official: FAILED: {type(e).__name__}: {e}")
+            traceback.print_exc()
+            res.setdefault("errors", {})["official"] = f"{type(e).__name__}: {e}"
         save(args, res)
     md = f"{res['gpu']}, torch {res['torch']}, {res['date']}, profile {args.profile}\n\n{table(res)}\n"
     (Path(args.out) / "bench.md").write_text(md)

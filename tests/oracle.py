@@ -129,65 +129,24 @@ def official_load(stage: str, path: Path) -> nn.Module:
 
 
 def tiny_gemma_config_data() -> object:
-    """ltx-core's `Gemma3ConfigData` at the tiny sizes of `fvrt.builder.tiny_gemma` (the object the official
-    encoder is patched with in place of its hard-coded 12B config)."""
-    from ltx_core.text_encoders.gemma.config import Gemma3ConfigData, Gemma3TextConfig, Gemma3VisionConfig
-
-    from fvrt.builder.tiny_gemma import tiny_gemma_config_dict
-
-    ref = tiny_gemma_config_dict()
-    text, vision = ref["text_config"], ref["vision_config"]
-    return Gemma3ConfigData(
-        boi_token_index=ref["boi_token_index"],
-        eoi_token_index=ref["eoi_token_index"],
-        image_token_index=ref["image_token_index"],
-        eos_token_id=ref["eos_token_id"],
-        mm_tokens_per_image=ref["mm_tokens_per_image"],
-        torch_dtype="float32",
-        text_config=Gemma3TextConfig(
-            **{
-                k: text[k]
-                for k in (
-                    "head_dim",
-                    "hidden_size",
-                    "intermediate_size",
-                    "num_attention_heads",
-                    "num_key_value_heads",
-                    "num_hidden_layers",
-                    "query_pre_attn_scalar",
-                    "sliding_window",
-                    "sliding_window_pattern",
-                    "vocab_size",
-                    "max_position_embeddings",
-                )
-            },
-            torch_dtype="float32",
-        ),
-        vision_config=Gemma3VisionConfig(
-            **{
-                k: vision[k]
-                for k in (
-                    "hidden_size",
-                    "image_size",
-                    "intermediate_size",
-                    "num_attention_heads",
-                    "num_hidden_layers",
-                    "patch_size",
-                )
-            }
-        ),
-    )
+    """ltx-core's `Gemma3ConfigData` at the tiny sizes (scripts/official_distilled.py, shared with the bench)."""
+    install_torchaudio_stub()
+    return _official_distilled().tiny_gemma_config_data()
 
 
 @contextlib.contextmanager
 def official_tiny_gemma() -> Iterator[None]:
     """Swap ltx-core's hard-coded Gemma-3 12B config for the tiny one (both modules hold a reference)."""
-    import ltx_core.text_encoders.gemma.config as config_module
-    import ltx_core.text_encoders.gemma.encoders.encoder_configurator as configurator_module
-    import pytest
-
-    tiny = tiny_gemma_config_data()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(config_module, "GEMMA3_CONFIG_FOR_LTX", tiny)
-        mp.setattr(configurator_module, "GEMMA3_CONFIG_FOR_LTX", tiny)
+    install_torchaudio_stub()
+    with _official_distilled().official_tiny_gemma():
         yield
+
+
+def _official_distilled() -> types.ModuleType:
+    """scripts/official_distilled.py (the bench's official side) as a module."""
+    scripts = str(Path(__file__).resolve().parents[1] / "scripts")
+    if scripts not in sys.path:
+        sys.path.insert(0, scripts)
+    import official_distilled
+
+    return official_distilled
