@@ -47,7 +47,11 @@ class GraphRunner:
         self._graphs: dict[Hashable, _Graph] = {}
         self._eager: set[Hashable] = set()  # keys whose capture failed: they run eagerly from then on
         self.failures: dict[str, str] = {}  # key -> why its capture failed (reported by the timings)
-        self._pool = torch.cuda.graph_pool_handle() if self.enabled else None
+        # A MemPool object holds its own reference to the pool: it outlives the graphs captured into it. With a bare
+        # `graph_pool_handle()` the pool went away with the last graph (the text encoder's, dropped when it is
+        # parked), and every later capture into that handle failed in the allocator (torch 2.11, H100:
+        # "it->second->use_count > 0 INTERNAL ASSERT FAILED").
+        self._mempool = torch.cuda.MemPool() if self.enabled else None
 
     def __call__(self, key: Hashable, fn: EngineFn, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if not self.enabled:
@@ -81,7 +85,7 @@ class GraphRunner:
                 fn(*static)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.no_grad(), torch.cuda.graph(graph, pool=self._pool):
+        with torch.no_grad(), torch.cuda.graph(graph, pool=self._mempool.id):
             outputs = tuple(fn(*static))
         return _Graph(graph, static, outputs)
 

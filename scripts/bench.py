@@ -195,6 +195,7 @@ def bench_precision(args: argparse.Namespace, precision: str, res: dict[str, Any
         )
         save(args, res)
     del pipe, engines
+    gc.collect()  # the recorder and its graph tap reference each other: only the collector frees the engines
     if dev.type == "cuda":
         torch.cuda.empty_cache()
         if hasattr(torch._C, "_host_emptyCache"):  # the offloaded text encoder's pinned host blocks

@@ -375,6 +375,22 @@ def test_graph_runner_captures_once_and_replays() -> None:
     assert len(calls) == 3 + 2 + 2  # a new input shape is a new graph
 
 
+@pytest.mark.gpu
+def test_graph_runner_captures_again_after_every_graph_was_dropped() -> None:
+    """The text encoder's graphs are dropped when it is parked, before the DiT's are captured: the shared pool must
+    survive its last graph (on the H100 every later capture failed while it did not)."""
+    dev = torch.device("cuda")
+    runner = GraphRunner(dev)
+    x = torch.randn(4096, device=dev)
+    assert torch.equal(runner(("text", "any"), lambda a: (a * 2,), x)[0], x * 2)
+    runner.drop({"text"})
+    for _ in range(2):
+        assert torch.equal(runner(("dit", "s1"), lambda a: (a + 1,), x)[0], x + 1)
+        runner.clear()
+    assert torch.equal(runner(("text", "any"), lambda a: (a * 3,), x)[0], x * 3)
+    assert not runner.failures, runner.failures
+
+
 class Releasing(ContiguousInputs):
     """Records engine runs and releases; an engine run after its release in the same generation is loaded again
     (counted), which memory="phase" must never cause."""
