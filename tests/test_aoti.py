@@ -169,6 +169,30 @@ def test_release_drops_engines_and_reloads_on_use(built: Built) -> None:
     assert engines.engine("dit_block") is not None  # loaded again on use
 
 
+def test_parking_copies_weights_to_the_host_once(built: Built) -> None:
+    """memory="offload": the first park copies the weights to (pinned) host memory; later parks reuse those copies
+    (weights never change) and un-parking copies them to the device. Run with "meta" standing in for the GPU (the
+    device copies are meta tensors; a CPU engine never parks)."""
+    engines = EngineDir.open(built.path)
+    eng = engines.engine("text_block")
+    eng.offload()
+    assert not eng.offloaded  # on the CPU the weights are host memory already
+    originals = [list(ws) for ws in eng._weight_lists()]
+    eng.device = torch.device("meta")
+    eng.offload()
+    assert eng.offloaded
+    host = [t for ws in eng._weight_lists() for t in ws]
+    flat = [t for ws in originals for t in ws]
+    assert len(host) == len(flat) and all(torch.equal(h, o) and h is not o for h, o in zip(host, flat, strict=True))
+    eng.onload()
+    assert not eng.offloaded and all(t.is_meta for ws in eng._weight_lists() for t in ws)
+    eng.offload()  # again: the same host tensors, nothing copied
+    assert all(a is b for a, b in zip(host, [t for ws in eng._weight_lists() for t in ws], strict=True))
+    eng.onload()
+    eng.onload()  # un-parking twice is harmless
+    assert all(t.is_meta for ws in eng._weight_lists() for t in ws)
+
+
 def test_rebuild_is_a_no_op_and_new_weights_reuse_the_code(built: Built, tmp_path: Path) -> None:
     if built.ckpt.version is not ModelVersion.LTX23:
         pytest.skip("once is enough")

@@ -15,6 +15,13 @@ from fvrt.runtime.manifest import EngineError, StageEntry, TensorSpec
 LAYER_PREFIX = "layers.{}."  # same layout as the builder writes
 
 
+def _pinned_copy(t: torch.Tensor) -> torch.Tensor:
+    """A host copy of `t` in page-locked memory (fast asynchronous copies back) where CUDA is present."""
+    h = torch.empty(t.shape, dtype=t.dtype, pin_memory=torch.cuda.is_available())
+    h.copy_(t)
+    return h
+
+
 def _load_models(root: Path, files: dict[str, str], device: torch.device) -> dict[str, Any]:
     """Shape key -> loaded AOTInductor model (one single-model package per key).
 
@@ -61,37 +68,37 @@ class AOTIEngine:
         self.outputs: list[TensorSpec] = entry.outputs
         self.shape_keys = list(models)
         self._models = _load_models(root, models, device)
-        self._host: list[torch.Tensor] | None = None  # pinned host copies while offloaded
+        self._host: list[list[torch.Tensor]] | None = None  # pinned host copies, made at the first offload
+        self._parked = False  # the weights in use are the host copies (offloaded)
 
     def _weight_lists(self) -> list[list[torch.Tensor]]:
         return self.layers if self.num_layers else [self.weights]
 
     @property
     def offloaded(self) -> bool:
-        return self._host is not None
+        return self._parked
 
     def offload(self) -> None:
-        """Move the weights to pinned host memory, freeing their device memory (the compiled code stays loaded;
-        weights are inputs of every call, so nothing else holds a device address). `onload` brings them back."""
-        if self._host is not None or self.device.type != "cuda":
+        """Park the weights in pinned host memory, freeing their device memory (the compiled code stays loaded;
+        weights are inputs of every call, so nothing else holds a device address). Weights never change, so the
+        host copies are made once, at the first offload, and kept: parking again only drops the device copies
+        (the 1080p runs re-allocated 24 GB of pinned memory and copied it back on every prompt: ~14.5 s warm)."""
+        if self._parked or self.device.type == "cpu":
             return
-        host = []
-        for ws in self._weight_lists():
-            for i, t in enumerate(ws):
-                h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-                h.copy_(t)
-                host.append(h)
-                ws[i] = h
-        self._host = host
+        lists = self._weight_lists()
+        if self._host is None:
+            self._host = [[_pinned_copy(t) for t in ws] for ws in lists]
+        for ws, hs in zip(lists, self._host, strict=True):
+            ws[:] = hs
+        self._parked = True
 
     def onload(self) -> None:
-        """Copy offloaded weights back to the device (asynchronously, on the current stream)."""
-        if self._host is None:
+        """Copy the parked weights back to the device (asynchronously, on the current stream)."""
+        if not self._parked or self._host is None:
             return
-        for ws in self._weight_lists():
-            for i, t in enumerate(ws):
-                ws[i] = t.to(self.device, non_blocking=True)
-        self._host = None
+        for ws, hs in zip(self._weight_lists(), self._host, strict=True):
+            ws[:] = [h.to(self.device, non_blocking=True) for h in hs]
+        self._parked = False
 
     def check_inputs(self, key: str, inputs: Sequence[torch.Tensor]) -> None:
         """One-line ValueError naming the input when count, shape, dtype, device or contiguity differ from what
