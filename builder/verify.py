@@ -61,27 +61,28 @@ def check_engine(spec: EngineSpec, engine: Any) -> dict[str, float]:
 
 
 def check_against_fp32(
-    spec: EngineSpec, engine: Any, names: Sequence[str] | None = None
+    spec: EngineSpec, engine: Any, names: Sequence[str] | None = None, on: torch.device | None = None
 ) -> dict[str, dict[str, float]]:
     """bf16 rounding is noise of the order of the 1e-2 bar: the engine and eager bf16, both measured against the
     module evaluated with fp32 copies of its tensors on the same inputs. The engine computes as well as eager
     when its error is no larger. `names`: the tensors the engine reads (its weight inputs); only those are copied
-    (a wrapper such as text_out's holds all of Gemma but reads its final norm). For the stages in
-    `FP32_REFERENCED`."""
+    (a wrapper such as text_out's holds all of Gemma but reads its final norm). `on`: where the fp32 reference
+    runs (default: where the tensors are; "cpu" when the GPU has no room). For the stages in `FP32_REFERENCED`."""
     tensors = {**dict(spec.module.named_parameters()), **dict(spec.module.named_buffers())}
     if names is not None:
         tensors = {n: tensors[n] for n in names if n in tensors}
-    fp32 = {n: t.float() if t.is_floating_point() else t for n, t in tensors.items()}
+    fp32 = {n: (t.float() if t.is_floating_point() else t).to(on or t.device) for n, t in tensors.items()}
     row: dict[str, dict[str, float]] = {}
     with torch.no_grad():
         for key in spec.shape_keys:
             inputs = tuple(t.clone() for t in spec.sample_inputs(key))
-            up = tuple(t.float() if t.is_floating_point() else t for t in inputs)
+            up = tuple((t.float() if t.is_floating_point() else t).to(on or t.device) for t in inputs)
             want = torch.func.functional_call(spec.module, fp32, up, strict=False)
             eager = spec.module_for(key)(*inputs)
             got = engine.run(key, *inputs)
             want, eager = (x if isinstance(x, tuple) else (x,) for x in (want, eager))
             for name, g, e, w in zip(spec.output_names, got, eager, want, strict=True):
+                w = w.to(g.device)
                 row[f"{key} {name}"] = {"engine_vs_fp32": rel_err(g, w), "eager_bf16_vs_fp32": rel_err(e, w)}
     del fp32
     return row
