@@ -724,7 +724,7 @@ def _build_stage(
 def _verify(plan: Plan, spec: EngineSpec, tmp: Path, entry: StageEntry, log: Log) -> dict[str, Any]:
     """--verify: the new engine (bound to the in-memory weights) against eager on fresh sample inputs."""
     from fvrt.builder.backends.aoti import weight_file_tensors
-    from fvrt.builder.verify import FP32_REFERENCED, check_against_fp32, check_engine, worst
+    from fvrt.builder.verify import FP32_REFERENCED, check_against_fp32, check_engine, fp32_maxima, worst
     from fvrt.runtime.backends.aoti import AOTIEngine
 
     t = time.perf_counter()
@@ -745,8 +745,7 @@ def _verify(plan: Plan, spec: EngineSpec, tmp: Path, entry: StageEntry, log: Log
             log(f"{spec.name}: no fp32 reference ({type(e).__name__}: {' '.join(str(e).split())[:200]})")
         else:
             out["vs_fp32"] = row
-            e_max = max(v["engine_vs_fp32"] for v in row.values())
-            b_max = max(v["eager_bf16_vs_fp32"] for v in row.values())
+            e_max, b_max = fp32_maxima(row)
             log(f"{spec.name}: against fp32 tensors: engine {e_max:.2e}, eager {b_max:.2e}")
     del engine
     return out

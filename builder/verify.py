@@ -88,9 +88,23 @@ def check_against_fp32(
     return row
 
 
+def fp32_maxima(row: dict[str, dict[str, float]]) -> tuple[float, float]:
+    """(engine, eager bf16) largest error against fp32 of a `check_against_fp32` result."""
+    return max(v["engine_vs_fp32"] for v in row.values()), max(v["eager_bf16_vs_fp32"] for v in row.values())
+
+
 def worst(errs: dict[str, float]) -> float:
     """The largest error of a `check_engine` result (informational entries left out)."""
     return max(v for k, v in errs.items() if not k.startswith(INFO))
 
 
-__all__ = ["FP32_REFERENCED", "INFO", "check_against_fp32", "check_engine", "eager_outputs", "rel_err", "worst"]
+__all__ = [
+    "FP32_REFERENCED",
+    "INFO",
+    "check_against_fp32",
+    "check_engine",
+    "eager_outputs",
+    "fp32_maxima",
+    "rel_err",
+    "worst",
+]
