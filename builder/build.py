@@ -41,6 +41,7 @@ from fvrt.builder.random_release import (
     random_identity,
     write_tiny_release,
 )
+from fvrt.plugins import fp8_attention
 from fvrt.runtime.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -76,7 +77,7 @@ STAGE_GROUPS = {
     "dit": ("dit_prep", "dit_in", "dit_block", "dit_out"),
 }
 TEXT_ENGINES = STAGE_GROUPS["text_encoder"]
-ATTENTION_CHOICES = ("default", "cudnn")  # torch-aot on CUDA: SDPA backend baked into the exported graphs
+ATTENTION_CHOICES = ("default", "cudnn", "fp8", "fp8qk")  # torch-aot on CUDA: baked into the exported graphs
 # TensorRT-family backends (builder/backends/tensorrt.py): they take --attention default|decomposable (that
 # module's ATTENTION_MODES); only TensorRT-RTX takes --target-cc (full TensorRT builds for the GPU it runs on).
 TENSORRT_BACKENDS = ("tensorrt", "tensorrt-rtx")
@@ -342,6 +343,12 @@ def make_backend(req: BuildRequest) -> Any:
         )
     if req.cxx is not None and req.backend != "torch-aot":
         raise BuildError(f"--cxx: only --backend torch-aot takes it, not --backend {req.backend}")
+    if req.attention in fp8_attention.MODES:  # the DiT's attention in FP8 (a Triton kernel)
+        if req.device != "cuda" or not fp8_attention.supported(torch.device("cuda")):
+            raise BuildError(
+                f"--attention {req.attention}: FP8 attention compiles a Triton kernel for the local GPU and needs "
+                "--device cuda with compute capability 8.9 or newer and Triton installed"
+            )
     if be is not None:
         be.attention = req.attention
         be.cxx = req.cxx

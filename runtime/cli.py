@@ -176,10 +176,9 @@ def main(
     pipe = Pipeline(engines, tokenizer, cuda_graphs=cuda_graphs, memory=memory)
     writer: dict[str, Mp4Writer] = {}
 
-    def start_mp4(pixels: Any) -> None:  # encode the frames while the audio decodes
-        _, height_px, width_px, _ = pixels.shape
-        writer["mp4"] = Mp4Writer(output, fps=req.fps, width=width_px, height=height_px, sample_rate=pipe.sample_rate)
-        writer["mp4"].start_video(pixels)
+    def start_mp4(planes: Any) -> None:  # encode the frames while the audio decodes
+        writer["mp4"] = Mp4Writer(output, fps=req.fps, width=req.width, height=req.height, sample_rate=pipe.sample_rate)
+        writer["mp4"].start_video(planes)
 
     progress = _Progress()
     try:

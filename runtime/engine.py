@@ -30,6 +30,7 @@ def machine_compute_capability(device: torch.device) -> str | None:
 # Low-bit engines need the tensor-core formats: FP8 from Ada/Hopper (8.9), NVFP4 from Blackwell (10.0). On the
 # CPU both run through their exact emulation (FP8Linear / NVFP4Linear), which is how the tiny tests run them.
 LOW_BIT_MIN_CC = {"fp8": (8, 9), "nvfp4": (10, 0)}
+LOW_BIT_ATTENTION = ("fp8", "fp8qk")  # engines whose attention is FP8 (manifest extra "attention") need 8.9 too
 
 
 def check_environment(root: Path, manifest: Manifest, device: torch.device) -> None:
@@ -43,9 +44,12 @@ def check_environment(root: Path, manifest: Manifest, device: torch.device) -> N
         cc = torch.cuda.get_device_capability(device)
         for name, entry in manifest.stages.items():
             need = LOW_BIT_MIN_CC.get(entry.precision)
+            what = entry.precision
+            if entry.extra.get("attention") in LOW_BIT_ATTENTION:
+                need, what = max(need or (0, 0), LOW_BIT_MIN_CC["fp8"]), f"{what} with FP8 attention"
             if need is not None and cc < need:
                 raise EngineError(
-                    f"{root}: engine {name} is {entry.precision}, which needs a GPU of compute capability "
+                    f"{root}: engine {name} is {what}, which needs a GPU of compute capability "
                     f"{need[0]}.{need[1]} or newer; this GPU is {cc[0]}.{cc[1]}"
                 )
 

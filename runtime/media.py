@@ -16,10 +16,15 @@ from pathlib import Path
 
 import av
 import numpy as np
+import torch
 
 VIDEO_CODEC = "libx264"
 VIDEO_PIX_FMT = "yuv420p"  # 4:2:0, what browsers play
-VIDEO_OPTIONS = {"crf": "18", "preset": "veryfast"}  # near-transparent quality; encoding stays a small share
+# crf 18: near-transparent. `superfast`: measured on the GPU host (scripts/mp4_encode_probe.py, docs/benchmarks.md)
+VIDEO_OPTIONS = {"crf": "18", "preset": "superfast"}
+# RGB -> Y'CbCr: BT.709 matrix, limited ("tv") range, 2x2-averaged chroma, tagged in the stream so players agree
+BT709 = (0.2126, 0.0722)  # Kr, Kb
+YUV_CHUNK = 8  # frames converted at once (bounds the fp32 temporaries: 8 x 1088 x 1920 x 3 x 4 B = 200 MB)
 AUDIO_CODEC = "aac"
 AUDIO_LAYOUT = "stereo"
 MP4_OPTIONS = {"movflags": "+faststart"}  # index at the front: playback starts before the download ends
@@ -47,6 +52,27 @@ def _partial(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.partial")
 
 
+def rgb_to_yuv420p(rgb: torch.Tensor) -> torch.Tensor:
+    """[F, H, W, 3] uint8 RGB -> [F, 3H/2, W] uint8 planes in PyAV's yuv420p array layout (Y rows, then U, then V
+    flattened at half width and height), on rgb's device. H and W must be even."""
+    f, h, w, _ = rgb.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"yuv420p needs an even height and width, got {h}x{w}")
+    kr, kb = BT709
+    out = torch.empty((f, h * 3 // 2, w), dtype=torch.uint8, device=rgb.device)
+    flat = out.view(f, -1)
+    for i in range(0, f, YUV_CHUNK):
+        x = rgb[i : i + YUV_CHUNK].float() / 255.0
+        r, g, b = x.unbind(-1)
+        y = kr * r + (1.0 - kr - kb) * g + kb * b
+        cb = ((b - y) / (2.0 * (1.0 - kb))).unflatten(1, (h // 2, 2)).unflatten(3, (w // 2, 2)).mean((2, 4))
+        cr = ((r - y) / (2.0 * (1.0 - kr))).unflatten(1, (h // 2, 2)).unflatten(3, (w // 2, 2)).mean((2, 4))
+        n = y.shape[0]
+        planes = (16.0 + 219.0 * y, 128.0 + 224.0 * cb, 128.0 + 224.0 * cr)
+        flat[i : i + n] = torch.cat([p.reshape(n, -1) for p in planes], dim=1).round_().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
 def fps_fraction(fps: float) -> Fraction:
     """The frame rate as the exact fraction the container stores (24 -> 24/1, 23.976 -> 24000/1001)."""
     return Fraction(fps).limit_denominator(FPS_MAX_DENOMINATOR)
@@ -62,8 +88,11 @@ class Mp4Writer:
         self._container = av.open(str(self._tmp), "w", format="mp4", options=MP4_OPTIONS)
         video = self._container.add_stream(VIDEO_CODEC, rate=fps_fraction(fps), options=dict(VIDEO_OPTIONS))
         video.width, video.height, video.pix_fmt = width, height, VIDEO_PIX_FMT
+        ctx = video.codec_context  # BT.709 limited range, as rgb_to_yuv420p converts (H.264 VUI, read by players)
+        ctx.colorspace, ctx.color_primaries, ctx.color_trc, ctx.color_range = 1, 1, 1, 1
         audio = self._container.add_stream(AUDIO_CODEC, rate=sample_rate, layout=AUDIO_LAYOUT)
         self._video, self._audio, self.sample_rate = video, audio, sample_rate
+        self.width, self.height = width, height
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
@@ -76,8 +105,10 @@ class Mp4Writer:
 
     def _encode_video(self, frames: np.ndarray) -> None:
         try:
-            for i, pixels in enumerate(frames):
-                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format="rgb24")
+            if frames.ndim == 4:  # RGB: converted here, in chunks, with the same arithmetic as on the GPU
+                frames = rgb_to_yuv420p(torch.from_numpy(frames)).numpy()
+            for i, planes in enumerate(frames):
+                frame = av.VideoFrame.from_ndarray(planes, format=VIDEO_PIX_FMT)
                 frame.pts = i
                 self._container.mux(self._video.encode(frame))
             self._container.mux(self._video.encode())
@@ -85,9 +116,15 @@ class Mp4Writer:
             self._error = e
 
     def start_video(self, frames: np.ndarray) -> None:
-        """Encode frames [F, H, W, 3] uint8 in a background thread."""
-        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-            raise ValueError(f"video frames must be [F, H, W, 3] uint8, got {frames.shape} {frames.dtype}")
+        """Encode RGB frames [F, H, W, 3] uint8, or `rgb_to_yuv420p` planes [F, 3H/2, W] uint8 (what the pipeline
+        hands over, converted on the GPU), in a background thread."""
+        rgb = (self.height, self.width, 3)
+        yuv = (self.height * 3 // 2, self.width)
+        if frames.dtype != np.uint8 or tuple(frames.shape[1:]) not in (rgb, yuv):
+            raise ValueError(
+                f"video frames must be [F, H, W, 3] uint8 RGB or [F, 3H/2, W] uint8 yuv420p planes for "
+                f"{self.width}x{self.height}, got {frames.shape} {frames.dtype}"
+            )
         self._thread = threading.Thread(target=self._encode_video, args=(frames,), name="mp4-video", daemon=True)
         self._thread.start()
 

@@ -23,6 +23,7 @@ import torch
 
 from fvrt.runtime.conditioning import image_input, read_image
 from fvrt.runtime.graphs import GraphRunner
+from fvrt.runtime.media import rgb_to_yuv420p
 from fvrt.runtime.protocol import EngineSet
 from fvrt.runtime.sampler import (
     PRESETS,
@@ -101,10 +102,11 @@ def unpatchify_audio(tokens: torch.Tensor) -> torch.Tensor:
     return tokens.view(b, t, AUDIO_CHANNELS, AUDIO_MEL_BINS).permute(0, 2, 1, 3)
 
 
-def to_uint8(video: torch.Tensor) -> np.ndarray:
-    """Decoder output [1, 3, F, H, W] in about [-1, 1] -> [F, H, W, 3] uint8 (official `convert_to_uint8`)."""
+def to_uint8(video: torch.Tensor) -> torch.Tensor:
+    """Decoder output [1, 3, F, H, W] in about [-1, 1] -> [F, H, W, 3] uint8 on its device (official
+    `convert_to_uint8`)."""
     frames = (((video + 1.0) / 2.0).clamp(0.0, 1.0) * 255.0).to(torch.uint8)
-    return frames[0].permute(1, 2, 3, 0).cpu().numpy()
+    return frames[0].permute(1, 2, 3, 0)
 
 
 def validate_request(req: Request, profiles: dict[str, dict[str, Any]]) -> str:
@@ -219,8 +221,9 @@ class Pipeline:
     def __call__(
         self, req: Request, *, progress: Progress | None = None, on_video: Callable[[np.ndarray], None] | None = None
     ) -> Output:
-        """Generate. `progress(stage, done, total)` is called per stage and per step; `on_video(frames)` gets
-        the decoded frames before the audio is decoded (so the caller can start encoding them)."""
+        """Generate. `progress(stage, done, total)` is called per stage and per step; `on_video(planes)` gets
+        the decoded frames as yuv420p planes [F, 3H/2, W] uint8 (`media.rgb_to_yuv420p`, converted on the
+        device) before the audio is decoded, so the caller can start encoding them."""
         name = validate_request(req, self.engines.profiles)
         progress = progress or (lambda *_: None)
         dev, dtype = self.engines.device, self.engines.dtype
@@ -272,11 +275,13 @@ class Pipeline:
 
         # Decode: frames to uint8 (handed to the caller at once), then the waveform at the vocoder's rate
         (decoded,) = self._run("video_decoder", name, unpatchify_video(video.latent, shape_2))
-        pixels = to_uint8(decoded)
+        rgb = to_uint8(decoded)
         del decoded
         self._release("video_decoder")
         if on_video is not None:
-            on_video(pixels)
+            on_video(rgb_to_yuv420p(rgb).cpu().numpy())
+        pixels = rgb.cpu().numpy()
+        del rgb
         clock.lap("video_decode")
         progress("video decode", 1, 1)
         (waveform,) = self._run("audio_decoder", name, unpatchify_audio(audio.latent))

@@ -91,10 +91,9 @@ def run_once(pipe: Pipeline, req: Request, out_mp4: Path, device: torch.device) 
         torch.cuda.reset_peak_memory_stats(device)
     writer: dict[str, Mp4Writer] = {}
 
-    def start(pixels: np.ndarray) -> None:
-        _, h, w, _ = pixels.shape
-        writer["mp4"] = Mp4Writer(out_mp4, fps=req.fps, width=w, height=h, sample_rate=pipe.sample_rate)
-        writer["mp4"].start_video(pixels)
+    def start(planes: np.ndarray) -> None:
+        writer["mp4"] = Mp4Writer(out_mp4, fps=req.fps, width=req.width, height=req.height, sample_rate=pipe.sample_rate)
+        writer["mp4"].start_video(planes)
 
     sync(device)
     t = time.perf_counter()

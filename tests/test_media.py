@@ -59,7 +59,8 @@ def test_mp4_streams_fps_and_duration(tmp_path: Path, fps: float, sample_rate: i
         assert video_s == pytest.approx(FRAMES / fps, abs=1e-3)
         assert audio_s == pytest.approx(audio.shape[1] / sample_rate, abs=1e-3)
         assert abs(video_s - audio_s) <= 1 / fps, (video_s, audio_s)
-        decoded = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+        assert (v.codec_context.colorspace, v.codec_context.color_range) == (1, 1)  # tagged BT.709, limited range
+        decoded = np.stack([f.reformat(format="rgb24", src_colorspace="itu709").to_ndarray() for f in c.decode(video=0)])
     assert decoded.shape == frames.shape
     assert psnr(decoded, frames) > 35, "colour order or conversion is off"
     with av.open(str(path)) as c:
@@ -86,7 +87,7 @@ def test_failures_leave_no_file(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
     # bad frames are refused before anything is encoded
     with (
-        pytest.raises(ValueError, match=r"\[F, H, W, 3\] uint8"),
+        pytest.raises(ValueError, match=r"\[F, H, W, 3\] uint8 RGB or \[F, 3H/2, W\] uint8 yuv420p"),
         Mp4Writer(path, fps=24, width=WIDTH, height=HEIGHT, sample_rate=48000) as w,
     ):
         w.start_video(smooth_frames(3).astype(np.float32))

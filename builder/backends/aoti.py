@@ -36,12 +36,16 @@ from torch.utils import _pytree as pytree
 
 from fvrt.builder.backends import cxx as cxx_select
 from fvrt.builder.engines import EngineSpec
+from fvrt.plugins import fp8_attention
 from fvrt.runtime.manifest import StageEntry, TensorSpec, sha256_file
 
 PACKAGE_SUFFIX = ".pt2"
 WEIGHTS_SUFFIX = ".safetensors"
 LAYER_PREFIX = "layers.{}."  # per-layer weight names in the dit_block weights file (runtime reads the same)
-ATTENTION_CHOICES = ("default", "cudnn")  # SDPA backend baked into CUDA engines at export time
+ATTENTION_CHOICES = ("default", "cudnn", "fp8", "fp8qk")  # SDPA backend baked into CUDA engines at export time
+# FP8 attention (fvrt.plugins.fp8_attention, Triton, compiled into the engine): the DiT engines only; every
+# other stage keeps bf16 cuDNN attention. "fp8": QK^T and PV in E4M3; "fp8qk": QK^T in E4M3, PV in bf16.
+LOW_BIT_ATTENTION = fp8_attention.MODES
 
 Log = Callable[[str], None]
 
@@ -133,11 +137,27 @@ def module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def stage_attention(attention: str, stage: str, device: torch.device) -> str:
+    """The attention an engine of `stage` gets: FP8 modes reach only the DiT; CPU engines always "default"."""
+    if device.type != "cuda":
+        return "default"
+    if attention in LOW_BIT_ATTENTION and not stage.startswith("dit"):
+        return "cudnn"
+    return attention
+
+
 @contextlib.contextmanager
 def attention_backend(attention: str, device: torch.device) -> Iterator[None]:
-    """Export/compile under the chosen SDPA backend: the exported graph holds the backend-specific op."""
+    """Export/compile under the chosen SDPA backend: the exported graph holds the backend-specific op (or, for
+    the FP8 modes, the Triton FP8 attention op and its quantization)."""
     if attention == "default" or device.type != "cuda":
         yield
+        return
+    if attention in LOW_BIT_ATTENTION:
+        from fvrt.builder.models.common import low_bit_attention
+
+        with low_bit_attention(attention):
+            yield
         return
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -298,7 +318,7 @@ class TorchAOTBackend:
         inputs = tuple(t.clone() for t in spec.sample_inputs(key))  # no two inputs share memory
         if len(inputs) != len(spec.input_names):
             raise RuntimeError(f"engine {spec.name}: {len(inputs)} sample inputs for {len(spec.input_names)} names")
-        with attention_backend(self.attention, device):
+        with attention_backend(stage_attention(self.attention, spec.name, device), device):
             t0 = time.perf_counter()
             ep = export(module, names, weights, inputs)
             _check_no_baked_weights(ep, module, spec.name)
@@ -384,7 +404,7 @@ class TorchAOTBackend:
 
         extra: dict[str, Any] = {
             "device": device.type,
-            "attention": self.attention if device.type == "cuda" else "default",
+            "attention": stage_attention(self.attention, spec.name, device),
             "models": {k: p.name for k, p in packages.items()},
             "weight_names": file_names,
             "weight_dtypes": weight_dtypes,

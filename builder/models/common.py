@@ -7,7 +7,9 @@ attention runs in the [B, H, T, D] layout with no data-dependent control flow.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -82,12 +84,30 @@ def apply_split_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
+_LOW_BIT_ATTENTION: list[str] = []  # innermost `low_bit_attention` mode, if any
+
+
+@contextlib.contextmanager
+def low_bit_attention(mode: str) -> Iterator[None]:
+    """Within this block `sdpa` runs fvrt.plugins.fp8_attention in `mode` ("fp8" or "fp8qk"): the builder wraps
+    the export of the DiT engines in it."""
+    _LOW_BIT_ATTENTION.append(mode)
+    try:
+        yield
+    finally:
+        _LOW_BIT_ATTENTION.pop()
+
+
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Unmasked attention on [B, H, T, D] with scale 1/sqrt(D).
 
     The single place where the stages call attention, so that engines can swap in a fused kernel
     (fvrt.plugins) or the ONNX `Attention` op without touching the model code.
     """
+    if _LOW_BIT_ATTENTION:
+        from fvrt.plugins import fp8_attention
+
+        return fp8_attention.attention(q, k, v, _LOW_BIT_ATTENTION[-1])
     return F.scaled_dot_product_attention(q, k, v)
 
 

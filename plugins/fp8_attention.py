@@ -1,0 +1,221 @@
+"""FP8 (E4M3) flash attention for Hopper and Ada, as a Triton kernel that AOTInductor compiles into the engine.
+
+Algorithm (forward only, unmasked, scale 1/sqrt(D), what `fvrt.builder.models.common.sdpa` computes):
+- Q, K, V are quantized to E4M3 with one dynamic scale per tensor (amax / 448), computed with plain torch ops in
+  `quantize_qkv` so that Inductor fuses the scale and the cast into the kernels that produce Q, K, V (QK-norm,
+  RoPE): the extra cost is one amax read per tensor, no extra write.
+- V is stored transposed, [B, H, D, T]: Hopper's FP8 tensor-core MMA wants both operands K-major, and for P @ V
+  the reduction runs over tokens.
+- The kernel is the usual online-softmax loop: S = Q8 K8^T in fp32, running max and sum in fp32, P = exp2(S - m)
+  scaled by 448 and cast to E4M3 (so probabilities down to ~1e-5 stay normal numbers), O += P8 @ V8 in fp32; at
+  the end O * (scale_v / 448) / l, written in bf16 as [B, T, H, D] (the layout the output projection reads, so
+  no transpose follows).
+
+`reference` is the same arithmetic in torch (quantize, fp32 matmuls, P rounded to E4M3): it runs on the CPU and is
+what the tiny tests check the kernel and the engines against; `attention_fp32` is the exact reference.
+The module imports without Triton (CPU-only installs); the op is defined on first CUDA use (`register`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+E4M3_MAX = 448.0
+P_SCALE = 448.0  # probabilities in [0, 1] -> [0, 448] before the E4M3 cast
+LOG2E = 1.4426950408889634
+OP_NAME = "fvrt::fp8_attention"
+# "fp8": Q K^T and P V both in E4M3 (all four MMA operands FP8); "fp8qk": Q K^T in E4M3, P V in bf16 (V unquantized)
+MODES = ("fp8", "fp8qk")
+# Tile sizes per head dim (measured on H100: scripts/gpu_fp8_attention.py); num_warps, num_stages for each
+CONFIGS: dict[int, dict[str, int]] = {
+    64: {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
+    128: {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
+}
+
+
+def _scale(t: torch.Tensor) -> torch.Tensor:
+    """Per-tensor E4M3 scale amax / 448 in fp32 (never 0, so an all-zero tensor quantizes to zeros)."""
+    return (t.detach().abs().amax().float() / E4M3_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def _to_e4m3(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (t.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+def quantize_qkv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str = "fp8", head_dim: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[B, H, T, D] inputs -> q8, k8 [B, H, T, D] E4M3 contiguous; for mode "fp8" vt8 [B, H, D, T] E4M3, for
+    "fp8qk" v [B, H, T, D] bf16; and the two fp32 kernel scalars (scale_q * scale_k / sqrt(head_dim) * log2(e),
+    scale_v / 448 or 1). head_dim: the unpadded D (default q's)."""
+    if mode not in MODES:
+        raise ValueError(f"fp8 attention mode must be one of {', '.join(MODES)}, got '{mode}'")
+    sq, sk = _scale(q), _scale(k)
+    q8 = _to_e4m3(q, sq).contiguous()
+    k8 = _to_e4m3(k, sk).contiguous()
+    qk = sq * sk * (LOG2E / math.sqrt(head_dim or q.shape[-1]))
+    if mode == "fp8qk":
+        return q8, k8, v.to(torch.bfloat16).contiguous(), torch.stack([qk, torch.ones_like(qk)])
+    sv = _scale(v)
+    vt8 = _to_e4m3(v, sv).transpose(-1, -2).contiguous()
+    return q8, k8, vt8, torch.stack([qk, sv / P_SCALE])
+
+
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str = "fp8") -> torch.Tensor:
+    """The kernel's arithmetic in torch (any device): [B, H, T, D] -> [B, H, T, D] in q's dtype."""
+    q8, k8, vv, scales = quantize_qkv(q, k, v, mode)
+    s = (q8.float() @ k8.float().transpose(-1, -2)) * scales[0]  # log2 domain
+    p = torch.exp2(s - s.amax(dim=-1, keepdim=True))
+    l = p.sum(dim=-1, keepdim=True)
+    if mode == "fp8":
+        out = ((p * P_SCALE).to(torch.float8_e4m3fn).float() @ vv.float().transpose(-1, -2)) * scales[1]
+    else:
+        out = p.to(torch.bfloat16).float() @ vv.float()
+    return (out / l).to(q.dtype)
+
+
+def attention_fp32(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Exact attention in fp32 (the higher-precision reference)."""
+    return torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
+
+
+def supported(device: torch.device) -> bool:
+    """FP8 tensor-core MMA: Ada (8.9) and Hopper (9.0) and later, with Triton importable."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+try:  # the CUDA kernel; TRITON_INTERPRET=1 (set before this import) runs it on the CPU in the tests
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: `reference` still works
+    triton = None
+
+_OP: Any = None
+
+if triton is not None:
+
+    @triton.jit
+    def _inner(acc, l_i, m_i, q, kt_ptrs, v_ptrs, stride_kt, stride_vt, lo, hi, n_kv, qk_scale,
+               BLOCK_N: tl.constexpr, MASK: tl.constexpr, PV_FP8: tl.constexpr):  # fmt: skip
+        for start_n in tl.range(lo, hi, BLOCK_N):
+            if MASK:
+                valid = (start_n + tl.arange(0, BLOCK_N)) < n_kv
+                kt = tl.load(kt_ptrs + start_n * stride_kt, mask=valid[None, :], other=0.0)
+                v = tl.load(v_ptrs + start_n * stride_vt, mask=valid[:, None], other=0.0)
+            else:
+                kt = tl.load(kt_ptrs + start_n * stride_kt)
+                v = tl.load(v_ptrs + start_n * stride_vt)
+            s = tl.dot(q, kt) * qk_scale
+            if MASK:
+                s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            if PV_FP8:
+                acc = tl.dot((p * 448.0).to(tl.float8e4nv), v, acc)
+            else:
+                acc = tl.dot(p.to(tl.bfloat16), v, acc)
+            m_i = m_new
+        return acc, l_i, m_i
+
+    @triton.jit
+    def _fwd(Q, K, Vt, O, Scales,
+             sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sv_d, so_b, so_h, so_t,
+             H, n_q, n_kv, n_full,
+             HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PV_FP8: tl.constexpr):  # fmt: skip
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        offs_n = tl.arange(0, BLOCK_N)
+        rows = offs_m[:, None] < n_q
+        q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_t + offs_d[None, :], mask=rows, other=0.0)
+        kt_ptrs = K + b * sk_b + h * sk_h + offs_n[None, :] * sk_t + offs_d[:, None]  # [D, BLOCK_N]
+        v_ptrs = Vt + b * sv_b + h * sv_h + offs_n[:, None] * sv_t + offs_d[None, :] * sv_d  # [BLOCK_N, D]
+        qk_scale = tl.load(Scales)
+        out_scale = tl.load(Scales + 1)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        acc, l_i, m_i = _inner(acc, l_i, m_i, q, kt_ptrs, v_ptrs, sk_t, sv_t, 0, n_full, n_kv, qk_scale,
+                               BLOCK_N, False, PV_FP8)  # fmt: skip
+        if n_full < n_kv:
+            acc, l_i, m_i = _inner(acc, l_i, m_i, q, kt_ptrs, v_ptrs, sk_t, sv_t, n_full, n_kv, n_kv, qk_scale,
+                                   BLOCK_N, True, PV_FP8)  # fmt: skip
+        acc = acc * (out_scale / l_i)[:, None]
+        o_ptrs = O + b * so_b + h * so_h + offs_m[:, None] * so_t + offs_d[None, :]
+        tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=rows)
+
+
+def launch(q8: torch.Tensor, k8: torch.Tensor, vv: torch.Tensor, scales: torch.Tensor, out: torch.Tensor,
+           run: Any = None) -> torch.Tensor:  # fmt: skip
+    """Run the kernel into `out` [B, Tq, H, D] on `quantize_qkv`'s outputs (vv: vt8 E4M3 [B, H, D, Tk] or v bf16
+    [B, H, Tk, D]); `run` wraps the kernel (the op passes `wrap_triton`)."""
+    if triton is None:
+        raise RuntimeError("fp8 attention needs Triton (not installed)")
+    b, h, n_q, d = q8.shape
+    n_kv = k8.shape[2]
+    cfg = dict(CONFIGS[d])
+    block_m = cfg["BLOCK_M"]
+
+    def grid(meta: dict[str, int]) -> tuple[int, int]:
+        return (triton.cdiv(n_q, block_m), b * h)
+
+    pv_fp8 = vv.dtype == torch.float8_e4m3fn
+    sv_t, sv_d = (vv.stride(3), vv.stride(2)) if pv_fp8 else (vv.stride(2), vv.stride(3))
+    fwd = _fwd if run is None else run(_fwd)
+    fwd[grid](
+        q8, k8, vv, out, scales,
+        q8.stride(0), q8.stride(1), q8.stride(2), k8.stride(0), k8.stride(1), k8.stride(2),
+        vv.stride(0), vv.stride(1), sv_t, sv_d, out.stride(0), out.stride(2), out.stride(1),
+        h, n_q, n_kv, n_kv // cfg["BLOCK_N"] * cfg["BLOCK_N"], HEAD_DIM=d, PV_FP8=pv_fp8, **cfg,
+    )  # fmt: skip
+    return out
+
+
+def register() -> Any:
+    """Define the `fvrt::fp8_attention` op (once) and return it. Needs Triton."""
+    global _OP
+    if _OP is not None:
+        return _OP
+    if triton is None:
+        raise RuntimeError("fp8 attention needs Triton (not installed)")
+    from torch.library import triton_op, wrap_triton
+
+    @triton_op(OP_NAME, mutates_args={})
+    def fp8_attention(q8: torch.Tensor, k8: torch.Tensor, vv: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """`quantize_qkv`'s outputs -> out [B, Tq, H, D] bf16."""
+        b, h, n_q, d = q8.shape
+        out = torch.empty((b, n_q, h, d), device=q8.device, dtype=torch.bfloat16)
+        return launch(q8, k8, vv, scales, out, run=wrap_triton)
+
+    _OP = fp8_attention
+    return _OP
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str = "fp8") -> torch.Tensor:
+    """FP8 attention on [B, H, T, D] bf16 -> [B, H, T, D] (a transposed view of the kernel's [B, T, H, D]).
+    CUDA runs the Triton kernel; other devices run `reference` (same arithmetic)."""
+    if q.device.type != "cuda":
+        return reference(q, k, v, mode)
+    d = q.shape[-1]
+    padded = next((p for p in sorted(CONFIGS) if p >= d), None)
+    if padded is None:
+        raise ValueError(f"fp8 attention supports head dims up to {max(CONFIGS)}, got {d}")
+    if padded != d:  # zero channels change neither Q K^T nor the amax scales; their output columns are dropped
+        q, k, v = (torch.nn.functional.pad(t, (0, padded - d)) for t in (q, k, v))
+    op = register()
+    return op(*quantize_qkv(q, k, v, mode, head_dim=d)).transpose(1, 2)[..., :d].to(q.dtype)
