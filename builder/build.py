@@ -77,7 +77,7 @@ STAGE_GROUPS = {
     "dit": ("dit_prep", "dit_in", "dit_block", "dit_out"),
 }
 TEXT_ENGINES = STAGE_GROUPS["text_encoder"]
-ATTENTION_CHOICES = ("default", "cudnn", "fp8", "fp8qk")  # torch-aot on CUDA: baked into the exported graphs
+ATTENTION_CHOICES = ("default", "cudnn", *fp8_attention.MODES)  # torch-aot on CUDA: baked into the exported graphs
 # TensorRT-family backends (builder/backends/tensorrt.py): they take --attention default|decomposable (that
 # module's ATTENTION_MODES); only TensorRT-RTX takes --target-cc (full TensorRT builds for the GPU it runs on).
 TENSORRT_BACKENDS = ("tensorrt", "tensorrt-rtx")
@@ -343,12 +343,13 @@ def make_backend(req: BuildRequest) -> Any:
         )
     if req.cxx is not None and req.backend != "torch-aot":
         raise BuildError(f"--cxx: only --backend torch-aot takes it, not --backend {req.backend}")
-    if req.attention in fp8_attention.MODES:  # the DiT's attention in FP8 (a Triton kernel)
-        if req.device != "cuda" or not fp8_attention.supported(torch.device("cuda")):
-            raise BuildError(
-                f"--attention {req.attention}: FP8 attention compiles a Triton kernel for the local GPU and needs "
-                "--device cuda with compute capability 8.9 or newer and Triton installed"
-            )
+    if req.attention in fp8_attention.MODES and not (
+        req.device == "cuda" and fp8_attention.supported(torch.device("cuda"))
+    ):  # the DiT's attention in FP8: a Triton kernel compiled for the local GPU
+        raise BuildError(
+            f"--attention {req.attention}: FP8 attention compiles a Triton kernel for the local GPU and needs "
+            "--device cuda with compute capability 8.9 or newer and Triton installed"
+        )
     if be is not None:
         be.attention = req.attention
         be.cxx = req.cxx
@@ -459,6 +460,8 @@ def stage_keys(
     """(code key, stage key) of one engine: the code depends on the recipe, the architecture config and the tools;
     the whole stage (code + weights) also on the checkpoint and, for per-layer engines, on its layer list."""
     r = {k: v for k, v in recipe(plan).items() if k != "stages"}
+    if r["attention"] in fp8_attention.MODES and not stage.startswith("dit"):
+        r["attention"] = "cudnn"  # FP8 attention reaches the DiT only: the other engines are the cudnn ones
     low = low_bit_kind(spec) if spec is not None else None
     text = stage.startswith("text_")
     if not text or low is None:

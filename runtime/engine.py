@@ -30,7 +30,7 @@ def machine_compute_capability(device: torch.device) -> str | None:
 # Low-bit engines need the tensor-core formats: FP8 from Ada/Hopper (8.9), NVFP4 from Blackwell (10.0). On the
 # CPU both run through their exact emulation (FP8Linear / NVFP4Linear), which is how the tiny tests run them.
 LOW_BIT_MIN_CC = {"fp8": (8, 9), "nvfp4": (10, 0)}
-LOW_BIT_ATTENTION = ("fp8", "fp8qk")  # engines whose attention is FP8 (manifest extra "attention") need 8.9 too
+LOW_BIT_ATTENTION = ("fp8",)  # engines whose attention is FP8 (manifest extra "attention") need 8.9 too
 
 
 def check_environment(root: Path, manifest: Manifest, device: torch.device) -> None:

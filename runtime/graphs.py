@@ -17,6 +17,7 @@ static tensors, overwritten by the next replay of the same key: consume (or clon
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Hashable
 from typing import NamedTuple
@@ -85,8 +86,17 @@ class GraphRunner:
                 fn(*static)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.no_grad(), torch.cuda.graph(graph, pool=self._mempool.id):
-            outputs = tuple(fn(*static))
+        try:
+            with torch.no_grad(), torch.cuda.graph(graph, pool=self._mempool.id):
+                outputs = tuple(fn(*static))
+        except BaseException:
+            # A capture that fails inside the block leaves the allocator recording into the pool (capture_end
+            # raises first), and every later capture then failed with "beginAllocateToPool: already recording
+            # to mempool_id" (H100, torch 2.11, test_graph_runner_runs_uncapturable_work_eagerly): end it here.
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            with contextlib.suppress(RuntimeError):  # "not currently recording": the capture had ended cleanly
+                torch._C._cuda_endAllocateToPool(index, self._mempool.id)
+            raise
         return _Graph(graph, static, outputs)
 
     def clear(self) -> None:

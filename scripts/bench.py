@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fvrt.builder.build import BuildRequest, build_engines, link_or_copy
+from fvrt.builder.build import PRECISIONS, BuildRequest, build_engines, link_or_copy
 from fvrt.builder.engines import PRESET_PROFILES
 from fvrt.builder.quant.pipeline_calib import dit_call_kwargs
 from fvrt.metrics import psnr, snr
@@ -92,7 +92,9 @@ def run_once(pipe: Pipeline, req: Request, out_mp4: Path, device: torch.device) 
     writer: dict[str, Mp4Writer] = {}
 
     def start(planes: np.ndarray) -> None:
-        writer["mp4"] = Mp4Writer(out_mp4, fps=req.fps, width=req.width, height=req.height, sample_rate=pipe.sample_rate)
+        writer["mp4"] = Mp4Writer(
+            out_mp4, fps=req.fps, width=req.width, height=req.height, sample_rate=pipe.sample_rate
+        )
         writer["mp4"].start_video(planes)
 
     sync(device)
@@ -107,13 +109,23 @@ def run_once(pipe: Pipeline, req: Request, out_mp4: Path, device: torch.device) 
     return out, times
 
 
-def bench_precision(args: argparse.Namespace, precision: str, res: dict[str, Any], ref: dict[str, Any]) -> None:
+def variant(name: str) -> tuple[str, str | None]:
+    """ "fp8" -> ("fp8", None); "fp8+fa8" -> ("fp8", "fp8"): the precision and, with "+fa8", FP8 attention."""
+    precision, plus, extra = name.partition("+")
+    if precision not in PRECISIONS or (plus and extra != "fa8"):
+        raise SystemExit(f"--precisions: '{name}' is not one of bf16, fp8, nvfp4, optionally with '+fa8'")
+    return precision, ("fp8" if plus else None)
+
+
+def bench_precision(args: argparse.Namespace, name: str, res: dict[str, Any], ref: dict[str, Any]) -> None:
     dev = torch.device(args.device)
-    engine_dir = Path(args.engines) / f"{args.profile}-{precision}"
-    first = Path(args.engines) / f"{args.profile}-{args.precisions.split(',')[0]}"
-    if not engine_dir.exists() and first.is_dir() and first != engine_dir:
-        # the engines outside the DiT are the same: hard links, so the fp8 directory costs only its DiT on disk
-        shutil.copytree(first, engine_dir, copy_function=link_or_copy)
+    precision, attention = variant(name)
+    engine_dir = Path(args.engines) / f"{args.profile}-{name}"
+    earlier = [Path(args.engines) / f"{args.profile}-{n}" for n in args.precisions.split(",")]
+    earlier = [d for d in earlier[: earlier.index(engine_dir)] if d.is_dir()]
+    if not engine_dir.exists() and earlier:
+        # the engines outside the DiT are the same: hard links, so another precision costs only its DiT on disk
+        shutil.copytree(earlier[-1], engine_dir, copy_function=link_or_copy)
     t = time.perf_counter()
     build = build_engines(
         BuildRequest(
@@ -122,7 +134,7 @@ def bench_precision(args: argparse.Namespace, precision: str, res: dict[str, Any
             precision=precision,
             device=args.device,
             profiles=(args.profile,),
-            attention=args.attention,
+            attention=attention or args.attention,
             calib_count=args.calib_count,
             calib_method=args.calib_method,
             text_precision="fp8" if args.fp8_text and precision in ("fp8", "nvfp4") else "bf16",
@@ -137,10 +149,10 @@ def bench_precision(args: argparse.Namespace, precision: str, res: dict[str, Any
         "build_s": round(time.perf_counter() - t, 1),
         "up_to_date": build.up_to_date,
     }
-    log(f"{precision}: engines ready in {entry['build_s']} s ({'reused' if build.up_to_date else 'built'})")
-    if args.drop_reference and first != engine_dir and first.is_dir():
-        shutil.rmtree(first)  # measured already; /dev/shm holds ~60 GB per full-size directory
-        log(f"{first}: removed (--drop-reference)")
+    log(f"{name}: engines ready in {entry['build_s']} s ({'reused' if build.up_to_date else 'built'})")
+    for done in earlier if args.drop_reference else ():
+        shutil.rmtree(done)  # measured already; /dev/shm holds ~60 GB per full-size directory
+        log(f"{done}: removed (--drop-reference)")
     if dev.type == "cuda":
         torch.cuda.empty_cache()  # the build's model is gone: give its cached blocks back before the engines load
     entry["engines"] = {
@@ -160,16 +172,16 @@ def bench_precision(args: argparse.Namespace, precision: str, res: dict[str, Any
     pipe = Recorder(engines, PromptTokenizer(engine_dir / TOKENIZER_DIR), memory=args.memory)
     profile = engines.profiles[args.profile]
     out_dir = Path(args.out)
-    res["precisions"][precision] = entry
+    res["precisions"][name] = entry
     save(args, res)
     for n, preset in enumerate(args.presets.split(",")):
         if n and time.perf_counter() - T0 > args.deadline_s:  # a built precision always gets its first preset
-            log(f"{precision} {preset}: skipped (past the {args.deadline_s:.0f} s deadline)")
-            res.setdefault("skipped", []).append(f"{precision} {preset}")
+            log(f"{name} {preset}: skipped (past the {args.deadline_s:.0f} s deadline)")
+            res.setdefault("skipped", []).append(f"{name} {preset}")
             continue
         req = Request(PROMPT, profile["height"], profile["width"], profile["frames"], profile["fps"], seed=args.seed,
                       preset=preset)  # fmt: skip
-        mp4 = out_dir / f"{precision}-{preset}.mp4"
+        mp4 = out_dir / f"{name}-{preset}.mp4"
         # the first (cold) run records every DiT pass: the warm runs below are timed without the host copies
         pipe.record = [] if preset == "distilled" else None
         first_out, first_times = run_once(pipe, req, mp4, dev)
@@ -177,7 +189,7 @@ def bench_precision(args: argparse.Namespace, precision: str, res: dict[str, Any
             record, pipe.record = pipe.record, None
             entry["dit_passes_recorded"] = len(record)
             entry["dit_pass_s"] = dit_pass_times(pipe, record, dev, args.repeats_dit)
-            quality(precision, first_out, record, res, ref, engines)
+            quality(name, first_out, record, res, ref, engines)
         runs = []
         for _ in range(args.repeats):
             out, times = run_once(pipe, req, mp4, dev)
@@ -189,9 +201,7 @@ def bench_precision(args: argparse.Namespace, precision: str, res: dict[str, Any
         entry["graph_capture_failures"] = dict(pipe.graphs.failures)
         if "cold_start_s" not in entry:  # open + what the first run spent beyond a warm one (loading, capture)
             entry["cold_start_s"] = entry["open_s"] + first_times["end_to_end"] - med["end_to_end"]
-        log(
-            f"{precision} {preset}: warm end to end {med['end_to_end']:.2f} s (first {first_times['end_to_end']:.2f} s)"
-        )
+        log(f"{name} {preset}: warm end to end {med['end_to_end']:.2f} s (first {first_times['end_to_end']:.2f} s)")
         save(args, res)
     del pipe, engines
     gc.collect()  # the recorder and its graph tap reference each other: only the collector frees the engines
@@ -206,7 +216,6 @@ def bench_official(args: argparse.Namespace, res: dict[str, Any], ref: dict[str,
     shape; compared with the reference precision's video and audio."""
     import official_distilled as od  # scripts/ (this script's folder) is on sys.path
 
-    from fvrt.builder.build import PRECISIONS
     from fvrt.builder.checkpoint import ModelVersion
     from fvrt.builder.configs import full_config, tiny_config, upsampler_config
     from fvrt.builder.random_release import full_random_checkpoint, load_tiny_release, write_tiny_release
@@ -356,7 +365,11 @@ def main() -> None:
     ap.add_argument("--random", default="full", choices=["tiny", "full"])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--profile", default="1080p")
-    ap.add_argument("--precisions", default="bf16,fp8", help="comma list of bf16, fp8, nvfp4 (first = reference)")
+    ap.add_argument(
+        "--precisions",
+        default="bf16,fp8",
+        help="comma list of bf16, fp8, nvfp4, each optionally with +fa8 (FP8 attention in the DiT); first = reference",
+    )
     ap.add_argument("--presets", default="distilled,realtime")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--repeats-dit", type=int, default=5, help="timed DiT passes per shape key")
@@ -369,7 +382,7 @@ def main() -> None:
     ap.add_argument(
         "--drop-reference",
         action="store_true",
-        help="delete the first precision's engine directory once the next one is built (RAM-backed /dev/shm)",
+        help="delete the earlier precisions' engine directories once the next one is built (RAM-backed /dev/shm)",
     )
     ap.add_argument(
         "--deadline-s", type=float, default=1e9, help="start no new precision, and no second preset, after this"

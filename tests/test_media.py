@@ -60,7 +60,9 @@ def test_mp4_streams_fps_and_duration(tmp_path: Path, fps: float, sample_rate: i
         assert audio_s == pytest.approx(audio.shape[1] / sample_rate, abs=1e-3)
         assert abs(video_s - audio_s) <= 1 / fps, (video_s, audio_s)
         assert (v.codec_context.colorspace, v.codec_context.color_range) == (1, 1)  # tagged BT.709, limited range
-        decoded = np.stack([f.reformat(format="rgb24", src_colorspace="itu709").to_ndarray() for f in c.decode(video=0)])
+        decoded = np.stack(
+            [f.reformat(format="rgb24", src_colorspace="itu709").to_ndarray() for f in c.decode(video=0)]
+        )
     assert decoded.shape == frames.shape
     assert psnr(decoded, frames) > 35, "colour order or conversion is off"
     with av.open(str(path)) as c:

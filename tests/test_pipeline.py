@@ -23,10 +23,10 @@ from fvrt.builder.checkpoint import ModelVersion
 from fvrt.builder.eager import EagerEngineSet
 from fvrt.builder.engines import PRESET_PROFILES
 from fvrt.metrics import psnr, snr
-from fvrt.runtime.media import rgb_to_yuv420p
 from fvrt.runtime import sampler
 from fvrt.runtime.conditioning import ImageError, image_input
 from fvrt.runtime.graphs import GraphRunner
+from fvrt.runtime.media import rgb_to_yuv420p
 from fvrt.runtime.pipeline import Output, Pipeline, Request, validate_request
 from fvrt.runtime.tokenizer import PromptTokenizer
 

@@ -42,10 +42,9 @@ from fvrt.runtime.manifest import StageEntry, TensorSpec, sha256_file
 PACKAGE_SUFFIX = ".pt2"
 WEIGHTS_SUFFIX = ".safetensors"
 LAYER_PREFIX = "layers.{}."  # per-layer weight names in the dit_block weights file (runtime reads the same)
-ATTENTION_CHOICES = ("default", "cudnn", "fp8", "fp8qk")  # SDPA backend baked into CUDA engines at export time
-# FP8 attention (fvrt.plugins.fp8_attention, Triton, compiled into the engine): the DiT engines only; every
-# other stage keeps bf16 cuDNN attention. "fp8": QK^T and PV in E4M3; "fp8qk": QK^T in E4M3, PV in bf16.
-LOW_BIT_ATTENTION = fp8_attention.MODES
+# SDPA backend baked into CUDA engines at export time. "fp8": fvrt.plugins.fp8_attention (a Triton kernel compiled
+# into the engine) in the DiT engines only; every other stage keeps bf16 cuDNN attention.
+ATTENTION_CHOICES = ("default", "cudnn", *fp8_attention.MODES)
 
 Log = Callable[[str], None]
 
@@ -141,7 +140,7 @@ def stage_attention(attention: str, stage: str, device: torch.device) -> str:
     """The attention an engine of `stage` gets: FP8 modes reach only the DiT; CPU engines always "default"."""
     if device.type != "cuda":
         return "default"
-    if attention in LOW_BIT_ATTENTION and not stage.startswith("dit"):
+    if attention in fp8_attention.MODES and not stage.startswith("dit"):
         return "cudnn"
     return attention
 
@@ -153,10 +152,10 @@ def attention_backend(attention: str, device: torch.device) -> Iterator[None]:
     if attention == "default" or device.type != "cuda":
         yield
         return
-    if attention in LOW_BIT_ATTENTION:
-        from fvrt.builder.models.common import low_bit_attention
+    if attention in fp8_attention.MODES:
+        from fvrt.builder.models.common import fp8_attention as fp8_sdpa
 
-        with low_bit_attention(attention):
+        with fp8_sdpa():
             yield
         return
     from torch.nn.attention import SDPBackend, sdpa_kernel

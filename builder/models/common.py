@@ -84,18 +84,18 @@ def apply_split_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
-_LOW_BIT_ATTENTION: list[str] = []  # innermost `low_bit_attention` mode, if any
+_FP8_ATTENTION: list[bool] = []  # non-empty inside `fp8_attention()`
 
 
 @contextlib.contextmanager
-def low_bit_attention(mode: str) -> Iterator[None]:
-    """Within this block `sdpa` runs fvrt.plugins.fp8_attention in `mode` ("fp8" or "fp8qk"): the builder wraps
-    the export of the DiT engines in it."""
-    _LOW_BIT_ATTENTION.append(mode)
+def fp8_attention() -> Iterator[None]:
+    """Within this block `sdpa` runs fvrt.plugins.fp8_attention (E4M3 Q, K, V and P): the builder wraps the export
+    of the DiT engines in it (--attention fp8)."""
+    _FP8_ATTENTION.append(True)
     try:
         yield
     finally:
-        _LOW_BIT_ATTENTION.pop()
+        _FP8_ATTENTION.pop()
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -104,10 +104,10 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     The single place where the stages call attention, so that engines can swap in a fused kernel
     (fvrt.plugins) or the ONNX `Attention` op without touching the model code.
     """
-    if _LOW_BIT_ATTENTION:
-        from fvrt.plugins import fp8_attention
+    if _FP8_ATTENTION:
+        from fvrt.plugins.fp8_attention import attention
 
-        return fp8_attention.attention(q, k, v, _LOW_BIT_ATTENTION[-1])
+        return attention(q, k, v)
     return F.scaled_dot_product_attention(q, k, v)
 
 
