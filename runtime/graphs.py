@@ -53,6 +53,7 @@ class GraphRunner:
         # parked), and every later capture into that handle failed in the allocator (torch 2.11, H100:
         # "it->second->use_count > 0 INTERNAL ASSERT FAILED").
         self._mempool = torch.cuda.MemPool() if self.enabled else None
+        self._old_pools: list[torch.cuda.MemPool] = []  # pools left behind by failed captures (see _capture)
 
     def __call__(self, key: Hashable, fn: EngineFn, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if not self.enabled:
@@ -86,18 +87,27 @@ class GraphRunner:
                 fn(*static)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
+        capture = torch.cuda.graph(graph, pool=self._mempool.id)
         try:
-            with torch.no_grad(), torch.cuda.graph(graph, pool=self._mempool.id):
+            with torch.no_grad(), capture:
                 outputs = tuple(fn(*static))
         except BaseException:
-            # A capture that fails inside the block leaves the allocator recording into the pool (capture_end
-            # raises first), and every later capture then failed with "beginAllocateToPool: already recording
-            # to mempool_id" (H100, torch 2.11, test_graph_runner_runs_uncapturable_work_eagerly): end it here.
-            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-            with contextlib.suppress(RuntimeError):  # "not currently recording": the capture had ended cleanly
-                torch._C._cuda_endAllocateToPool(index, self._mempool.id)
+            self._after_failed_capture(capture)
             raise
         return _Graph(graph, static, outputs)
+
+    def _after_failed_capture(self, capture: torch.cuda.graph) -> None:
+        """A capture that fails inside the block makes `capture_end` raise before it restores the stream and
+        ends the allocator's recording into the pool; every later capture then failed with "beginAllocateToPool:
+        already recording to mempool_id" (H100, torch 2.11). Restore the stream, end the recording, and capture
+        into a fresh pool from now on (the old one is kept: graphs already captured still use it)."""
+        with contextlib.suppress(RuntimeError, AttributeError):
+            capture.stream_ctx.__exit__(None, None, None)
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        with contextlib.suppress(RuntimeError):  # "not currently recording": the capture had ended cleanly
+            torch._C._cuda_endAllocateToPool(index, self._mempool.id)
+        self._old_pools.append(self._mempool)
+        self._mempool = torch.cuda.MemPool()
 
     def clear(self) -> None:
         """Drop every captured graph (their static buffers and pool memory go with them)."""

@@ -419,9 +419,10 @@ def main() -> None:
             log(f"{precision}: FAILED: {type(e).__name__}: {e}")
             traceback.print_exc()
             res.setdefault("errors", {})[precision] = f"{type(e).__name__}: {e}"
-            gc.collect()
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
+            e.__traceback__ = None  # its frames hold the pipeline, its graphs and engines
+        gc.collect()  # after a failure too (H100: a failed bf16 left 30 GB of graph pools and fp8 ran out of memory)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
         save(args, res)
     if args.official and res["precisions"]:
         try:

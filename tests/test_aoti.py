@@ -188,9 +188,17 @@ def test_parking_copies_weights_to_the_host_once(built: Built) -> None:
     assert not eng.offloaded and all(t.is_meta for ws in eng._weight_lists() for t in ws)
     eng.offload()  # again: the same host tensors, nothing copied
     assert all(a is b for a, b in zip(host, [t for ws in eng._weight_lists() for t in ws], strict=True))
+    inputs = [torch.zeros(spec.shapes["any"], dtype=getattr(torch, spec.dtype)) for spec in eng.inputs]
+    with pytest.raises(ValueError, match="offloaded to host memory"):
+        eng.run("any", *inputs, layer=0, check=False)  # parked: refused in one line
     eng.onload()
     eng.onload()  # un-parking twice is harmless
     assert all(t.is_meta for ws in eng._weight_lists() for t in ws)
+    # un-parked, it runs again although the host copies are kept (H100: every warm prompt was refused)
+    eng.device = torch.device("cpu")
+    for ws, orig in zip(eng._weight_lists(), originals, strict=True):
+        ws[:] = orig
+    assert eng._host is not None and all(torch.isfinite(t).all() for t in eng.run("any", *inputs, layer=0))
 
 
 def test_rebuild_is_a_no_op_and_new_weights_reuse_the_code(built: Built, tmp_path: Path) -> None:

@@ -131,7 +131,7 @@ class AOTIEngine:
         """Run shape key `key`. Returns the outputs ([shapes as in the manifest]); with `out`, copies into it."""
         if check:
             self.check_inputs(key, inputs)
-        if self._host is not None:
+        if self._parked:
             raise ValueError(f"engine {self.name} is offloaded to host memory: onload() it before running")
         if self.num_layers:
             if layer is None or not 0 <= layer < self.num_layers:
