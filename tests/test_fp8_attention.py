@@ -1,0 +1,88 @@
+"""FP8 attention (fvrt.plugins.fp8_attention): the torch emulation against exact fp32 attention on fresh random
+data, the quantized layouts the kernel reads, the builder's `sdpa` switch, and the one-line refusals. The Triton
+kernel itself runs only on a GPU (GPU-marked test below; H100 results in docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from fvrt.builder.build import BuildError, BuildRequest, build_engines
+from fvrt.builder.models.common import fp8_attention, sdpa
+from fvrt.plugins import fp8_attention as fa
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def _qkv(seed: int, b: int = 1, h: int = 2, tq: int = 96, tk: int = 80, d: int = 64) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(b, h, t, d, generator=g) for t in (tq, tk, tk))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_emulation_is_e4m3_close_to_fp32(seed: int) -> None:
+    q, k, v = _qkv(seed)
+    exact = fa.attention_fp32(q, k, v)
+    got = fa.reference(q, k, v)
+    err = _rel(got, exact)
+    # E4M3 keeps 3 mantissa bits: ~5% relative error (H100: 5.4% at 32,640 tokens); it must quantize, and no worse
+    assert 0.02 < err < 0.09, err
+    assert float(torch.nn.functional.cosine_similarity(got.flatten(), exact.flatten(), dim=0)) > 0.995
+
+
+def test_quantized_layouts_and_scales() -> None:
+    q, k, v = _qkv(2, tq=5, tk=7, d=16)
+    q8, k8, vt8, scales = fa.quantize_qkv(q, k, v)
+    assert q8.dtype == k8.dtype == vt8.dtype == torch.float8_e4m3fn
+    assert q8.shape == q.shape and k8.shape == k.shape and vt8.shape == (1, 2, 16, 7)
+    assert all(t.is_contiguous() for t in (q8, k8, vt8))  # V is stored transposed, [B, H, D, T]
+    sq, sk, sv = (t.abs().amax() / fa.E4M3_MAX for t in (q, k, v))
+    assert torch.allclose(scales, torch.stack([sq * sk * fa.LOG2E / math.sqrt(16), sv / fa.P_SCALE]))
+    assert torch.allclose(vt8.float().transpose(-1, -2) * sv, v, rtol=0.07, atol=1e-6)  # dequantizes back
+    assert float(q8.float().abs().max()) == fa.E4M3_MAX  # the amax maps onto the format's largest value
+
+
+def test_padded_head_dim_keeps_the_softmax_scale() -> None:
+    """Head dims the kernel has no tile for are zero-padded; the 1/sqrt(D) scale must stay the unpadded one."""
+    q, k, v = _qkv(3, d=8)
+    pad = [torch.nn.functional.pad(t, (0, 56)) for t in (q, k, v)]
+    _, _, _, scales = fa.quantize_qkv(*pad, head_dim=8)
+    _, _, _, want = fa.quantize_qkv(q, k, v)
+    assert torch.allclose(scales, want)
+
+
+def test_sdpa_switch_runs_fp8_only_inside_the_block() -> None:
+    q, k, v = _qkv(4)
+    with fp8_attention():
+        inside = sdpa(q, k, v)
+    outside = sdpa(q, k, v)
+    assert torch.equal(inside, fa.reference(q, k, v))  # CPU: the emulation
+    assert torch.allclose(outside, fa.attention_fp32(q, k, v), atol=1e-5)
+
+
+def test_build_refuses_fp8_attention_without_a_capable_gpu(tmp_path: Path) -> None:
+    out = tmp_path / "eng"
+    with pytest.raises(BuildError, match=r"^--attention fp8: FP8 attention compiles a Triton kernel"):
+        build_engines(BuildRequest(out_dir=out, random="tiny", device="cpu", attention="fp8"), log=lambda _: None)
+    assert not out.exists()
+
+
+@pytest.mark.gpu
+def test_triton_kernel_matches_its_emulation_and_fp32() -> None:
+    """On fresh random data with a partial last tile and both head-dim tiles: the kernel is as far from fp32 as
+    its emulation, and close to it (it rounds P against the running row maximum, the emulation the final one)."""
+    dev = torch.device("cuda")
+    for d, tq, tk in ((128, 300, 777), (64, 257, 130), (8, 64, 50)):
+        g = torch.Generator(device=dev).manual_seed(d)
+        q, k, v = (torch.randn(2, 3, t, d, device=dev, generator=g, dtype=torch.bfloat16) for t in (tq, tk, tk))
+        got = fa.attention(q, k, v)
+        exact = fa.attention_fp32(q, k, v)
+        emul = fa.reference(q.cpu().float(), k.cpu().float(), v.cpu().float()).to(dev)
+        assert got.shape == q.shape and got.dtype == torch.bfloat16
+        assert _rel(got, exact) < 1.2 * _rel(emul, exact) + 0.01, (d, _rel(got, exact), _rel(emul, exact))
+        assert _rel(got, emul) < 0.04, (d, _rel(got, emul))
