@@ -153,6 +153,11 @@ class _Clock:
 
 
 MEMORY_POLICIES = ("keep", "phase", "offload")
+# Engines run without a CUDA graph: one call each per video, so a graph saves microseconds, while its pool would
+# keep the call's peak working memory reserved for good (the 1080p VAE passes: the H100's graph pools held 29.6 GB
+# after one prompt, and the parked 24 GB text encoder no longer fit for the next). Eager, that memory returns to
+# the allocator's cache, which gives it back when the text encoder needs it.
+UNGRAPHED = frozenset({"video_encoder", "video_decoder"})
 
 
 def run_dit(
@@ -310,9 +315,11 @@ class Pipeline:
         release(names)
 
     def _run(self, engine: str, key: str, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """One engine call (captured and replayed on CUDA). Compiled engines read their inputs as contiguous
-        buffers, so the (un)patchify views are made contiguous here."""
+        """One engine call (captured and replayed on CUDA, except UNGRAPHED). Compiled engines read their inputs
+        as contiguous buffers, so the (un)patchify views are made contiguous here."""
         inputs = tuple(t.contiguous() for t in inputs)
+        if engine in UNGRAPHED:
+            return self.engines.run(engine, key, *inputs)
         return self.graphs((engine, key), partial(self.engines.run, engine, key), *inputs)
 
     def _image_tokens(self, req: Request, key: str, shape: tuple[int, int, int]) -> torch.Tensor | None:

@@ -106,6 +106,9 @@ def run_once(pipe: Pipeline, req: Request, out_mp4: Path, device: torch.device) 
     times = {**out.timings, "mux": time.perf_counter() - t_mux, "end_to_end": time.perf_counter() - t}
     if device.type == "cuda":
         times["peak_gpu_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
+        # what stays after a prompt: engines, graph pools and outputs (allocated) and the allocator's cache on top
+        times["allocated_after_GiB"] = torch.cuda.memory_allocated(device) / 2**30
+        times["reserved_after_GiB"] = torch.cuda.memory_reserved(device) / 2**30
     return out, times
 
 
