@@ -146,8 +146,6 @@ def test_recipe_validation() -> None:
     assert QuantRecipe.named("nvfp4").precision is Precision.NVFP4
     with pytest.raises(ValueError, match="--precision"):
         QuantRecipe.named("int8")
-    with pytest.raises(NotImplementedError, match="fp8_attention"):
-        QuantRecipe(fp8_attention=True).validate()
     with pytest.raises(NotImplementedError, match="video_vae"):
         QuantRecipe(video_vae=Precision.FP8).validate()
     QuantRecipe(text_encoder=Precision.FP8).validate()

@@ -58,7 +58,7 @@ class QuantRecipe:
     """What to quantise in one build.
 
     precision: the DiT Linear layers' format. include / exclude: globs over DiT module names (see module doc).
-    fp8_attention: FP8 Q/K/V/P inside attention (FP8 SDPA). Not implemented: refused by `validate`.
+    FP8 attention is not a recipe switch: it is the backend's `--attention fp8` (fvrt.plugins.fp8_attention).
     text_encoder: precision of the text encoder's Linear layers (bf16 or fp8, same FP8Linear path, globs
         `text_encoder_exclude`). video_vae: precision of the VAEs (bf16 only: they are convolutions).
     """
@@ -66,7 +66,6 @@ class QuantRecipe:
     precision: Precision = Precision.FP8
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = DIT_DEFAULT_EXCLUDE
-    fp8_attention: bool = False
     text_encoder: Precision = Precision.BF16
     text_encoder_exclude: tuple[str, ...] = TEXT_ENCODER_DEFAULT_EXCLUDE
     video_vae: Precision = Precision.BF16
@@ -83,11 +82,6 @@ class QuantRecipe:
 
     def validate(self) -> None:
         """Refuse switch combinations fvrt does not implement, naming the switch."""
-        if self.fp8_attention:
-            raise NotImplementedError(
-                "fp8_attention: FP8 attention (quantised Q/K/V and softmax output) is not implemented; "
-                "see docs/quantization.md"
-            )
         if self.text_encoder is Precision.NVFP4:
             raise NotImplementedError("text_encoder=nvfp4 is not implemented (bf16 or fp8)")
         if self.video_vae is not Precision.BF16:
@@ -112,7 +106,6 @@ class QuantRecipe:
             "precision": self.precision.value,
             "include": list(self.include),
             "exclude": list(self.exclude),
-            "fp8_attention": self.fp8_attention,
             "text_encoder": self.text_encoder.value,
             "text_encoder_exclude": list(self.text_encoder_exclude),
             "video_vae": self.video_vae.value,
