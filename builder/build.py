@@ -460,8 +460,7 @@ def stage_keys(
     """(code key, stage key) of one engine: the code depends on the recipe, the architecture config and the tools;
     the whole stage (code + weights) also on the checkpoint and, for per-layer engines, on its layer list."""
     r = {k: v for k, v in recipe(plan).items() if k != "stages"}
-    if r["attention"] in fp8_attention.MODES and not stage.startswith("dit"):
-        r["attention"] = "cudnn"  # FP8 attention reaches the DiT only: the other engines are the cudnn ones
+    r["attention"] = fp8_attention.for_stage(r["attention"], stage)
     low = low_bit_kind(spec) if spec is not None else None
     text = stage.startswith("text_")
     if not text or low is None:

@@ -86,3 +86,13 @@ def test_triton_kernel_matches_its_emulation_and_fp32() -> None:
         assert got.shape == q.shape and got.dtype == torch.bfloat16
         assert _rel(got, exact) < 1.2 * _rel(emul, exact) + 0.01, (d, _rel(got, exact), _rel(emul, exact))
         assert _rel(got, emul) < 0.04, (d, _rel(got, emul))
+
+
+def test_fp8_attention_reaches_the_dit_engines_only() -> None:
+    assert [fa.for_stage("fp8", s) for s in ("dit_block", "dit_block_1", "text_out", "video_decoder")] == [
+        "fp8",
+        "fp8",
+        "cudnn",
+        "cudnn",
+    ]
+    assert fa.for_stage("cudnn", "dit_block") == "cudnn" and fa.for_stage("default", "upsampler") == "default"

@@ -137,12 +137,8 @@ def module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def stage_attention(attention: str, stage: str, device: torch.device) -> str:
-    """The attention an engine of `stage` gets: FP8 modes reach only the DiT; CPU engines always "default"."""
-    if device.type != "cuda":
-        return "default"
-    if attention in fp8_attention.MODES and not stage.startswith("dit"):
-        return "cudnn"
-    return attention
+    """The attention an engine of `stage` gets: CPU engines always "default"; FP8 modes reach only the DiT."""
+    return fp8_attention.for_stage(attention, stage) if device.type == "cuda" else "default"
 
 
 @contextlib.contextmanager
