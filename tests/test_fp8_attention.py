@@ -96,3 +96,8 @@ def test_fp8_attention_reaches_the_dit_engines_only() -> None:
         "cudnn",
     ]
     assert fa.for_stage("cudnn", "dit_block") == "cudnn" and fa.for_stage("default", "upsampler") == "default"
+
+
+def test_emulation_of_the_first_rows_keeps_the_whole_tensors_scales() -> None:
+    q, k, v = _qkv(5, tq=40)
+    assert torch.equal(fa.reference(q, k, v, rows=7), fa.reference(q, k, v)[:, :, :7])
