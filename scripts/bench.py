@@ -61,9 +61,16 @@ class Recorder(Pipeline):
 
     record: list[tuple[str, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] | None = None
 
+    decoder_input: tuple[str, torch.Tensor] | None = None  # the video decoder's (key, latent), for --trace
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.graphs = _Tap(self.graphs, self)  # type: ignore[assignment]
+
+    def _run(self, engine: str, key: str, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.record is not None and engine == "video_decoder":
+            self.decoder_input = (key, inputs[0].detach().cpu())
+        return super()._run(engine, key, *inputs)
 
 
 class _Tap:
@@ -112,17 +119,28 @@ def run_once(pipe: Pipeline, req: Request, out_mp4: Path, device: torch.device) 
     return out, times
 
 
-def variant(name: str) -> tuple[str, str | None]:
-    """ "fp8" -> ("fp8", None); "fp8+fa8" -> ("fp8", "fp8"): the precision and, with "+fa8", FP8 attention."""
-    precision, plus, extra = name.partition("+")
-    if precision not in PRECISIONS or (plus and extra != "fa8"):
-        raise SystemExit(f"--precisions: '{name}' is not one of bf16, fp8, nvfp4, optionally with '+fa8'")
-    return precision, ("fp8" if plus else None)
+SUFFIXES = {
+    "fa8": "FP8 attention in the DiT (--attention fp8)",
+    "ft8": "FP8 Gemma decoder layers (--text-precision fp8)",
+}
+
+
+def variant(name: str) -> tuple[str, str | None, str]:
+    """ "fp8" -> ("fp8", None, "bf16"); "fp8+fa8+ft8" -> ("fp8", "fp8", "fp8"): the precision, the attention
+    override (FP8 attention with "+fa8") and the text encoder's precision (FP8 with "+ft8")."""
+    precision, *extras = name.split("+")
+    bad = [e for e in extras if e not in SUFFIXES] or len(set(extras)) != len(extras)
+    if precision not in PRECISIONS or bad or (extras and precision not in ("fp8", "nvfp4")):
+        raise SystemExit(
+            f"--precisions: '{name}' is not one of bf16, fp8, nvfp4; fp8 / nvfp4 may add "
+            + ", ".join(f"+{k} ({v})" for k, v in SUFFIXES.items())
+        )
+    return precision, ("fp8" if "fa8" in extras else None), ("fp8" if "ft8" in extras else "bf16")
 
 
 def bench_precision(args: argparse.Namespace, name: str, res: dict[str, Any], ref: dict[str, Any]) -> None:
     dev = torch.device(args.device)
-    precision, attention = variant(name)
+    precision, attention, text_precision = variant(name)
     engine_dir = Path(args.engines) / f"{args.profile}-{name}"
     earlier = [Path(args.engines) / f"{args.profile}-{n}" for n in args.precisions.split(",")]
     earlier = [d for d in earlier[: earlier.index(engine_dir)] if d.is_dir()]
@@ -140,7 +158,7 @@ def bench_precision(args: argparse.Namespace, name: str, res: dict[str, Any], re
             attention=attention or args.attention,
             calib_count=args.calib_count,
             calib_method=args.calib_method,
-            text_precision="fp8" if args.fp8_text and precision in ("fp8", "nvfp4") else "bf16",
+            text_precision=text_precision,
             calib_inputs=calib_from_record(args, ref) if precision in ("fp8", "nvfp4") and ref else None,
             verify=args.verify,
             seed=args.seed,
@@ -192,6 +210,8 @@ def bench_precision(args: argparse.Namespace, name: str, res: dict[str, Any], re
             record, pipe.record = pipe.record, None
             entry["dit_passes_recorded"] = len(record)
             entry["dit_pass_s"] = dit_pass_times(pipe, record, dev, args.repeats_dit)
+            if args.trace:
+                entry["kernels"] = kernel_profile(pipe, record, dev)
             quality(name, first_out, record, res, ref, engines)
         runs = []
         for _ in range(args.repeats):
@@ -307,6 +327,60 @@ def dit_pass_times(pipe: Pipeline, record: list, device: torch.device, repeats: 
     return out
 
 
+KERNEL_KINDS = (  # kernel name substrings -> what the kernel does (first match wins), for --trace's summary
+    ("attention", ("fmha", "flash", "attn", "sdpa", "fp8_attention", "_fwd")),
+    ("conv", ("conv", "implicit", "winograd", "fprop", "dgrad")),
+    ("gemm", ("gemm", "xmma", "cutlass", "cublas", "sm90_", "matmul", "scaled_mm")),
+    ("fused (Inductor Triton)", ("triton_",)),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, subs in KERNEL_KINDS if any(s in low for s in subs)), "other")
+
+
+def kernel_table(prof: Any, top: int = 30) -> dict[str, Any]:
+    """A torch.profiler run -> GPU time per kernel kind and the `top` kernels by total GPU time (ms)."""
+    rows = []
+    for evt in prof.key_averages():
+        t = getattr(evt, "device_time_total", None)
+        t = getattr(evt, "cuda_time_total", 0) if t is None else t
+        if t > 0 and evt.device_type == torch.autograd.DeviceType.CUDA:
+            rows.append((t / 1e3, evt.count, evt.key))
+    rows.sort(reverse=True)
+    kinds: dict[str, float] = {}
+    for ms, _, name in rows:
+        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + ms
+    return {
+        "total_ms": sum(r[0] for r in rows),
+        "by_kind_ms": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+        "top": [{"ms": round(ms, 3), "calls": n, "kind": kernel_kind(k), "name": k[:160]} for ms, n, k in rows[:top]],
+    }
+
+
+def kernel_profile(pipe: Recorder, record: list, device: torch.device) -> dict[str, Any]:
+    """--trace: GPU kernels of one DiT pass per shape key and of the video decode (run outside CUDA graphs, so
+    every kernel launch is seen; times are GPU busy time per kernel, summed)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    calls = {f"dit {k}": (lambda k=k, i=i: pipe._dit(k, *(t.to(device) for t in i))) for k, i, _ in reversed(record)}
+    if pipe.decoder_input is not None:
+        key, latent = pipe.decoder_input
+        calls["video_decoder"] = lambda: pipe.engines.run("video_decoder", key, latent.to(device))
+    out = {}
+    for name, fn in sorted(calls.items()):
+        fn()  # warm
+        sync(device)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            sync(device)
+        out[name] = kernel_table(prof)
+        kinds = ", ".join(f"{k} {v:.1f}" for k, v in out[name]["by_kind_ms"].items())
+        log(f"trace {name}: {out[name]['total_ms']:.1f} ms GPU ({kinds})")
+    return out
+
+
 def quality(
     precision: str, out: Output, record: list, res: dict[str, Any], ref: dict[str, Any], engines: EngineDir
 ) -> None:
@@ -322,7 +396,11 @@ def quality(
             got = pipe._dit(key, *(t.to(engines.device) for t in inputs))
             pairs = zip(got, want, strict=True)
             cosines.append([float(F.cosine_similarity(g.float().cpu().flatten(), w.flatten(), 0)) for g, w in pairs])
+    # the prompt's contexts (text encoder output) are the first pass's inputs 2 and 3: same prompt, own encoder
+    ctx = [(g.float(), w.float()) for g, w in zip(record[0][1][2:4], ref["record"][0][1][2:4], strict=True)]
     res["quality"][f"{precision}_vs_{ref['precision']}"] = {
+        "text_context_cosine": [float(F.cosine_similarity(g.flatten(), w.flatten(), 0)) for g, w in ctx],
+        "text_context_rel_err": [float((g - w).norm() / w.norm()) for g, w in ctx],
         "velocity_cosine_per_step": cosines,
         "min_video_cosine": min(c[0] for c in cosines),
         "min_audio_cosine": min(c[1] for c in cosines),
@@ -347,7 +425,8 @@ def table(res: dict[str, Any]) -> str:
     for name, q in res["quality"].items():
         cos = f"min velocity cosine video {q['min_video_cosine']:.4f} audio {q['min_audio_cosine']:.4f}"
         dec = f"decoded video PSNR {q['video_psnr_db']:.1f} dB, audio SNR {q['audio_snr_db']:.1f} dB"
-        rows.append(f"\n{name}: {cos}, {dec}")
+        ctx = ", ".join(f"{c:.4f}" for c in q.get("text_context_cosine", ()))
+        rows.append(f"\n{name}: {cos}, {dec}" + (f", text contexts cosine {ctx}" if ctx else ""))
     if "official" in res:
         o = res["official"]["compute_s"]
         cells = [o.get(k, float("nan")) for k in ("text_encode", "stage_1", "upsample", "stage_2", "video_decode",
@@ -360,6 +439,9 @@ def table(res: dict[str, Any]) -> str:
     for prec, e in res["precisions"].items():
         passes = ", ".join(f"{k} {v:.3f} s" for k, v in e.get("dit_pass_s", {}).items())
         rows.append(f"\n{prec}: DiT pass {passes}; cold start {e.get('cold_start_s', float('nan')):.1f} s")
+        for call, k in e.get("kernels", {}).items():
+            kinds = ", ".join(f"{kind} {ms:.1f}" for kind, ms in k["by_kind_ms"].items())
+            rows.append(f"{prec} kernels, {call}: {k['total_ms']:.1f} ms GPU ({kinds})")
     return "\n".join(rows)
 
 
@@ -371,7 +453,8 @@ def main() -> None:
     ap.add_argument(
         "--precisions",
         default="bf16,fp8",
-        help="comma list of bf16, fp8, nvfp4, each optionally with +fa8 (FP8 attention in the DiT); first = reference",
+        help="comma list of bf16, fp8, nvfp4; fp8 / nvfp4 optionally with +fa8 (FP8 attention in the DiT) and / or "
+        "+ft8 (FP8 text encoder), e.g. fp8+ft8; the first is the quality reference",
     )
     ap.add_argument("--presets", default="distilled,realtime")
     ap.add_argument("--repeats", type=int, default=2)
@@ -381,7 +464,6 @@ def main() -> None:
     ap.add_argument("--calib-method", default="modelopt", choices=["modelopt", "hooks"])
     ap.add_argument("--memory", default="offload", choices=["keep", "phase", "offload"], help="runtime memory policy")
     ap.add_argument("--verify", action="store_true", help="check every newly built engine against eager")
-    ap.add_argument("--fp8-text", action="store_true", help="fp8 / nvfp4 runs also use the FP8 Gemma (text_block)")
     ap.add_argument(
         "--drop-reference",
         action="store_true",
@@ -394,12 +476,20 @@ def main() -> None:
         "--official", action=argparse.BooleanOptionalAction, default=True,
         help="run the official implementation last, same process, same weights (--no-official: skip it)",
     )  # fmt: skip
+    ap.add_argument(
+        "--trace", action="store_true",
+        help="profile the GPU kernels of one DiT pass per shape and of the video decode (outside CUDA graphs)",
+    )  # fmt: skip
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--engines", default="engines/bench", help="where the engine directories are built or reused")
     ap.add_argument("--out", default="out/bench")
     args = ap.parse_args()
-    Path(args.out).mkdir(parents=True, exist_ok=True)
     dev = torch.device(args.device)
+    if args.trace and dev.type != "cuda":
+        raise SystemExit("--trace profiles GPU kernels: it needs --device cuda")
+    for name in args.precisions.split(","):
+        variant(name)  # a misspelt variant ends the run before anything is built
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     res: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"),
         "command": " ".join(sys.argv),

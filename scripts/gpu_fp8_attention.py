@@ -100,6 +100,64 @@ def accuracy(shape: tuple[int, ...], peaky: float, seed: int) -> dict[str, float
     }
 
 
+def _int8_blocks(t: torch.Tensor, block: int) -> torch.Tensor:
+    """Symmetric INT8 with one scale per `block` consecutive tokens (per batch and head), dequantized (fp32)."""
+    b, h, n, d = t.shape
+    pad = -n % block
+    tp = F.pad(t.float(), (0, 0, 0, pad)).view(b, h, (n + pad) // block, block, d)
+    scale = (tp.abs().amax(dim=(-1, -2), keepdim=True) / 127).clamp_min(1e-30)
+    return ((tp / scale).round().clamp(-127, 127) * scale).view(b, h, n + pad, d)[:, :, :n]
+
+
+def _e4m3(t: torch.Tensor, dim: tuple[int, ...] | None = None) -> torch.Tensor:
+    """E4M3 with one scale per tensor (dim None) or per slice reduced over `dim`, dequantized (fp32)."""
+    t = t.float()
+    amax = t.abs().amax() if dim is None else t.abs().amax(dim=dim, keepdim=True)
+    scale = (amax / fa.E4M3_MAX).clamp_min(1e-30)
+    return (t / scale).to(torch.float8_e4m3fn).float() * scale
+
+
+def emulate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: int, qk: str, pv: str) -> torch.Tensor:
+    """Attention of the first `rows` queries with Q K^T in `qk` ("exact", "fp8": per-tensor E4M3, "int8": K
+    smoothed by its token mean, INT8 with per-64-query / per-128-key block scales) and P V in `pv` ("exact",
+    "fp8": P scaled by 448 against the row max and V per-tensor, "fp8c": V with per-channel scales)."""
+    d = q.shape[-1]
+    if qk == "fp8":
+        qq, kq = _e4m3(q)[:, :, :rows], _e4m3(k)
+    elif qk == "int8":  # softmax is invariant to a per-query constant: q . mean(k) is one
+        qq, kq = _int8_blocks(q, 64)[:, :, :rows], _int8_blocks(k.float() - k.float().mean(-2, keepdim=True), 128)
+    else:
+        qq, kq = q[:, :, :rows].float(), k.float()
+    s = qq @ kq.transpose(-1, -2) / d**0.5
+    p = torch.exp(s - s.amax(-1, keepdim=True))
+    l_sum = p.sum(-1, keepdim=True)
+    if pv == "exact":
+        return (p @ v.float()) / l_sum
+    vq = _e4m3(v) if pv == "fp8" else _e4m3(v, dim=(-2,))
+    return ((p * fa.P_SCALE).to(torch.float8_e4m3fn).float() / fa.P_SCALE @ vq) / l_sum
+
+
+DECOMPOSE = [("fp8", "exact"), ("exact", "fp8"), ("exact", "fp8c"), ("fp8", "fp8"), ("int8", "exact"),
+             ("int8", "fp8"), ("int8", "fp8c")]  # fmt: skip
+
+
+def decompose(res: dict[str, Any]) -> None:
+    """Where FP8 attention's error comes from: each quantized part alone against fp32, and INT8 Q K^T."""
+    for name in ("s2_video_self", "s1_video_self"):
+        for peaky, k_offset in ((1.0, 0.0), (3.0, 0.0), (1.0, 2.0)):
+            q, k, v = inputs(SHAPES[name], peaky, seed=2)
+            k = k + k_offset  # a shared key direction (a softmax no-op that costs per-tensor scales range)
+            exact = emulate(q, k, v, ERR_ROWS, "exact", "exact")
+            row = {f"qk={a} pv={b}": rel(emulate(q, k, v, ERR_ROWS, a, b), exact) for a, b in DECOMPOSE}
+            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                row["cudnn bf16"] = rel(F.scaled_dot_product_attention(q, k, v)[:, :, :ERR_ROWS], exact)
+            key = f"{name}/q*{peaky:g}/k+{k_offset:g}"
+            res.setdefault("decompose", {})[key] = row
+            print(key, {a: round(b, 4) for a, b in row.items()}, flush=True)
+            del q, k, v, exact
+            torch.cuda.empty_cache()
+
+
 def speed(shape: tuple[int, ...]) -> dict[str, float]:
     b, h, tq, tk, d = shape
     flop = 4.0 * b * h * tq * tk * d
@@ -169,6 +227,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--sweep", action="store_true", help="time every tile config at the stage-2 shape")
     ap.add_argument("--skip-aoti", action="store_true")
+    ap.add_argument("--decompose", action="store_true", help="only: error of each quantized part (emulated)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     res: dict[str, Any] = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "configs": {}}
@@ -176,6 +235,14 @@ def main() -> None:
     def save() -> None:
         (args.out / "fa8.json").write_text(json.dumps(res, indent=1, default=str))
 
+    if args.decompose:
+        decompose(res)
+        save()
+        cols = list(next(iter(res["decompose"].values())))
+        print("\n| case | " + " | ".join(cols) + " |\n|---" * 1 + "|---" * len(cols) + "|")
+        for key, row in res["decompose"].items():
+            print(f"| {key} | " + " | ".join(f"{row[c]:.4f}" for c in cols) + " |")
+        return
     default_cfg = dict(fa.CONFIGS[128])
     if args.sweep:
         q, k, v = inputs(SHAPES["s2_video_self"], 1.0, 0)
