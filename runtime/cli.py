@@ -34,6 +34,7 @@ TIMING_ORDER = (
     "upsample",
     "stage_2",
     "video_decode",
+    "frames_out",
     "audio_decode",
     "mux",
     "total",
@@ -182,7 +183,7 @@ def main(
 
     progress = _Progress()
     try:
-        out: Output = pipe(req, progress=progress, on_video=start_mp4)
+        out: Output = pipe(req, progress=progress, on_video=start_mp4, frames=raw is not None)
         progress.close()
         t = time.perf_counter()
         writer["mp4"].finish(out.audio)

@@ -1,7 +1,9 @@
-"""MP4 encoding cost at 1088x1920x121 (issue 6: the MP4 was ~5 s of the 1080p run): x264 presets, rgb24 input
-(swscale converts on the encoding thread) vs yuv420p planes made beforehand (torch, on the GPU when present).
+"""MP4 encoding cost at 1088x1920x121 (issue 6: the MP4 was ~5 s of the 1080p run): x264 presets and threading
+(libavcodec's slice threads, PyAV's default, vs frame threads), rgb24 input (swscale converts on the encoding
+thread) vs yuv420p planes made beforehand (torch, on the GPU when present), and what getting the planes to the
+host costs: the GPU conversion alone, then a copy into fresh pageable memory vs into pinned memory.
 
-    python scripts/mp4_encode_probe.py [--frames 121] [--out /tmp/mp4probe]
+    python scripts/mp4_encode_probe.py [--frames 121] [--out /tmp/mp4probe] [--threads slice,frame]
 
 Two kinds of content: smooth (gradients moving, mild noise: like real video) and noisy (what random weights
 decode to: the x264 worst case). Prints a table last and writes mp4probe.json.
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -34,11 +37,14 @@ def content(kind: str, frames: int, h: int, w: int) -> torch.Tensor:
     return (img.clamp(0, 1) * 255).to(torch.uint8)
 
 
-def encode(path: Path, frames: np.ndarray | list[np.ndarray], fmt: str, preset: str, h: int, w: int) -> float:
+def encode(
+    path: Path, frames: np.ndarray | list[np.ndarray], fmt: str, preset: str, h: int, w: int, threads: str
+) -> float:
     t0 = time.perf_counter()
     with av.open(str(path), "w", format="mp4") as c:
         s = c.add_stream("libx264", rate=24, options={"crf": "18", "preset": preset})
         s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        s.codec_context.thread_type = threads.upper()
         for i, f in enumerate(frames):
             fr = av.VideoFrame.from_ndarray(f, format=fmt)
             fr.pts = i
@@ -54,36 +60,57 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=1920)
     ap.add_argument("--out", type=Path, default=Path("/tmp/mp4probe"))
     ap.add_argument("--presets", default="ultrafast,superfast,veryfast")
+    ap.add_argument("--threads", default="slice,frame", help="libavcodec thread types to compare")
+    ap.add_argument("--inputs", default="rgb24,yuv420p")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rows = []
+    rows, transfer = [], {}
+
+    def timed(fn: object) -> float:
+        for _ in range(2):  # second one timed (the first pays CUDA / kernel start and the pinned allocation)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()  # type: ignore[operator]
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            took = time.perf_counter() - t0
+        return took
+
     for kind in ("smooth", "noisy"):
         rgb = content(kind, args.frames, args.height, args.width)
         rgb_np = rgb.numpy()
         on_dev = rgb.to(dev)
-        for _ in range(2):  # second one timed (first pays CUDA / kernel start)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            yuv = rgb_to_yuv420p(on_dev)
-            yuv_np = yuv.cpu().numpy()
-            convert_s = time.perf_counter() - t0
+        yuv = rgb_to_yuv420p(on_dev)
+        pinned = torch.empty(yuv.shape, dtype=yuv.dtype, pin_memory=dev.type == "cuda")
+        transfer[kind] = {
+            "convert_s": timed(lambda: rgb_to_yuv420p(on_dev)),
+            "copy_pageable_s": timed(lambda: yuv.cpu()),
+            "copy_pinned_s": timed(lambda: pinned.copy_(yuv)),
+        }
+        print(kind, transfer[kind], flush=True)
+        yuv_np = yuv.cpu().numpy()
         planes = list(yuv_np)
         for preset in args.presets.split(","):
-            for fmt, data in (("rgb24", rgb_np), ("yuv420p", planes)):
-                path = args.out / f"{kind}_{preset}_{fmt}.mp4"
-                s = encode(path, data, fmt, preset, args.height, args.width)
-                rows.append({"content": kind, "preset": preset, "input": fmt, "encode_s": s,
-                             "convert_s": convert_s if fmt == "yuv420p" else 0.0,
-                             "mb": path.stat().st_size / 1e6})  # fmt: skip
-                print(rows[-1], flush=True)
-    (args.out / "mp4probe.json").write_text(json.dumps({"device": str(dev), "rows": rows}, indent=1))
-    print(f"\n{args.frames} frames {args.width}x{args.height}, yuv conversion on {dev}")
-    print("| content | preset | input | encode s | convert s | MB |")
-    print("|---|---|---|---|---|---|")
+            for threads in args.threads.split(","):
+                for fmt, data in (("rgb24", rgb_np), ("yuv420p", planes)):
+                    if fmt not in args.inputs.split(","):
+                        continue
+                    path = args.out / f"{kind}_{preset}_{threads}_{fmt}.mp4"
+                    t = encode(path, data, fmt, preset, args.height, args.width, threads)
+                    rows.append({"content": kind, "preset": preset, "threads": threads, "input": fmt,
+                                 "encode_s": t, "mb": path.stat().st_size / 1e6})  # fmt: skip
+                    print(rows[-1], flush=True)
+    res = {"device": str(dev), "cpus": os.cpu_count(), "transfer": transfer, "rows": rows}
+    (args.out / "mp4probe.json").write_text(json.dumps(res, indent=1))
+    print(f"\n{args.frames} frames {args.width}x{args.height}, yuv conversion on {dev}, {os.cpu_count()} CPUs")
+    print("| content | GPU convert s | + copy, pageable s | + copy, pinned s |\n|---|---|---|---|")
+    for kind, t in transfer.items():
+        print(f"| {kind} | {t['convert_s']:.3f} | {t['copy_pageable_s']:.3f} | {t['copy_pinned_s']:.3f} |")
+    print("\n| content | preset | threads | input | encode s | MB |\n|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['content']} | {r['preset']} | {r['input']} | {r['encode_s']:.2f} | {r['convert_s']:.3f} | "
+        print(f"| {r['content']} | {r['preset']} | {r['threads']} | {r['input']} | {r['encode_s']:.2f} | "
               f"{r['mb']:.1f} |")  # fmt: skip
 
 

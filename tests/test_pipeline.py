@@ -150,7 +150,15 @@ def test_text_to_video_matches_official(release: TinyRelease, pipe: Pipeline) ->
     # Postcondition
     check_parity(ours, ref, f"{release.root.name} t2v")
     assert ours.sample_rate == (48000 if "bwe" in pipe.engines.config["vocoder"] else 24000)
-    assert set(ours.timings) >= {"text_encode", "stage_1", "upsample", "stage_2", "video_decode", "audio_decode"}
+    assert set(ours.timings) >= {
+        "text_encode",
+        "stage_1",
+        "upsample",
+        "stage_2",
+        "video_decode",
+        "frames_out",
+        "audio_decode",
+    }
     assert [e for e in events if e[0].startswith("stage")] == [("stage 1", i, 8) for i in range(1, 9)] + [
         ("stage 2", i, 3) for i in range(1, 4)
     ]
@@ -163,6 +171,28 @@ def test_text_to_video_matches_official(release: TinyRelease, pipe: Pipeline) ->
     assert len(handed) == 1 and np.array_equal(handed[0], rgb_to_yuv420p(torch.from_numpy(ours.frames)).numpy())
     # the VAE decoder runs outside CUDA graphs (a graph's pool would keep its 1080p working memory for good)
     assert graphed == {"text_encoder", "dit", "upsampler", "audio_decoder"}, graphed
+
+
+def test_without_frames_the_mp4_planes_are_the_same(release: TinyRelease, pipe: Pipeline) -> None:
+    """frames=False (fvrt-run without --raw): no RGB frames in the output, the same yuv420p planes and audio."""
+    req = Request(PROMPT, TINY.height, TINY.width, TINY.frames, TINY.fps, seed=SEED, preset="realtime")
+    with_frames: list[np.ndarray] = []
+    without: list[np.ndarray] = []
+    full = pipe(req, on_video=with_frames.append)
+    lean = pipe(req, on_video=without.append, frames=False)
+    assert full.frames is not None and lean.frames is None
+    assert np.array_equal(without[0], with_frames[0]) and np.array_equal(lean.audio, full.audio)
+    assert np.array_equal(with_frames[0], rgb_to_yuv420p(torch.from_numpy(full.frames)).numpy())
+
+
+@pytest.mark.gpu
+def test_to_host_copies_into_pinned_memory() -> None:
+    from fvrt.runtime.pipeline import to_host
+
+    x = torch.randint(0, 255, (3, 5, 7), dtype=torch.uint8, device="cuda").permute(1, 2, 0)
+    got = to_host(x)
+    assert got.is_pinned() and got.device.type == "cpu" and torch.equal(got, x.cpu())
+    assert not to_host(x.cpu()).is_pinned()
 
 
 def test_image_to_video_matches_official(release: TinyRelease, pipe: Pipeline) -> None:

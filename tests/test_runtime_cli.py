@@ -106,7 +106,8 @@ def test_run_writes_mp4_raw_and_timings(setup: Setup, eager_engines: list, tmp_p
         assert np.array_equal(raw["frames"], ref.frames) and np.array_equal(raw["audio"], ref.audio)
         assert int(raw["sample_rate"]) == 24000 and float(raw["fps"]) == 24.0
     record = json.loads((tmp_path / "t.json").read_text())
-    stages = ("text_encode", "stage_1", "upsample", "stage_2", "video_decode", "audio_decode", "mux", "total")
+    stages = ("text_encode", "stage_1", "upsample", "stage_2", "video_decode", "frames_out", "audio_decode", "mux")
+    stages += ("total",)
     assert all(record["timings_s"][s] >= 0 for s in stages)
     assert record["request"]["steps"] == [5, 2] and record["request"]["seed"] == 5
     assert all(s in result.stdout for s in stages), "timing report printed"

@@ -165,3 +165,47 @@ def test_exports_with_static_shapes(vae_file: tuple[Path, dict], version: ModelV
         exported = torch.export.export(module, (x,), strict=False)
         with torch.no_grad():
             assert_rel_close(exported.module()(x), module(x), TOL, f"{version.value} exported {stage}")
+
+
+def test_channels_last_trace_same_outputs(vae_file: tuple[Path, dict], version: ModelVersion) -> None:
+    """`conv_layout("channels_last_3d")` (what CUDA engines are traced with): every 3-D conv of both stages reads
+    a channels-last input in the exported graph, the outputs are unchanged and come out contiguous; a bad name
+    is refused and the layout is restored after the block."""
+    from fvrt.builder.models import video_vae
+
+    path, _ = vae_file
+    ckpt = load_checkpoint(path, stages=["video_encoder", "video_decoder"], dtype=torch.float32)
+    torch.manual_seed(3)
+    inputs = {
+        "video_encoder": torch.rand(1, 3, *VIDEO) * 2 - 1,
+        "video_decoder": torch.randn(1, LATENT, 2, VIDEO[1] // 32, VIDEO[2] // 32),
+    }
+    for stage, x in inputs.items():
+        module = getattr(ckpt, stage)
+        with torch.no_grad():
+            plain = module(x)
+            with video_vae.conv_layout("channels_last_3d"):
+                exported = torch.export.export(module, (x,), strict=False)
+                traced = module(x)
+        conv_ops = (torch.ops.aten.conv3d.default, torch.ops.aten.convolution.default)
+        convs = [n for n in exported.graph.nodes if n.target in conv_ops]
+        assert convs, stage
+        for node in convs:  # the conv input's traced strides are channels-last (C has stride 1)
+            assert node.args[0].meta["val"].is_contiguous(memory_format=torch.channels_last_3d), (stage, node)
+        out = exported.module()(x)
+        assert out.is_contiguous() and traced.is_contiguous()
+        assert_rel_close(out, plain, TOL, f"{version.value} channels-last exported {stage}")
+        assert_rel_close(traced, plain, TOL, f"{version.value} channels-last eager {stage}")
+    assert video_vae._conv_layout == "contiguous"
+    with pytest.raises(ValueError, match="conv layout"), video_vae.conv_layout("nhwc"):
+        pass
+
+
+def test_cuda_engines_trace_the_vae_channels_last() -> None:
+    """The torch-aot backend traces the VAEs channels-last on CUDA only, and the build keys say so."""
+    from fvrt.builder.backends.aoti import stage_conv_layout
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert stage_conv_layout("video_decoder", cuda) == stage_conv_layout("video_encoder", cuda) == "channels_last_3d"
+    assert stage_conv_layout("video_decoder", cpu) == "contiguous"
+    assert stage_conv_layout("upsampler", cuda) == stage_conv_layout("dit_block", cuda) == "contiguous"
