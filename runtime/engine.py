@@ -153,6 +153,14 @@ class EngineDir:
             if eng is not None and hasattr(eng, "offload"):
                 eng.offload()
 
+    def onload(self, names: Iterable[str]) -> None:
+        """Start copying the offloaded engines `names` back to the device (asynchronous, on the current stream:
+        work queued after it waits for the copies); engines not loaded or not offloaded are left as they are."""
+        for n in self._group(names):
+            eng = self._engines.get(n)
+            if eng is not None and getattr(eng, "offloaded", False):
+                eng.onload()
+
     def release(self, names: Iterable[str] | None = None) -> None:
         """Drop loaded engines and their weights (all, or `names`; "dit" = every DiT engine, "text_encoder" =
         text_in, text_block, text_out), freeing device memory between pipeline phases; a later call loads them

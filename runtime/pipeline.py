@@ -217,6 +217,7 @@ class Pipeline:
         *,
         cuda_graphs: bool = True,
         memory: str = "keep",
+        prefetch_text: bool = False,
     ) -> None:
         """memory: "keep" leaves every engine loaded (repeated generations, benchmarks); "phase" releases each
         engine after its last use in a generation (text encoder after encoding, the DiT, upsampler and video
@@ -224,10 +225,15 @@ class Pipeline:
         not the sum (1080p bf16: 12B text encoder + 19B DiT + the 1080p decode would not fit 80 GB together);
         the next generation loads them again; "offload" keeps every engine loaded except the text encoder, whose
         weights wait in pinned host memory between prompts (copied back, ~1 s for 22 GiB, before each encode):
-        1080p bf16 then fits 80 GB without reloading anything from disk."""
+        1080p bf16 then fits 80 GB without reloading anything from disk.
+        prefetch_text (with "offload"): at the end of each generation, start copying the text encoder back
+        (asynchronous, on the stream), so that the copy overlaps whatever the caller does next (muxing the MP4,
+        waiting for the next prompt) instead of opening the next generation; the device then holds the text
+        encoder between prompts, never during the DiT or the decoders. For a process serving prompts one after
+        another; a one-shot run gains nothing."""
         if memory not in MEMORY_POLICIES:
             raise ValueError(f"memory must be one of {', '.join(MEMORY_POLICIES)}, got {memory!r}")
-        self.memory = memory
+        self.memory, self.prefetch_text = memory, prefetch_text
         self.engines, self.tokenizer = engines, tokenizer
         self.graphs = GraphRunner(engines.device, enabled=cuda_graphs)
         self.sample_rate = audio_sample_rate(engines.config)
@@ -313,6 +319,9 @@ class Pipeline:
         clock.lap("audio_decode")
         progress("audio decode", 1, 1)
         clock.times["pipeline_total"] = time.perf_counter() - clock.start
+        onload = getattr(self.engines, "onload", None)
+        if self.prefetch_text and self.memory == "offload" and onload is not None:
+            onload(["text_encoder"])  # queued copies: the next prompt's first kernels wait for them on the stream
         return Output(pixels, samples, self.sample_rate, float(req.fps), clock.times)
 
     # ---- helpers --------------------------------------------------------------------------------------------

@@ -61,6 +61,7 @@ def main() -> None:
     ap.add_argument("--engines", type=Path, default=Path("/dev/shm/vae"), help="engine directory (built if absent)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--skip-engine", action="store_true")
+    ap.add_argument("--engine-only", action="store_true", help="eager only as the reference (no layout variants)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -100,35 +101,10 @@ def main() -> None:
     res["model_build_s"] = time.perf_counter() - t
     latent = torch.randn(LATENT, device=dev, generator=torch.Generator(dev).manual_seed(1)).to(torch.bfloat16)
     ref = record("eager", lambda: dec(latent), False, profile_it=True)
-    record("eager cudnn.benchmark", lambda: dec(latent), True)
-    dec.to(memory_format=torch.channels_last_3d)  # in place
-    latent_cl = latent.contiguous(memory_format=torch.channels_last_3d)
-    got = record("eager channels_last_3d + benchmark", lambda: dec(latent_cl), True, profile_it=True)
-    if ref is not None and got is not None:
-        res["channels_last_rel_err"] = float((got.float() - ref.float()).norm() / ref.float().norm())
-    dec.to(memory_format=torch.contiguous_format)
-    del got
-    torch.cuda.empty_cache()
-
+    if not args.engine_only:
+        eager_variants(args, dec, latent, ref, record, res)
     if not args.skip_engine:
-        from fvrt.builder.build import BuildRequest, build_engines
-        from fvrt.runtime.engine import EngineDir
-        from fvrt.runtime.manifest import MANIFEST_NAME
-
-        if not (args.engines / MANIFEST_NAME).is_file():  # else: an engine directory built already (e.g. by the bench)
-            t = time.perf_counter()
-            build_engines(BuildRequest(out_dir=args.engines, random="full", precision="bf16", device="cuda",
-                                       profiles=("1080p",), stages=("video_decoder",), attention="cudnn"))  # fmt: skip
-            res["engine_build_s"] = time.perf_counter() - t
-        del dec
-        torch.cuda.empty_cache()
-        engines = EngineDir.open(args.engines, device=dev, stages=["video_decoder"])
-        key = next(iter(engines.profiles))
-        run = lambda: engines.run("video_decoder", key, latent)[0]  # noqa: E731
-        got = record("engine", run, False, profile_it=True)
-        record("engine cudnn.benchmark", run, True, profile_it=True)
-        if ref is not None and got is not None:
-            res["engine_rel_err_vs_eager"] = float((got.float() - ref.float()).norm() / ref.float().norm())
+        engine_variants(args, latent, ref, record, res)
     save()
     print("\n| H100 video decode 1080p, bf16 | first call s | median s | peak GiB |")
     print("|---|---|---|---|")
@@ -141,6 +117,41 @@ def main() -> None:
         if "kernels" in r:
             kinds = ", ".join(f"{k} {v:.0f}" for k, v in r["kernels"]["by_kind_ms"].items())
             print(f"{name}: {r['kernels']['total_ms']:.0f} ms GPU ({kinds})")
+    print({k: v for k, v in res.items() if "rel_err" in k or k == "engine_conv_layout"})
+
+
+def eager_variants(args: Any, dec: Any, latent: torch.Tensor, ref: Any, record: Any, res: dict[str, Any]) -> None:
+    record("eager cudnn.benchmark", lambda: dec(latent), True)
+    dec.to(memory_format=torch.channels_last_3d)  # in place
+    latent_cl = latent.contiguous(memory_format=torch.channels_last_3d)
+    got = record("eager channels_last_3d + benchmark", lambda: dec(latent_cl), True, profile_it=True)
+    if ref is not None and got is not None:
+        res["channels_last_rel_err"] = float((got.float() - ref.float()).norm() / ref.float().norm())
+    dec.to(memory_format=torch.contiguous_format)
+    del got
+    torch.cuda.empty_cache()
+
+
+def engine_variants(args: Any, latent: torch.Tensor, ref: Any, record: Any, res: dict[str, Any]) -> None:
+    """The torch-aot video decoder (built here unless --engines holds one), cuDNN heuristics and benchmark."""
+    from fvrt.builder.build import BuildRequest, build_engines
+    from fvrt.runtime.engine import EngineDir
+    from fvrt.runtime.manifest import MANIFEST_NAME
+
+    if not (args.engines / MANIFEST_NAME).is_file():  # else: an engine directory built already (e.g. by the bench)
+        t = time.perf_counter()
+        build_engines(BuildRequest(out_dir=args.engines, random="full", precision="bf16", device="cuda",
+                                   profiles=("1080p",), stages=("video_decoder",), attention="cudnn"))  # fmt: skip
+        res["engine_build_s"] = time.perf_counter() - t
+    torch.cuda.empty_cache()
+    engines = EngineDir.open(args.engines, device=latent.device, stages=["video_decoder"])
+    res["engine_conv_layout"] = engines.manifest.stages["video_decoder"].extra.get("conv_layout", "contiguous")
+    key = next(iter(engines.profiles))
+    run = lambda: engines.run("video_decoder", key, latent)[0]  # noqa: E731
+    got = record("engine", run, False, profile_it=True)
+    record("engine cudnn.benchmark", run, True, profile_it=True)
+    if ref is not None and got is not None:
+        res["engine_rel_err_vs_eager"] = float((got.float() - ref.float()).norm() / ref.float().norm())
 
 
 if __name__ == "__main__":

@@ -469,6 +469,9 @@ class Releasing(ContiguousInputs):
     def offload(self, names: object) -> None:
         self.events.append(("offload", ",".join(sorted(names))))  # type: ignore[arg-type]
 
+    def onload(self, names: object) -> None:
+        self.events.append(("onload", ",".join(sorted(names))))  # type: ignore[arg-type]
+
     def release(self, names: object) -> None:
         self.released |= set(names)  # type: ignore[arg-type]
         self.events.append(("release", ",".join(sorted(names))))  # type: ignore[arg-type]
@@ -500,3 +503,10 @@ def test_offload_memory_parks_only_the_text_encoder(release: TinyRelease, pipe: 
         assert [e for e in engines.events if e[0] != "run"] == [("offload", "text_encoder")]
         first_dit = next(i for i, e in enumerate(engines.events) if e == ("run", "dit"))
         assert engines.events.index(("offload", "text_encoder")) < first_dit  # parked before the DiT runs
+    # prefetch_text: the copy back is started once the generation is done (after the last engine ran)
+    parked.prefetch_text = True
+    engines.events.clear()
+    got = parked(req)
+    assert np.array_equal(got.frames, want.frames)
+    assert [e for e in engines.events if e[0] != "run"] == [("offload", "text_encoder"), ("onload", "text_encoder")]
+    assert engines.events[-1] == ("onload", "text_encoder")
