@@ -461,10 +461,6 @@ def stage_keys(
     the whole stage (code + weights) also on the checkpoint and, for per-layer engines, on its layer list."""
     r = {k: v for k, v in recipe(plan).items() if k != "stages"}
     r["attention"] = fp8_attention.for_stage(r["attention"], stage)
-    if r["backend"] == "torch-aot" and r["device"].startswith("cuda"):
-        from fvrt.builder.backends.aoti import stage_conv_layout
-
-        r["conv_layout"] = stage_conv_layout(stage, torch.device("cuda"))
     low = low_bit_kind(spec) if spec is not None else None
     text = stage.startswith("text_")
     if not text or low is None:

@@ -36,7 +36,6 @@ from torch.utils import _pytree as pytree
 
 from fvrt.builder.backends import cxx as cxx_select
 from fvrt.builder.engines import EngineSpec
-from fvrt.builder.models import video_vae
 from fvrt.plugins import fp8_attention
 from fvrt.runtime.manifest import StageEntry, TensorSpec, sha256_file
 
@@ -140,15 +139,6 @@ def module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
 def stage_attention(attention: str, stage: str, device: torch.device) -> str:
     """The attention an engine of `stage` gets: CPU engines always "default"; FP8 modes reach only the DiT."""
     return fp8_attention.for_stage(attention, stage) if device.type == "cuda" else "default"
-
-
-CONV_LAYOUT_STAGES = ("video_encoder", "video_decoder")
-
-
-def stage_conv_layout(stage: str, device: torch.device) -> str:
-    """The 3-D conv input layout an engine of `stage` is traced with (`video_vae.conv_layout`): channels-last on
-    CUDA for the VAEs (cuDNN's native layout there), the plain layout elsewhere."""
-    return "channels_last_3d" if device.type == "cuda" and stage in CONV_LAYOUT_STAGES else "contiguous"
 
 
 @contextlib.contextmanager
@@ -323,10 +313,7 @@ class TorchAOTBackend:
         inputs = tuple(t.clone() for t in spec.sample_inputs(key))  # no two inputs share memory
         if len(inputs) != len(spec.input_names):
             raise RuntimeError(f"engine {spec.name}: {len(inputs)} sample inputs for {len(spec.input_names)} names")
-        with (
-            attention_backend(stage_attention(self.attention, spec.name, device), device),
-            video_vae.conv_layout(stage_conv_layout(spec.name, device)),
-        ):
+        with attention_backend(stage_attention(self.attention, spec.name, device), device):
             t0 = time.perf_counter()
             ep = export(module, names, weights, inputs)
             _check_no_baked_weights(ep, module, spec.name)
@@ -413,7 +400,6 @@ class TorchAOTBackend:
         extra: dict[str, Any] = {
             "device": device.type,
             "attention": stage_attention(self.attention, spec.name, device),
-            "conv_layout": stage_conv_layout(spec.name, device),
             "models": {k: p.name for k, p in packages.items()},
             "weight_names": file_names,
             "weight_dtypes": weight_dtypes,

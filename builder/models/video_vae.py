@@ -35,9 +35,8 @@ that the 2.3 header also uses. Two knobs are the least certain:
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,27 +48,6 @@ from fvrt.builder.checkpoint import CheckpointError, StageSpec, check_value, req
 
 KERNEL = 3
 """Every VAE convolution is 3x3x3 (`kernel_size=3` in every official `make_conv_nd` call of the VAE)."""
-
-CONV_LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last_3d": torch.channels_last_3d}
-_conv_layout = "contiguous"  # set by `conv_layout` around an export
-
-
-@contextlib.contextmanager
-def conv_layout(layout: str) -> Iterator[None]:
-    """Trace the VAE with every 3-D convolution reading its input in `layout` (CONV_LAYOUTS). "channels_last_3d"
-    is what cuDNN's Hopper conv kernels read: with NCDHW activations cuDNN transposes each conv's input and
-    output (H100 1080p decode: 185 of 1,289 ms GPU time). In an exported graph the layout is a requirement that
-    Inductor folds into the kernels producing each conv input; the engine's output stays contiguous."""
-    global _conv_layout
-    if layout not in CONV_LAYOUTS:
-        raise ValueError(f"conv layout must be one of {', '.join(CONV_LAYOUTS)}, got {layout!r}")
-    old, _conv_layout = _conv_layout, layout
-    try:
-        yield
-    finally:
-        _conv_layout = old
-
-
 PIXEL_NORM_EPS = 1e-8
 """`PixelNorm()` default eps (ltx_core/model/common/normalization.py), used by the VAE's res blocks and heads."""
 TEMPORAL_STRIDE_2 = 2
@@ -251,11 +229,10 @@ def conv3d_same(
     first = x[:, :, :1]
     x = torch.cat((first, first, x), dim=2) if causal else torch.cat((first, x, x[:, :, -1:]), dim=2)
     half = KERNEL // 2
-    if padding == "reflect":
-        x = F.pad(x, (half, half, half, half, 0, 0), mode="reflect")
-    if _conv_layout != "contiguous":
-        x = x.contiguous(memory_format=CONV_LAYOUTS[_conv_layout])
-    return F.conv3d(x, weight, bias, padding=(0, half, half) if padding == "zeros" else 0)
+    if padding == "zeros":
+        return F.conv3d(x, weight, bias, padding=(0, half, half))
+    x = F.pad(x, (half, half, half, half, 0, 0), mode="reflect")
+    return F.conv3d(x, weight, bias)
 
 
 class PerChannelStatistics(nn.Module):
@@ -423,7 +400,7 @@ class VideoEncoder(nn.Module):
         x = conv3d_same(
             x, self.conv_out.conv.weight[:n], self.conv_out.conv.bias[:n], causal=True, padding=self.padding
         )
-        return self.per_channel_statistics.normalize(x).contiguous()  # NCDHW whatever `conv_layout` traced
+        return self.per_channel_statistics.normalize(x)
 
 
 class VideoDecoder(nn.Module):
@@ -461,7 +438,7 @@ class VideoDecoder(nn.Module):
         x = pixel_norm(x)
         x = F.silu(x)
         x = self.conv_out(x, self.causal)
-        return unpatchify(x, self.patch_size).contiguous()  # NCDHW whatever `conv_layout` traced
+        return unpatchify(x, self.patch_size)
 
 
 # --------------------------------------------------------------------------------------------------------------
