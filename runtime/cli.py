@@ -20,25 +20,22 @@ import torch
 
 from fvrt.runtime.manifest import read_manifest
 from fvrt.runtime.media import Mp4Writer, check_writable, save_raw, write_atomic
-from fvrt.runtime.pipeline import DEFAULT_SEED, MEMORY_POLICIES, Output, Pipeline, Request, validate_request
+from fvrt.runtime.pipeline import (
+    DEFAULT_SEED,
+    MEMORY_POLICIES,
+    STAGE_TIMINGS,
+    Output,
+    Pipeline,
+    Request,
+    validate_request,
+)
 from fvrt.runtime.protocol import EngineSet
 from fvrt.runtime.sampler import PRESETS
 from fvrt.runtime.tokenizer import TOKENIZER_DIR, PromptTokenizer
 
 PROG = "fvrt-run"
 EXIT_USAGE = 2  # bad request, engine directory or output path: nothing was run or written
-TIMING_ORDER = (
-    "engine_load",
-    "text_encode",
-    "stage_1",
-    "upsample",
-    "stage_2",
-    "video_decode",
-    "frames_out",
-    "audio_decode",
-    "mux",
-    "total",
-)
+TIMING_ORDER = ("engine_load", *STAGE_TIMINGS, "mux", "total")
 
 
 def open_engines(engine_dir: Path, device: str | None) -> EngineSet:

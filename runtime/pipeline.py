@@ -163,6 +163,8 @@ class _Clock:
 
 
 MEMORY_POLICIES = ("keep", "phase", "offload")
+# the laps of `Output.timings`, in pipeline order (plus "pipeline_total")
+STAGE_TIMINGS = ("text_encode", "stage_1", "upsample", "stage_2", "video_decode", "frames_out", "audio_decode")
 # Engines run without a CUDA graph: one call each per video, so a graph saves microseconds, while its pool would
 # keep the call's peak working memory reserved for good (the 1080p VAE passes: the H100's graph pools held 29.6 GB
 # after one prompt, and the parked 24 GB text encoder no longer fit for the next). Eager, that memory returns to

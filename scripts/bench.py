@@ -43,7 +43,7 @@ from fvrt.builder.quant.pipeline_calib import dit_call_kwargs
 from fvrt.metrics import psnr, snr
 from fvrt.runtime.engine import EngineDir
 from fvrt.runtime.media import Mp4Writer
-from fvrt.runtime.pipeline import Output, Pipeline, Request
+from fvrt.runtime.pipeline import STAGE_TIMINGS, Output, Pipeline, Request
 from fvrt.runtime.tokenizer import TOKENIZER_DIR, PromptTokenizer
 
 T0 = time.perf_counter()
@@ -423,8 +423,7 @@ def quality(
     }
 
 
-STAGE_COLUMNS = ("text_encode", "stage_1", "upsample", "stage_2", "video_decode", "frames_out", "audio_decode", "mux",
-                 "end_to_end")  # fmt: skip
+STAGE_COLUMNS = (*STAGE_TIMINGS, "mux", "end_to_end")
 
 
 def table(res: dict[str, Any]) -> str:
