@@ -513,6 +513,8 @@ def main() -> None:
     ap.add_argument("--out", default="out/bench")
     args = ap.parse_args()
     dev = torch.device(args.device)
+    if args.repeats < 1:
+        raise SystemExit("--repeats: at least 1 (the warm runs are what the table reports)")
     if args.trace and dev.type != "cuda":
         raise SystemExit("--trace profiles GPU kernels: it needs --device cuda")
     for name in args.precisions.split(","):
