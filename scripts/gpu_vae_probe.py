@@ -102,7 +102,7 @@ def main() -> None:
     latent = torch.randn(LATENT, device=dev, generator=torch.Generator(dev).manual_seed(1)).to(torch.bfloat16)
     ref = record("eager", lambda: dec(latent), False, profile_it=True)
     if not args.engine_only:
-        eager_variants(args, dec, latent, ref, record, res)
+        eager_variants(dec, latent, ref, record, res)
     if not args.skip_engine:
         engine_variants(args, latent, ref, record, res)
     save()
@@ -120,7 +120,7 @@ def main() -> None:
     print({k: v for k, v in res.items() if "rel_err" in k})
 
 
-def eager_variants(args: Any, dec: Any, latent: torch.Tensor, ref: Any, record: Any, res: dict[str, Any]) -> None:
+def eager_variants(dec: Any, latent: torch.Tensor, ref: Any, record: Any, res: dict[str, Any]) -> None:
     record("eager cudnn.benchmark", lambda: dec(latent), True)
     dec.to(memory_format=torch.channels_last_3d)  # in place
     latent_cl = latent.contiguous(memory_format=torch.channels_last_3d)
