@@ -365,7 +365,8 @@ def kernel_table(prof: Any, top: int = 30) -> dict[str, Any]:
     rows.sort(reverse=True)
     kinds: dict[str, float] = {}
     for ms, _, name in rows:
-        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + ms
+        kind = kernel_kind(name)
+        kinds[kind] = kinds.get(kind, 0.0) + ms
     return {
         "total_ms": sum(r[0] for r in rows),
         "by_kind_ms": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
@@ -426,6 +427,13 @@ def quality(
 STAGE_COLUMNS = (*STAGE_TIMINGS, "mux", "end_to_end")
 
 
+def _row(label: str, times: dict[str, float], first_s: float | None) -> str:
+    """One table row: the stage columns of `times`, its peak memory, the first run's end to end."""
+    cells = " | ".join(f"{times.get(k, float('nan')):.2f}" for k in STAGE_COLUMNS)
+    peak = f"{times['peak_gpu_GiB']:.1f}" if "peak_gpu_GiB" in times else "-"
+    return f"| {label} | {cells} | {peak} | {'-' if first_s is None else f'{first_s:.2f}'} |"
+
+
 def table(res: dict[str, Any]) -> str:
     rows = ["| precision | preset | text | stage 1 | upsample | stage 2 | video dec | frames out | audio dec | mux "
             "| end to end | peak GiB | first run |", "|---" * 13 + "|"]  # fmt: skip
@@ -433,17 +441,9 @@ def table(res: dict[str, Any]) -> str:
         for preset in res["presets"]:
             if preset not in e:
                 continue
-            m, first = e[preset]["warm_median"], e[preset]["first_run"]
-            cells = [m.get(k, float("nan")) for k in STAGE_COLUMNS]
-            peak = f"{m['peak_gpu_GiB']:.1f}" if "peak_gpu_GiB" in m else "-"
-            rows.append(f"| {prec} | {preset} | " + " | ".join(f"{c:.2f}" for c in cells)
-                        + f" | {peak} | {first['end_to_end']:.2f} |")  # fmt: skip
+            rows.append(_row(f"{prec} | {preset}", e[preset]["warm_median"], e[preset]["first_run"]["end_to_end"]))
             if preset in e.get("text_prefetched", {}):
-                m = e["text_prefetched"][preset]
-                cells = [m.get(k, float("nan")) for k in STAGE_COLUMNS]
-                peak = f"{m['peak_gpu_GiB']:.1f}" if "peak_gpu_GiB" in m else "-"
-                rows.append(f"| {prec} | {preset}, text prefetched | " + " | ".join(f"{c:.2f}" for c in cells)
-                            + f" | {peak} | - |")  # fmt: skip
+                rows.append(_row(f"{prec} | {preset}, text prefetched", e["text_prefetched"][preset], None))
     for name, q in res["quality"].items():
         cos = f"min velocity cosine video {q['min_video_cosine']:.4f} audio {q['min_audio_cosine']:.4f}"
         dec = f"decoded video PSNR {q['video_psnr_db']:.1f} dB, audio SNR {q['audio_snr_db']:.1f} dB"

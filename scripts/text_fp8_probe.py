@@ -17,6 +17,7 @@ import argparse
 import json
 import shutil
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,9 @@ from fvrt.runtime.engine import EngineDir
 from fvrt.runtime.pipeline import run_text_encoder
 from fvrt.runtime.tokenizer import TOKENIZER_DIR, PromptTokenizer
 
+sys.path.insert(0, str(Path(__file__).parent))
+from bench import sync  # scripts/ is not a package
+
 STAGES = ("text_in", "text_block", "text_out")
 PROMPTS = (
     "A woman sings on a rooftop at dusk while the city lights come on behind her, a warm breeze in her hair.",
@@ -36,11 +40,6 @@ PROMPTS = (
     "An animated paper fox runs through a snowy forest at night, the aurora shimmering overhead.",
     "A news anchor reads the headline 'Markets rally' while a ticker scrolls across the bottom of the screen.",
 )
-
-
-def sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 def timed(fn: Any, dev: torch.device, reps: int) -> float:
