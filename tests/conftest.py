@@ -1,9 +1,35 @@
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
 import pytest
 import torch
 
 from fvrt.builder.checkpoint import ModelVersion
 
 collect_ignore = ["oracle.py", "helpers.py"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Inductor's compile cache goes under this session's base folder, which pytest removes when every test
+    passed: a CI machine's disk does not fill with gigabytes of cached kernels."""
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ and hasattr(config, "_tmp_path_factory"):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(config._tmp_path_factory.getbasetemp() / "inductor-cache")
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], Path]]:
+    """`module_tmp(name)` makes a folder for a module's fixtures; all are removed when the module ends."""
+    made: list[Path] = []
+
+    def make(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield make
+    for path in made:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

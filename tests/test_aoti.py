@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +39,9 @@ class Built:
 
 
 @pytest.fixture(scope="module", params=[ModelVersion.LTX23, ModelVersion.LTX2], ids=["ltx23", "ltx2"])
-def built(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Built:
+def built(request: pytest.FixtureRequest, module_tmp: Callable[[str], Path]) -> Built:
     version: ModelVersion = request.param
-    root = tmp_path_factory.mktemp(f"aoti-{version.value}")
+    root = module_tmp(f"aoti-{version.value}")
     t0 = time.perf_counter()
     result = build_engines(BuildRequest(out_dir=root / "engines", random="tiny", version=version.value))
     seconds = time.perf_counter() - t0

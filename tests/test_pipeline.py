@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +42,8 @@ TIGHT_PSNR_DB, TIGHT_SNR_DB = 70.0, 60.0
 
 
 @pytest.fixture(scope="module", params=[ModelVersion.LTX2, ModelVersion.LTX23], ids=["ltx2", "ltx23"])
-def release(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> TinyRelease:
-    return tiny_release(tmp_path_factory.mktemp(f"release-{request.param.name}"), request.param)
+def release(request: pytest.FixtureRequest, module_tmp: Callable[[str], Path]) -> TinyRelease:
+    return tiny_release(module_tmp(f"release-{request.param.name}"), request.param)
 
 
 class ContiguousInputs:

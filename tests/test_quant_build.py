@@ -8,6 +8,7 @@ CPU runs FP8 / NVFP4 through the layers' exact emulation; the real FP8 GEMM path
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -34,8 +35,8 @@ COUNT = 2
 
 
 @pytest.fixture(scope="module")
-def fp8_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("fp8") / "engines"
+def fp8_build(module_tmp: Callable[[str], Path]) -> Path:
+    out = module_tmp("fp8") / "engines"
     build_engines(
         BuildRequest(out_dir=out, random="tiny", precision="fp8", stages=("dit",), calib_prompts=PROMPTS,
                      calib_count=COUNT),
@@ -45,14 +46,14 @@ def fp8_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+def models(module_tmp: Callable[[str], Path]) -> tuple:
     """(bf16 checkpoint, the same checkpoint quantised as the build does it, the recorded calibration passes)."""
-    folder = tmp_path_factory.mktemp("release")
+    folder = module_tmp("release")
     write_tiny_release(folder, ModelVersion.LTX23, seed=0)
     plain = load_tiny_release(folder, torch.bfloat16, "cpu")
     quant = load_tiny_release(folder, torch.bfloat16, "cpu")
     prompts = spread(read_prompts(PROMPTS), COUNT)
-    tok = tmp_path_factory.mktemp("tok")
+    tok = module_tmp("tok")
     from transformers import AutoTokenizer
 
     AutoTokenizer.from_pretrained(str(folder / "gemma"), local_files_only=True).save_pretrained(str(tok))

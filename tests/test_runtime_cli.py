@@ -11,6 +11,7 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -53,8 +54,8 @@ def _manifest(config: dict, stages: dict[str, StageEntry] | None = None) -> Mani
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
-    root = tmp_path_factory.mktemp("cli")
+def setup(module_tmp: Callable[[str], Path]) -> Setup:
+    root = module_tmp("cli")
     release = tiny_release(root / "release", ModelVersion.LTX2)
     engine_dir = root / "engines"
     engine_dir.mkdir()

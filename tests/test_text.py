@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import oracle
@@ -50,8 +50,8 @@ def _official_tiny_gemma() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def gemma_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_gemma(tmp_path_factory.mktemp("gemma") / "gemma", seed=1)
+def gemma_dir(module_tmp: Callable[[str], Path]) -> Path:
+    return write_tiny_gemma(module_tmp("gemma") / "gemma", seed=1)
 
 
 def _populate_v5(module: torch.nn.Module) -> torch.nn.Module:
