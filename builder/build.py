@@ -32,6 +32,7 @@ import torch
 
 import fvrt
 from fvrt.builder.backends import BACKEND_MODULES, get_backend
+from fvrt.builder.backends.aoti import CONV_LAYOUT_CHOICES, stage_conv_layout
 from fvrt.builder.checkpoint import LTXCheckpoint, ModelVersion, load_checkpoint
 from fvrt.builder.engines import PRESET_PROFILES, EngineSpec, Profile, engine_specs, is_block_engine
 from fvrt.builder.random_release import (
@@ -137,6 +138,7 @@ class BuildRequest:
     calib_method: str = "modelopt"  # fp8 / nvfp4: CALIB_METHODS
     text_precision: str = "bf16"  # "fp8": the Gemma decoder layers in FP8 (text_block), calibrated on the prompts
     verify: bool = False  # torch-aot: run each new engine against eager on fresh inputs; errors go in the manifest
+    conv_layout: str = "auto"  # torch-aot: the video VAE engines' 3-D conv weight layout (aoti.CONV_LAYOUT_CHOICES)
 
 
 @dataclass
@@ -343,6 +345,10 @@ def make_backend(req: BuildRequest) -> Any:
         )
     if req.cxx is not None and req.backend != "torch-aot":
         raise BuildError(f"--cxx: only --backend torch-aot takes it, not --backend {req.backend}")
+    if req.conv_layout != "auto" and req.backend != "torch-aot":
+        raise BuildError(f"--conv-layout: only --backend torch-aot takes it, not --backend {req.backend}")
+    if req.conv_layout not in CONV_LAYOUT_CHOICES:
+        raise BuildError(f"--conv-layout: choose one of {', '.join(CONV_LAYOUT_CHOICES)}, got '{req.conv_layout}'")
     if req.attention in fp8_attention.MODES and not (
         req.device == "cuda" and fp8_attention.supported(torch.device("cuda"))
     ):  # the DiT's attention in FP8: a Triton kernel compiled for the local GPU
@@ -353,6 +359,7 @@ def make_backend(req: BuildRequest) -> Any:
     if be is not None:
         be.attention = req.attention
         be.cxx = req.cxx
+        be.conv_layout = req.conv_layout
         return be
     from fvrt.builder.backends import tensorrt as trt_backend
 
@@ -416,6 +423,7 @@ def recipe(plan: Plan) -> dict[str, Any]:
         "precision": req.precision,
         "device": req.device,
         "attention": req.attention,
+        "conv_layout": req.conv_layout,
         "profiles": [p._asdict() for p in plan.profiles],
         "stages": plan.stages,
     }
@@ -461,6 +469,9 @@ def stage_keys(
     the whole stage (code + weights) also on the checkpoint and, for per-layer engines, on its layer list."""
     r = {k: v for k, v in recipe(plan).items() if k != "stages"}
     r["attention"] = fp8_attention.for_stage(r["attention"], stage)
+    layout = r.pop("conv_layout", "auto")
+    if r["backend"] == "torch-aot" and stage_conv_layout(layout, stage, torch.device(r["device"])) != "ncdhw":
+        r["conv_layout"] = stage_conv_layout(layout, stage, torch.device(r["device"]))  # the code reads it
     low = low_bit_kind(spec) if spec is not None else None
     text = stage.startswith("text_")
     if not text or low is None:
@@ -737,7 +748,8 @@ def _verify(plan: Plan, spec: EngineSpec, tmp: Path, entry: StageEntry, log: Log
     from fvrt.runtime.backends.aoti import AOTIEngine
 
     t = time.perf_counter()
-    engine = AOTIEngine(tmp, entry, plan.device, tensors=weight_file_tensors(spec, entry.extra["weight_names"]))
+    layout = entry.extra.get("conv_layout", "ncdhw")
+    engine = AOTIEngine(tmp, entry, plan.device, tensors=weight_file_tensors(spec, entry.extra["weight_names"], layout))
     errs = check_engine(spec, engine)
     top = worst(errs)
     log(f"{spec.name}: verified against eager, max rel err {top:.2e} ({time.perf_counter() - t:.1f} s)")

@@ -105,6 +105,13 @@ EXIT_INTERNAL = 1
     help="torch-aot: run every newly built engine against eager PyTorch on fresh sample inputs and record the "
     "relative errors in the manifest (extra.verify).",
 )
+@click.option(
+    "--conv-layout",
+    default="auto",
+    show_default=True,
+    help="torch-aot: how the video VAE engines store their 3-D conv weights: auto | ncdhw | ndhwc. auto = ndhwc on "
+    "CUDA (cuDNN then runs every conv channels-last, without its per-conv layout transposes), ncdhw on the CPU.",
+)
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of random weights and sample inputs.")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR even if it is not an engine directory.")
 @click.option("--debug", is_flag=True, help="Show tracebacks of internal errors.")
@@ -129,6 +136,7 @@ def fvrt_build(
     text_precision: str,
     calib_method: str,
     verify: bool,
+    conv_layout: str,
     seed: int,
     force: bool,
     debug: bool,
@@ -157,6 +165,7 @@ def fvrt_build(
         calib_method=calib_method,
         text_precision=text_precision,
         verify=verify,
+        conv_layout=conv_layout,
     )
     result = build_engines(request, log=lambda msg: click.echo(msg))
     click.echo(describe(result))

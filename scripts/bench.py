@@ -342,6 +342,7 @@ def dit_pass_times(pipe: Pipeline, record: list, device: torch.device, repeats: 
 
 
 KERNEL_KINDS = (  # kernel name substrings -> what the kernel does (first match wins), for --trace's summary
+    ("layout transpose", ("nchwtonhwc", "nhwctonchw")),  # cuDNN's own NCDHW <-> NDHWC around a conv
     ("attention", ("fmha", "flash", "attn", "sdpa", "fp8_attention", "_fwd")),
     ("conv", ("conv", "implicit", "winograd", "fprop", "dgrad")),
     ("gemm", ("gemm", "xmma", "cutlass", "cublas", "sm90_", "matmul", "scaled_mm")),

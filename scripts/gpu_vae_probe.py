@@ -1,15 +1,18 @@
 """The 1080p video decode on the GPU (issue 6): where its time goes and what cuDNN's algorithm search and the
 channels-last 3-D layout change, for the eager decoder and for the torch-aot engine built by `fvrt-build`.
 
-    FVRT_CXX=g++-12 python3 scripts/gpu_vae_probe.py --out /tmp/vae [--engines /dev/shm/vae]
+    FVRT_CXX=g++-12 python3 scripts/gpu_vae_probe.py --out /tmp/vae [--engines /dev/shm/vae] [--layouts ncdhw,ndhwc]
 
 Full-size LTX-2.3 video decoder, random weights (seed 0), bf16, latent [1, 128, 16, 34, 60] -> 121 x 1088 x
 1920. Variants, each timed (median of --reps after a warm-up) in the same process:
 - eager, cuDNN heuristics (torch.backends.cudnn.benchmark = False, PyTorch's default)
 - eager, cudnn.benchmark = True (cuDNN times its algorithms per shape on the first call)
 - eager, channels_last_3d weights and input, cudnn.benchmark = True
-- the torch-aot engine, cudnn.benchmark False / True (its convolutions are ATen calls, which read the flag)
-Prints a table last, writes vae.json with the top kernels of the eager default and of the engine.
+- the torch-aot engine for each `--layouts` entry (`fvrt-build --conv-layout`: NCDHW conv weights, cuDNN then
+  transposes every conv's input and output; NDHWC weights, channels-last convolutions), each built into
+  <engines>/<layout> unless there already
+Prints a table last, writes vae.json with the top kernels of the eager default and of each engine (kernel kind
+"layout transpose" = cuDNN's NCDHW <-> NDHWC kernels).
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--skip-engine", action="store_true")
     ap.add_argument("--engine-only", action="store_true", help="eager only as the reference (no layout variants)")
+    ap.add_argument("--layouts", default="ncdhw,ndhwc", help="engine conv weight layouts to build and time")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -133,24 +137,25 @@ def eager_variants(dec: Any, latent: torch.Tensor, ref: Any, record: Any, res: d
 
 
 def engine_variants(args: Any, latent: torch.Tensor, ref: Any, record: Any, res: dict[str, Any]) -> None:
-    """The torch-aot video decoder (built here unless --engines holds one), cuDNN heuristics and benchmark."""
+    """The torch-aot video decoder per conv weight layout, built into <engines>/<layout> (a no-op when a build is
+    there already), timed and profiled with cuDNN's heuristics."""
     from fvrt.builder.build import BuildRequest, build_engines
     from fvrt.runtime.engine import EngineDir
-    from fvrt.runtime.manifest import MANIFEST_NAME
 
-    if not (args.engines / MANIFEST_NAME).is_file():  # else: an engine directory built already (e.g. by the bench)
+    for layout in [s for s in args.layouts.split(",") if s]:
+        out = args.engines / layout
         t = time.perf_counter()
-        build_engines(BuildRequest(out_dir=args.engines, random="full", precision="bf16", device="cuda",
-                                   profiles=("1080p",), stages=("video_decoder",), attention="cudnn"))  # fmt: skip
-        res["engine_build_s"] = time.perf_counter() - t
-    torch.cuda.empty_cache()
-    engines = EngineDir.open(args.engines, device=latent.device, stages=["video_decoder"])
-    key = next(iter(engines.profiles))
-    run = lambda: engines.run("video_decoder", key, latent)[0]  # noqa: E731
-    got = record("engine", run, False, profile_it=True)
-    record("engine cudnn.benchmark", run, True, profile_it=True)
-    if ref is not None and got is not None:
-        res["engine_rel_err_vs_eager"] = float((got.float() - ref.float()).norm() / ref.float().norm())
+        build_engines(BuildRequest(out_dir=out, random="full", precision="bf16", device="cuda", profiles=("1080p",),
+                                   stages=("video_decoder",), attention="cudnn", conv_layout=layout))  # fmt: skip
+        res[f"engine_{layout}_build_s"] = time.perf_counter() - t
+        torch.cuda.empty_cache()
+        engines = EngineDir.open(out, device=latent.device, stages=["video_decoder"])
+        key = next(iter(engines.profiles))
+        got = record(f"engine {layout}", lambda e=engines, k=key: e.run("video_decoder", k, latent)[0], False, True)
+        if ref is not None and got is not None:
+            res[f"engine_{layout}_rel_err_vs_eager"] = float((got.float() - ref.float()).norm() / ref.float().norm())
+        engines = got = None  # free the engine before the next layout's build
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from fvrt.builder.checkpoint import ModelVersion
 collect_ignore = ["oracle.py", "helpers.py"]
 
 
+@pytest.hookimpl(trylast=True)  # after pytest's tmpdir plugin has made `_tmp_path_factory`
 def pytest_configure(config: pytest.Config) -> None:
     """Inductor's compile cache goes under this session's base folder, which pytest removes when every test
     passed: a CI machine's disk does not fill with gigabytes of cached kernels."""

@@ -224,6 +224,49 @@ def test_rebuild_is_a_no_op_and_new_weights_reuse_the_code(built: Built, tmp_pat
         assert_rel_close(g, w, TOL, "dit_in with seed-1 weights")
 
 
+VAE_STAGES = ("video_encoder", "video_decoder")
+
+
+def test_ndhwc_conv_weights_build_the_same_vae_engines(built: Built, tmp_path: Path) -> None:
+    """--conv-layout ndhwc (the CUDA default) stores the VAE's 3-D conv weights [O, kD, kH, kW, I]: only the two VAE
+    engines rebuild, their files hold the permuted tensors, they match eager, and new weights rebind to them."""
+    if built.ckpt.version is not ModelVersion.LTX23:
+        pytest.skip("once is enough")
+    copy = tmp_path / "engines"
+    shutil.copytree(built.path, copy)
+    result = build_engines(BuildRequest(out_dir=copy, random="tiny", version="2.3", conv_layout="ndhwc"))
+    assert sorted(result.built) == sorted(VAE_STAGES) and not result.rebound
+    five_d = 0
+    for name in VAE_STAGES:
+        old, new = built.result.manifest.stages[name], result.manifest.stages[name]
+        assert old.extra["conv_layout"] == "ncdhw" and new.extra["conv_layout"] == "ndhwc"
+        with safe_open(built.path / old.weights, "pt") as a, safe_open(copy / new.weights, "pt") as b:
+            assert set(a.keys()) == set(b.keys())
+            for k in sorted(a.keys()):
+                w, stored = a.get_tensor(k), b.get_tensor(k)
+                want = w.permute(0, 2, 3, 4, 1) if w.ndim == 5 else w
+                five_d += w.ndim == 5
+                assert torch.equal(stored, want), k
+    assert five_d > 10
+    engines, eager = EngineDir.open(copy), EagerEngineSet(built.ckpt, [TINY])
+    for name in VAE_STAGES:
+        for key in eager.specs[name].shape_keys:
+            inputs = eager.specs[name].sample_inputs(key)
+            for g, w in zip(engines.run(name, key, *inputs), eager.run(name, key, *inputs), strict=True):
+                assert_rel_close(g, w, TOL, f"{name} [{key}] ndhwc")
+    rebound = build_engines(
+        BuildRequest(out_dir=copy, random="tiny", version="2.3", seed=1, conv_layout="ndhwc", stages=VAE_STAGES[1:])
+    )
+    assert rebound.rebound == ["video_decoder"] and not rebound.built
+    write_tiny_release(tmp_path / "release1", ModelVersion.LTX23, seed=1)
+    eager1 = EagerEngineSet(load_tiny_release(tmp_path / "release1", torch.float32, "cpu"), [TINY])
+    key = eager1.specs["video_decoder"].shape_keys[0]
+    inputs = eager1.specs["video_decoder"].sample_inputs(key)
+    got = EngineDir.open(copy).run("video_decoder", key, *inputs)
+    for g, w in zip(got, eager1.run("video_decoder", key, *inputs), strict=True):
+        assert_rel_close(g, w, TOL, "video_decoder ndhwc with seed-1 weights")
+
+
 def test_build_cost(built: Built) -> None:
     """Records the CI cost of a full tiny build (printed with -s / in the -ra summary on failure)."""
     table = {n: e.extra["build_seconds"] for n, e in built.result.manifest.stages.items()}

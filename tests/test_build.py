@@ -234,6 +234,8 @@ needs_rtx = pytest.mark.skipif(RTX_MISSING is not None, reason=f"TensorRT-RTX un
         (["--backend", "tensorrt", "--target-cc", "8.9"], "full TensorRT builds for the GPU it runs on"),
         (["--backend", "tensorrt-rtx", "--target-cc", "8.9,9.0"], "cannot target compute capability 9.0"),
         (["--backend", "tensorrt-rtx", "--target-cc", "8.9", "--target-cc", "hopper"], "cannot read compute"),
+        (["--conv-layout", "nhwc"], "--conv-layout: choose one of auto, ncdhw, ndhwc, got 'nhwc'"),
+        (["--backend", "tensorrt-rtx", "--conv-layout", "ndhwc"], "--conv-layout: only --backend torch-aot takes it"),
     ],
 )
 def test_tensorrt_options_refused_in_one_line(
@@ -263,6 +265,29 @@ def test_tensorrt_options_reach_the_backend(tmp_path: Path) -> None:
     ids = B.checkpoint_identity(plan)
     assert B.stage_keys(plan, "dit_prep", {}, ids)[0] != B.stage_keys(default, "dit_prep", {}, ids)[0]
     assert "tensorrt" not in B.recipe(B.validate(BuildRequest(out_dir=tmp_path / "e", random="tiny")))
+
+
+def test_conv_layout_reaches_the_vae_engines_only() -> None:
+    """auto: the VAE engines store NDHWC conv weights on CUDA (cuDNN's layout there), NCDHW on the CPU; the other
+    engines keep NCDHW whatever is asked."""
+    from fvrt.builder.backends.aoti import from_file_layout, stage_conv_layout, to_file_layout
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert [stage_conv_layout("auto", s, cuda) for s in ("video_decoder", "video_encoder", "upsampler")] == [
+        "ndhwc",
+        "ndhwc",
+        "ncdhw",
+    ]
+    assert stage_conv_layout("auto", "video_decoder", cpu) == "ncdhw"
+    assert stage_conv_layout("ndhwc", "video_decoder", cpu) == "ndhwc"
+    assert stage_conv_layout("ndhwc", "dit_block", cuda) == stage_conv_layout("ncdhw", "video_decoder", cuda) == "ncdhw"
+    w = torch.randn(4, 3, 3, 3, 3)
+    stored = to_file_layout(w, "ndhwc")
+    assert stored.shape == (4, 3, 3, 3, 3) and stored.is_contiguous()
+    assert torch.equal(stored[:, 1, 2, 0], w[..., 1, 2, 0])  # [O, kD, kH, kW, I] against [O, I, kD, kH, kW]
+    back = from_file_layout(stored, "ndhwc")
+    assert torch.equal(back, w) and back.is_contiguous(memory_format=torch.channels_last_3d)
+    assert to_file_layout(torch.ones(4, 3), "ndhwc").shape == (4, 3) and to_file_layout(w, "ncdhw") is w
 
 
 def test_reuse_copies_every_engine_file(tmp_path: Path) -> None:

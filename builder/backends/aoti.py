@@ -10,6 +10,13 @@ weights go to `<engine>.safetensors`, and one build serves every checkpoint of t
 for each of the N blocks, and the runtime feeds them layer by layer, so build time and code size do not grow
 with depth.
 
+The video VAE engines built for CUDA store their 3-D convolution weights as [O, kD, kH, kW, I] ("ndhwc", see
+`CONV_LAYOUTS`): the exported graph reads them through a permuted view, whose channels-last-3d strides make
+Inductor's convolution lowering ask cuDNN for channels-last activations too, so every conv reads and writes the
+layout its Hopper kernels use (with NCDHW weights and activations cuDNN transposes each conv's input and output:
+84 + 42 transpose kernels, 0.19 s of a 1.27 s 1080p decode on the H100). The runtime passes the file's tensors as
+they are; only builders (`to_file_layout`) know the layout, recorded as `extra["conv_layout"]`.
+
 Shapes are static: one AOTInductor package per shape key (`<engine>.<key>.pt2`, key with `/` -> `_`), each
 holding a single model, the documented and most exercised layout. Works with torch 2.11 (GPU machines) and
 2.13 (CPU machines): only `torch.export.export`, `torch._inductor.aot_compile(..., {"aot_inductor.package":
@@ -47,6 +54,36 @@ LAYER_PREFIX = "layers.{}."  # per-layer weight names in the dit_block weights f
 ATTENTION_CHOICES = ("default", "cudnn", *fp8_attention.MODES)
 
 Log = Callable[[str], None]
+
+# How 5-D (3-D convolution) weights are stored in an engine's weights file: "ncdhw" as the checkpoint holds them,
+# "ndhwc" permuted to [O, kD, kH, kW, I]. "auto": ndhwc for the video VAE engines on CUDA, ncdhw elsewhere.
+CONV_LAYOUTS = ("ncdhw", "ndhwc")
+CONV_LAYOUT_CHOICES = ("auto", *CONV_LAYOUTS)
+CONV_LAYOUT_STAGES = ("video_encoder", "video_decoder")
+
+
+def stage_conv_layout(choice: str, stage: str, device: torch.device) -> str:
+    """The layout (CONV_LAYOUTS) of `stage`'s 3-D conv weights for the build option `choice`
+    (CONV_LAYOUT_CHOICES): only the video VAE engines take one other than ncdhw."""
+    if choice not in CONV_LAYOUT_CHOICES:
+        raise ValueError(f"conv layout must be one of {', '.join(CONV_LAYOUT_CHOICES)}, got '{choice}'")
+    if stage not in CONV_LAYOUT_STAGES:
+        return "ncdhw"
+    if choice == "auto":
+        return "ndhwc" if device.type == "cuda" else "ncdhw"
+    return choice
+
+
+def to_file_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """A weight as the engine's weights file holds it: 5-D tensors [O, I, kD, kH, kW] -> [O, kD, kH, kW, I]
+    (a contiguous copy) for "ndhwc"; anything else as it is."""
+    return t.permute(0, 2, 3, 4, 1).contiguous() if layout == "ndhwc" and t.ndim == 5 else t
+
+
+def from_file_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """Inverse of `to_file_layout` as a view: [O, kD, kH, kW, I] -> [O, I, kD, kH, kW] with channels-last-3d
+    strides (inside the exported graph; no copy)."""
+    return t.permute(0, 4, 1, 2, 3) if layout == "ndhwc" and t.ndim == 5 else t
 
 
 _ST_DTYPE = {
@@ -105,16 +142,18 @@ class WeightsAsInputs(nn.Module):
 
     The module is held outside `nn.Module` registration, so torch.export lifts none of its tensors: the ones in
     `names` arrive as inputs, and any other tensor the forward reads becomes an export constant (kept small:
-    `build` records their bytes)."""
+    `build` records their bytes). `conv_layout`: how the weight inputs hold 5-D tensors (`to_file_layout`)."""
 
-    def __init__(self, module: nn.Module, names: Sequence[str]) -> None:
+    def __init__(self, module: nn.Module, names: Sequence[str], conv_layout: str = "ncdhw") -> None:
         super().__init__()
         object.__setattr__(self, "wrapped", module)
         self.names = list(names)
+        self.conv_layout = conv_layout
 
     def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         n = len(self.names)
-        out = torch.func.functional_call(self.wrapped, dict(zip(self.names, args[:n], strict=True)), args[n:])
+        weights = {k: from_file_layout(w, self.conv_layout) for k, w in zip(self.names, args[:n], strict=True)}
+        out = torch.func.functional_call(self.wrapped, weights, args[n:])
         outs = out if isinstance(out, tuple) else (out,)
         return tuple(_unaliased(o, args, outs[:i]) for i, o in enumerate(outs))
 
@@ -165,10 +204,17 @@ def attention_backend(attention: str, device: torch.device) -> Iterator[None]:
         yield
 
 
-def export(module: nn.Module, names: Sequence[str], weights: Sequence[torch.Tensor], inputs: Sequence[Any]) -> Any:
-    """torch.export of `WeightsAsInputs(module, names)` at the static shapes of (weights, inputs)."""
+def export(
+    module: nn.Module,
+    names: Sequence[str],
+    weights: Sequence[torch.Tensor],
+    inputs: Sequence[Any],
+    conv_layout: str = "ncdhw",
+) -> Any:
+    """torch.export of `WeightsAsInputs(module, names, conv_layout)` at the static shapes of (weights, inputs);
+    `weights` in the file layout."""
     with torch.no_grad():
-        return torch.export.export(WeightsAsInputs(module, names), (*weights, *inputs), strict=False)
+        return torch.export.export(WeightsAsInputs(module, names, conv_layout), (*weights, *inputs), strict=False)
 
 
 # Tensor properties that read metadata only; a tensor read only through them is not an engine input.
@@ -281,10 +327,13 @@ class TorchAOTBackend:
 
     name = "torch-aot"
 
-    def __init__(self, attention: str = "default", cxx: str | None = None) -> None:
+    def __init__(self, attention: str = "default", cxx: str | None = None, conv_layout: str = "auto") -> None:
         if attention not in ATTENTION_CHOICES:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got '{attention}'")
+        if conv_layout not in CONV_LAYOUT_CHOICES:
+            raise ValueError(f"conv layout must be one of {', '.join(CONV_LAYOUT_CHOICES)}, got '{conv_layout}'")
         self.attention = attention
+        self.conv_layout = conv_layout  # CONV_LAYOUT_CHOICES, resolved per stage by `stage_conv_layout`
         self.cxx = cxx  # explicit compiler (--cxx); None: $FVRT_CXX or the first candidate that works
         self._compiler: cxx_select.Compiler | None = None
 
@@ -306,16 +355,23 @@ class TorchAOTBackend:
         return None
 
     def compile_key(
-        self, spec: EngineSpec, key: str, names: Sequence[str], weights: Sequence[torch.Tensor], device: torch.device
+        self,
+        spec: EngineSpec,
+        key: str,
+        names: Sequence[str],
+        weights: Sequence[torch.Tensor],
+        device: torch.device,
+        conv_layout: str = "ncdhw",
     ) -> CompiledKey:
-        """Export and compile engine `spec` for shape key `key` with `weights` (ordered as `names`) as inputs."""
+        """Export and compile engine `spec` for shape key `key` with `weights` (ordered as `names`, in the file
+        layout `conv_layout`) as inputs."""
         module = spec.module_for(key)
         inputs = tuple(t.clone() for t in spec.sample_inputs(key))  # no two inputs share memory
         if len(inputs) != len(spec.input_names):
             raise RuntimeError(f"engine {spec.name}: {len(inputs)} sample inputs for {len(spec.input_names)} names")
         with attention_backend(stage_attention(self.attention, spec.name, device), device):
             t0 = time.perf_counter()
-            ep = export(module, names, weights, inputs)
+            ep = export(module, names, weights, inputs, conv_layout)
             _check_no_baked_weights(ep, module, spec.name)
             t1 = time.perf_counter()
             files = compile_program(ep, (*weights, *inputs), self.compiler.path)
@@ -332,8 +388,11 @@ class TorchAOTBackend:
             _constant_bytes(ep),
         )
 
-    def weight_plan(self, spec: EngineSpec) -> tuple[list[str], list[str], dict[str, torch.Tensor]]:
-        """(engine input names of the weights, their names in the weights file, file tensors by name)."""
+    def weight_plan(
+        self, spec: EngineSpec, conv_layout: str = "ncdhw"
+    ) -> tuple[list[str], list[str], dict[str, torch.Tensor]]:
+        """(engine input names of the weights, their names in the weights file, file tensors by name, in the file
+        layout `conv_layout`)."""
         first = spec.shape_keys[0]
         if spec.per_layer:
             inner = list(module_tensors(spec.per_layer[0]))
@@ -350,7 +409,7 @@ class TorchAOTBackend:
         module = spec.module_for(first)
         used = used_weight_names(module, spec.sample_inputs(first))
         tensors = module_tensors(module)
-        return used, used, {n: tensors[n] for n in used}
+        return used, used, {n: to_file_layout(tensors[n], conv_layout) for n in used}
 
     def build(
         self,
@@ -364,18 +423,21 @@ class TorchAOTBackend:
         """Compile every shape key of `spec` into `out_dir/<name>.pt2` and write `out_dir/<name>.safetensors`."""
         out_dir = Path(out_dir)
         t_start = time.perf_counter()
-        input_names, file_names, file_tensors = self.weight_plan(spec)
         module = spec.module_for(spec.shape_keys[0])
         all_tensors = module_tensors(module)
-        weights = [all_tensors[n] for n in input_names]
-        device = weights[0].device if weights else torch.device("cpu")
+        first = next(iter(all_tensors.values()), None)
+        device = first.device if first is not None else torch.device("cpu")
+        conv_layout = stage_conv_layout(self.conv_layout, spec.name, device)
+        input_names, file_names, file_tensors = self.weight_plan(spec, conv_layout)
+        # per-layer engines take the block's tensors as inputs; the others their file tensors, in the file layout
+        weights = [all_tensors[n] for n in input_names] if spec.per_layer else [file_tensors[n] for n in input_names]
         from torch._inductor.package import package_aoti
 
         compiled: dict[str, CompiledKey] = {}
         packages: dict[str, Path] = {}
         for key in spec.shape_keys:
             log(f"{spec.name} [{key}]: export + AOTInductor compile ({len(weights)} weight inputs)")
-            compiled[key] = c = self.compile_key(spec, key, input_names, weights, device)
+            compiled[key] = c = self.compile_key(spec, key, input_names, weights, device, conv_layout)
             packages[key] = out_dir / package_name(spec.name, key)
             package_aoti(str(packages[key]), c.files)  # one model ("model") per package
             log(f"{spec.name} [{key}]: export {c.export_s:.1f} s, compile {c.compile_s:.1f} s")
@@ -400,6 +462,7 @@ class TorchAOTBackend:
         extra: dict[str, Any] = {
             "device": device.type,
             "attention": stage_attention(self.attention, spec.name, device),
+            "conv_layout": conv_layout,
             "models": {k: p.name for k, p in packages.items()},
             "weight_names": file_names,
             "weight_dtypes": weight_dtypes,
@@ -435,7 +498,7 @@ class TorchAOTBackend:
         """Keep `entry`'s compiled package (already in `out_dir`) and write the weights of `spec`'s (new)
         checkpoint under the same names: the code depends on the architecture only."""
         names = entry.extra["weight_names"]
-        tensors = weight_file_tensors(spec, names)
+        tensors = weight_file_tensors(spec, names, entry.extra.get("conv_layout", "ncdhw"))
         weights_file = Path(out_dir) / f"{spec.name}{WEIGHTS_SUFFIX}"
         save_weights(weights_file, tensors, {"format": "pt", "engine": spec.name})
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -448,9 +511,10 @@ class TorchAOTBackend:
         )
 
 
-def weight_file_tensors(spec: EngineSpec, names: Sequence[str]) -> dict[str, torch.Tensor]:
+def weight_file_tensors(spec: EngineSpec, names: Sequence[str], conv_layout: str = "ncdhw") -> dict[str, torch.Tensor]:
     """The weights-file tensors of `spec` for weight names `names` (an earlier build's, see `weight_plan`), as
-    views of the module's own tensors (no copy); `layers.{i}.` prefixed per layer for the DiT block."""
+    views of the module's own tensors (no copy; 5-D tensors copied into the engine's `conv_layout`); `layers.{i}.`
+    prefixed per layer for the DiT block."""
     if spec.per_layer:
         out = {}
         for i, layer in enumerate(spec.per_layer):
@@ -458,7 +522,7 @@ def weight_file_tensors(spec: EngineSpec, names: Sequence[str]) -> dict[str, tor
             out.update({LAYER_PREFIX.format(i) + n: tensors[n] for n in names})
         return out
     tensors = module_tensors(spec.module_for(spec.shape_keys[0]))
-    return {n: tensors[n] for n in names}
+    return {n: to_file_layout(tensors[n], conv_layout) for n in names}
 
 
 def backend(name: str) -> TorchAOTBackend:
