@@ -1,10 +1,17 @@
-"""`fvrt-run ENGINE_DIR --prompt ...`: generate one MP4 (video + audio) with a built engine directory.
+"""`fvrt-run ENGINE_DIR --prompt ...`: generate one MP4 (video + audio) with a built engine directory;
+`fvrt-run ENGINE_DIR --batch jobs.jsonl`: one MP4 per line, in one process that loads the engines once.
 
-A thin click wrapper: options -> `Request` -> checks -> `Pipeline` -> files. Everything that can be checked
-before work is checked first (the request against the manifest's profiles, the image, the output paths, the
+A thin click wrapper: options -> `Request`s -> checks -> `Pipeline` -> files. Everything that can be checked
+before work is checked first (every request against the manifest's profiles, the images, the output paths, the
 tokenizer, the engine files); each failure is one line on stderr and exit code 2, with nothing written. Shape
 defaults come from the manifest: an option left out takes the value of the first built profile that matches the
 options given.
+
+A batch file holds one JSON object per line (blank lines skipped): "prompt" and "output" are required; "raw",
+"image", "image_strength", "seed", "preset", "height", "width", "frames", "fps" are optional and default to the
+command-line options. Paths are relative to the working directory. Only the first generation pays for loading
+the engines and capturing the CUDA graphs; with `--memory offload` (the batch default) the text encoder is copied
+back while each MP4 is finished, so the next prompt finds it in place.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 import click
 import torch
@@ -94,14 +101,172 @@ class _Progress:
             self.bar = None
 
 
+class Job(NamedTuple):
+    """One generation of a run: the request and where its files go."""
+
+    req: Request
+    output: Path
+    raw: Path | None
+
+
+BATCH_KEYS = ("prompt", "output", "raw", "image", "image_strength", "seed", "preset")
+BATCH_KEYS += ("height", "width", "frames", "fps")
+_INTEGER_KEYS = ("seed", "height", "width", "frames")
+_NUMBER_KEYS = ("image_strength", "fps")
+_OPTIONAL_PATHS = ("raw", "image")  # may be null
+
+
+def read_batch(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """The objects of a JSON Lines batch file as ("--batch FILE line N", object), keys and value types checked;
+    ValueError naming the file and line of the first bad one."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--batch {path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"--batch {path} line {n}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        unknown = sorted(set(obj) - set(BATCH_KEYS))
+        if unknown:
+            raise ValueError(f"{where}: unknown key '{unknown[0]}' (keys: {', '.join(BATCH_KEYS)})")
+        for key in ("prompt", "output"):
+            if key not in obj:
+                raise ValueError(f"{where}: '{key}' is required")
+        for key, value in obj.items():
+            if value is None and key in _OPTIONAL_PATHS:
+                continue
+            if key in _INTEGER_KEYS:
+                ok, what = isinstance(value, int) and not isinstance(value, bool), "an integer"
+            elif key in _NUMBER_KEYS:
+                ok, what = isinstance(value, int | float) and not isinstance(value, bool), "a number"
+            else:
+                ok, what = isinstance(value, str), "a string"
+            if not ok:
+                raise ValueError(f"{where}: '{key}' must be {what}, got {json.dumps(value)}")
+        out.append((where, obj))
+    if not out:
+        raise ValueError(f"--batch {path}: no requests in it")
+    return out
+
+
+def _job(profiles: dict[str, dict[str, Any]], opts: dict[str, Any], prompt: str, output: Path, raw: Path | None) -> Job:
+    """A checked job: shape defaults from the manifest, the request validated, its images read."""
+    h, w, f, r = resolve_shape(profiles, opts["height"], opts["width"], opts["frames"], opts["fps"])
+    image = Path(opts["image"]) if opts["image"] is not None else None
+    req = Request(prompt, h, w, f, r, seed=opts["seed"], preset=opts["preset"], image=image,
+                  image_strength=float(opts["image_strength"]))  # fmt: skip
+    validate_request(req, profiles)
+    return Job(req, Path(output), Path(raw) if raw is not None else None)
+
+
+def plan_jobs(
+    profiles: dict[str, dict[str, Any]],
+    batch: Path | None,
+    prompt: str | None,
+    output: Path | None,
+    raw: Path | None,
+    timings: Path | None,
+    defaults: dict[str, Any],
+) -> list[Job]:
+    """Every job of the run, checked (requests, images, output paths: writable, none used twice) before any work;
+    ValueError with one line otherwise."""
+    if batch is None:
+        if prompt is None:
+            raise ValueError("give --prompt (one video) or --batch FILE (one per line)")
+        jobs = [_job(profiles, defaults, prompt, output or Path("out.mp4"), raw)]
+        labelled = [("", jobs[0])]
+    else:
+        given = [flag for flag, v in (("--prompt", prompt), ("--output", output), ("--raw", raw)) if v is not None]
+        if given:
+            raise ValueError(f"--batch: {given[0]} goes in each line of the batch file, not on the command line")
+        labelled = []
+        for where, obj in read_batch(batch):
+            opts = {**defaults, **{k: v for k, v in obj.items() if k not in ("prompt", "output", "raw")}}
+            try:
+                labelled.append((where, _job(profiles, opts, obj["prompt"], obj["output"], obj.get("raw"))))
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+    seen: set[Path] = set()
+    paths = [(w, flag, p) for w, j in labelled for flag, p in (("--output", j.output), ("--raw", j.raw)) if p]
+    for where, flag, path in [*paths, *([("", "--timings", timings)] if timings else [])]:
+        prefix = f"{where}: " if where else ""
+        try:
+            check_writable(path, flag)
+        except ValueError as e:
+            raise ValueError(f"{prefix}{e}") from None
+        if path.resolve() in seen:
+            raise ValueError(f"{prefix}{flag} {path}: each output needs its own path (--output/--raw/--timings)")
+        seen.add(path.resolve())
+    return [j for _, j in labelled]
+
+
 def _report(timings: dict[str, float]) -> str:
     rows = [(k, timings[k]) for k in TIMING_ORDER if k in timings]
     return "\n".join(f"  {k:<13} {v:9.3f} s" for k, v in rows)
 
 
+def _request_record(req: Request) -> dict[str, Any]:
+    return {
+        "prompt": req.prompt,
+        "height": req.height,
+        "width": req.width,
+        "frames": req.frames,
+        "fps": req.fps,
+        "seed": req.seed,
+        "preset": req.preset,
+        "steps": [len(PRESETS[req.preset].stage_1) - 1, len(PRESETS[req.preset].stage_2) - 1],
+        "image": str(req.image) if req.image is not None else None,
+    }
+
+
+def generate(pipe: Pipeline, job: Job) -> dict[str, float]:
+    """Run one job: the MP4 (encoded while the audio decodes, written atomically) and the raw .npz when asked.
+    Returns its stage timings with "mux"."""
+    req = job.req
+    writer: dict[str, Mp4Writer] = {}
+
+    def start_mp4(planes: Any) -> None:  # encode the frames while the audio decodes
+        writer["mp4"] = Mp4Writer(
+            job.output, fps=req.fps, width=req.width, height=req.height, sample_rate=pipe.sample_rate
+        )
+        writer["mp4"].start_video(planes)
+
+    progress = _Progress()
+    try:
+        out: Output = pipe(req, progress=progress, on_video=start_mp4, frames=job.raw is not None)
+        progress.close()
+        t = time.perf_counter()
+        writer["mp4"].finish(out.audio)
+        mux_time = time.perf_counter() - t
+    except BaseException:
+        progress.close()
+        if "mp4" in writer:
+            writer["mp4"].abort()
+        raise
+    if job.raw is not None:
+        save_raw(job.raw, out.frames, out.audio, sample_rate=out.sample_rate, fps=out.fps)
+    return {**out.timings, "mux": mux_time}
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("engine_dir", type=click.Path(path_type=Path))
-@click.option("--prompt", required=True, help="Text prompt (at most 1024 tokens are used).")
+@click.option("--prompt", default=None, help="Text prompt (at most 1024 tokens are used). One of --prompt / --batch.")
+@click.option(
+    "--batch",
+    type=click.Path(path_type=Path),
+    default=None,
+    help='JSON Lines file, one video per line: {"prompt": ..., "output": ...} and any of raw, image, '
+    "image_strength, seed, preset, height, width, frames, fps (the options below are their defaults); all in "
+    "this process, the engines loaded once.",
+)
 @click.option("--image", type=click.Path(path_type=Path), default=None, help="First-frame conditioning image.")
 @click.option("--image-strength", type=float, default=1.0, show_default=True, help="1 keeps the image; 0 ignores it.")
 @click.option("--seed", type=int, default=DEFAULT_SEED, show_default=True)
@@ -116,7 +281,7 @@ def _report(timings: dict[str, float]) -> str:
 @click.option("--width", type=int, default=None, help="Output width (default: the engines' profile).")
 @click.option("--frames", type=int, default=None, help="Frame count, 8k+1 (default: the engines' profile).")
 @click.option("--fps", type=float, default=None, help="Frame rate (default: the engines' profile).")
-@click.option("--output", type=click.Path(path_type=Path), default=Path("out.mp4"), show_default=True)
+@click.option("--output", type=click.Path(path_type=Path), default=None, help="The MP4 (default out.mp4).")
 @click.option("--raw", type=click.Path(path_type=Path), default=None, help="Also save frames and audio (.npz).")
 @click.option("--timings", type=click.Path(path_type=Path), default=None, help="Save the stage timings (.json).")
 @click.option("--device", default=None, help="Device to run on (default: the one the engines were built for).")
@@ -129,14 +294,15 @@ def _report(timings: dict[str, float]) -> str:
 @click.option(
     "--memory",
     type=click.Choice(MEMORY_POLICIES),
-    default="phase",
-    show_default=True,
-    help="phase: load each engine for its phase and release it after (lowest peak memory); keep: keep all loaded; "
-    "offload: keep all loaded but park the text encoder in pinned host memory between prompts (warm servers).",
+    default=None,
+    help="phase: load each engine for its phase and release it after (lowest peak memory; the --prompt default); "
+    "keep: keep all loaded; offload: keep all loaded but park the text encoder in pinned host memory between "
+    "prompts (the --batch default).",
 )
 def main(
     engine_dir: Path,
-    prompt: str,
+    prompt: str | None,
+    batch: Path | None,
     image: Path | None,
     image_strength: float,
     seed: int,
@@ -145,25 +311,22 @@ def main(
     width: int | None,
     frames: int | None,
     fps: float | None,
-    output: Path,
+    output: Path | None,
     raw: Path | None,
     timings: Path | None,
     device: str | None,
     cuda_graphs: bool,
-    memory: str,
+    memory: str | None,
 ) -> None:
     """Generate a video with audio from ENGINE_DIR (built by `fvrt-build` / `make engines`)."""
     start = time.perf_counter()
+    defaults = {"image": image, "image_strength": image_strength, "seed": seed, "preset": preset}
+    defaults.update({"height": height, "width": width, "frames": frames, "fps": fps})
     try:
+        if prompt is not None and batch is not None:
+            raise ValueError("--prompt and --batch: give one of them")
         manifest = read_manifest(engine_dir)
-        h, w, f, r = resolve_shape(manifest.profiles, height, width, frames, fps)
-        req = Request(prompt, h, w, f, r, seed=seed, preset=preset, image=image, image_strength=image_strength)
-        validate_request(req, manifest.profiles)
-        outputs = [(flag, p) for flag, p in (("--output", output), ("--raw", raw), ("--timings", timings)) if p]
-        for flag, path in outputs:
-            check_writable(path, flag)
-        if len({p.resolve() for _, p in outputs}) != len(outputs):
-            raise ValueError("--output/--raw/--timings: each output needs its own path")
+        jobs = plan_jobs(manifest.profiles, batch, prompt, output, raw, timings, defaults)
         tokenizer = PromptTokenizer(engine_dir / TOKENIZER_DIR)
         t = time.perf_counter()
         engines = open_engines(engine_dir, device)
@@ -171,51 +334,29 @@ def main(
     except ValueError as e:  # EngineError, ImageError, OutputError, TokenizerError and the request checks
         _fail(str(e))
 
-    pipe = Pipeline(engines, tokenizer, cuda_graphs=cuda_graphs, memory=memory)
-    writer: dict[str, Mp4Writer] = {}
-
-    def start_mp4(planes: Any) -> None:  # encode the frames while the audio decodes
-        writer["mp4"] = Mp4Writer(output, fps=req.fps, width=req.width, height=req.height, sample_rate=pipe.sample_rate)
-        writer["mp4"].start_video(planes)
-
-    progress = _Progress()
-    try:
-        out: Output = pipe(req, progress=progress, on_video=start_mp4, frames=raw is not None)
-        progress.close()
+    memory = memory or ("offload" if batch is not None else "phase")
+    # a serving run copies the parked text encoder back while it finishes each MP4 (see Pipeline)
+    pipe = Pipeline(engines, tokenizer, cuda_graphs=cuda_graphs, memory=memory, prefetch_text=len(jobs) > 1)
+    records = []
+    for i, job in enumerate(jobs):
         t = time.perf_counter()
-        writer["mp4"].finish(out.audio)
-        mux_time = time.perf_counter() - t
-    except BaseException:
-        progress.close()
-        if "mp4" in writer:
-            writer["mp4"].abort()
-        raise
-    if raw is not None:
-        save_raw(raw, out.frames, out.audio, sample_rate=out.sample_rate, fps=out.fps)
-    times = {"engine_load": load_time, **out.timings, "mux": mux_time, "total": time.perf_counter() - start}
-    click.echo(
-        f"wrote {output} ({req.width}x{req.height}, {req.frames} frames @ {req.fps:g} fps, "
-        f"audio {out.sample_rate} Hz, preset {preset}, seed {seed})"
-    )
-    click.echo(_report(times))
+        times = {"engine_load": load_time, **generate(pipe, job)} if i == 0 else generate(pipe, job)
+        times["total"] = time.perf_counter() - (start if i == 0 else t)
+        req = job.req
+        click.echo(
+            f"wrote {job.output} ({req.width}x{req.height}, {req.frames} frames @ {req.fps:g} fps, "
+            f"audio {pipe.sample_rate} Hz, preset {req.preset}, seed {req.seed})"
+        )
+        click.echo(_report(times))
+        records.append({"output": str(job.output), "timings_s": times, "request": _request_record(req)})
     if timings is not None:
-        record = {
-            "timings_s": times,
-            "request": {
-                "prompt": prompt,
-                "height": req.height,
-                "width": req.width,
-                "frames": req.frames,
-                "fps": req.fps,
-                "seed": seed,
-                "preset": preset,
-                "steps": [len(PRESETS[preset].stage_1) - 1, len(PRESETS[preset].stage_2) - 1],
-                "image": str(image) if image is not None else None,
-            },
+        env = {
             "device": str(engines.device),
             "device_name": torch.cuda.get_device_name(engines.device) if engines.device.type == "cuda" else "cpu",
             "cuda_graphs": pipe.graphs.enabled,
+            "memory": memory,
         }
+        record = {**records[0], **env} if batch is None else {"runs": records, **env}
         write_atomic(timings, json.dumps(record, indent=1) + "\n")
 
 

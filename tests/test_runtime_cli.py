@@ -194,3 +194,91 @@ def test_installed_script(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"fvrt-run: error: engine directory not found: {tmp_path / 'none'}"]
     assert list(tmp_path.iterdir()) == []
+
+
+def _lines(*objs: dict) -> str:
+    return "".join(json.dumps(o) + "\n" for o in objs)
+
+
+def test_batch_writes_every_video_with_the_engines_loaded_once(
+    setup: Setup, eager_engines: list, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two lines, one process: both MP4s, the second line's raw output identical to a fresh single run of it (no
+    state carried over from the first), command-line options as the lines' defaults, one timings file."""
+    # Precondition: relative paths in the batch file are taken from the working directory
+    monkeypatch.chdir(tmp_path)
+    second = {"prompt": "Rain on a tin roof at night.", "output": "b.mp4", "raw": "b.npz", "preset": "realtime"}
+    (tmp_path / "jobs.jsonl").write_text(_lines({"prompt": PROMPT, "output": "a.mp4", "seed": 1}) + "\n" +
+                                         _lines({**second, "image": str(setup.release.image)}))  # fmt: skip
+
+    # Under test
+    result = invoke(setup.engine_dir, "--batch", "jobs.jsonl", "--seed", "5", "--timings", "t.json")
+
+    # Postcondition
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mp4", "b.mp4", "b.npz", "jobs.jsonl", "t.json"]
+    assert eager_engines == [(setup.engine_dir, None)], "the engines are opened once"
+    for name in ("a.mp4", "b.mp4"):
+        with av.open(str(tmp_path / name)) as c:
+            assert sum(1 for _ in c.decode(video=0)) == TINY.frames
+    req = Request(second["prompt"], TINY.height, TINY.width, TINY.frames, TINY.fps, seed=5, preset="realtime",
+                  image=setup.release.image)  # fmt: skip
+    ref = Pipeline(EagerEngineSet(setup.release.checkpoint, [TINY]), PromptTokenizer(setup.release.tokenizer))(req)
+    with np.load(tmp_path / "b.npz") as raw:
+        assert np.array_equal(raw["frames"], ref.frames) and np.array_equal(raw["audio"], ref.audio)
+    record = json.loads((tmp_path / "t.json").read_text())
+    assert record["memory"] == "offload" and [r["output"] for r in record["runs"]] == ["a.mp4", "b.mp4"]
+    first, later = (r["timings_s"] for r in record["runs"])
+    assert "engine_load" in first and "engine_load" not in later and later["total"] > 0
+    assert [r["request"]["seed"] for r in record["runs"]] == [1, 5]
+    assert record["runs"][1]["request"]["steps"] == [5, 2]
+    assert result.stdout.count("wrote ") == 2
+
+
+BAD_BATCH = {
+    "no_prompt": (_lines({"output": "x.mp4"}), (), "line 1: 'prompt' is required"),
+    "unknown_key": (_lines({"prompt": "a", "output": "x.mp4", "steps": 3}), (), "line 1: unknown key 'steps'"),
+    "seed_type": (_lines({"prompt": "a", "output": "x.mp4", "seed": "5"}), (), "'seed' must be an integer, got \"5\""),
+    "fps_bool": (_lines({"prompt": "a", "output": "x.mp4", "fps": True}), (), "'fps' must be a number"),
+    "not_json": ("prompt: a\n", (), "line 1: not JSON"),
+    "not_object": ("[1, 2]\n", (), "line 1: expected a JSON object, got list"),
+    "bad_frames_line_3": (
+        _lines({"prompt": "a", "output": "x.mp4"}) + "\n" + _lines({"prompt": "b", "output": "y.mp4", "frames": 20}),
+        (),
+        "line 3: --frames 20: must be 8k+1",
+    ),
+    "same_output": (
+        _lines({"prompt": "a", "output": "x.mp4"}, {"prompt": "b", "output": "x.mp4"}),
+        (),
+        "line 2: --output x.mp4: each output needs its own path",
+    ),
+    "output_dir_missing": (_lines({"prompt": "a", "output": "no/x.mp4"}), (), "line 1: --output no/x.mp4: directory"),
+    "empty": ("\n\n", (), "no requests in it"),
+    "with_prompt": (_lines({"prompt": "a", "output": "x.mp4"}), ("--prompt", "b"), "give one of them"),
+    "with_output": (_lines({"prompt": "a", "output": "x.mp4"}), ("--output", "y.mp4"), "--output goes in each line"),
+    "missing_file": (None, (), "--batch jobs.jsonl: cannot read it"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_BATCH), ids=list(BAD_BATCH))
+def test_bad_batches_exit_2_and_write_nothing(
+    setup: Setup, eager_engines: list, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    text, extra, message = BAD_BATCH[case]
+    if text is not None:
+        (tmp_path / "jobs.jsonl").write_text(text)
+    before = sorted(tmp_path.iterdir())
+
+    result = invoke(setup.engine_dir, "--batch", "jobs.jsonl", *extra)
+
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fvrt-run: error: "), result.stderr
+    assert message in lines[0], lines[0]
+    assert sorted(tmp_path.iterdir()) == before and eager_engines == []
+
+
+def test_neither_prompt_nor_batch(setup: Setup, eager_engines: list) -> None:
+    result = invoke(setup.engine_dir)
+    assert result.exit_code == 2 and "give --prompt (one video) or --batch FILE" in result.stderr
