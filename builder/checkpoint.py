@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fvrt.runtime.manifest import json_object
+
 CONFIG_KEY = "config"
 """Header metadata key holding the model config JSON (official format)."""
 
@@ -151,13 +153,7 @@ class SafetensorsFile:
         raw = self.metadata.get(CONFIG_KEY)
         if raw is None:
             raise CheckpointError(f"{self.path}: header metadata has no '{CONFIG_KEY}' entry")
-        try:
-            cfg = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{self.path}: '{CONFIG_KEY}' metadata is not JSON: {e}") from None
-        if not isinstance(cfg, dict):
-            raise CheckpointError(f"{self.path}: '{CONFIG_KEY}' metadata is not a JSON object")
-        return cfg
+        return json_object(raw, f"{self.path}: '{CONFIG_KEY}' metadata", CheckpointError)
 
     def tensor(self, name: str) -> torch.Tensor:
         info = self.entries[name]

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple, NoReturn
 import click
 import torch
 
-from fvrt.runtime.manifest import read_manifest
+from fvrt.runtime.manifest import json_object, read_manifest
 from fvrt.runtime.media import Mp4Writer, check_writable, save_raw, write_atomic
 from fvrt.runtime.pipeline import (
     DEFAULT_SEED,
@@ -128,12 +128,7 @@ def read_batch(path: Path) -> list[tuple[str, dict[str, Any]]]:
         if not line.strip():
             continue
         where = f"--batch {path} line {n}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not JSON ({e.msg})") from None
-        if not isinstance(obj, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        obj = json_object(line, where)
         unknown = sorted(set(obj) - set(BATCH_KEYS))
         if unknown:
             raise ValueError(f"{where}: unknown key '{unknown[0]}' (keys: {', '.join(BATCH_KEYS)})")

@@ -30,6 +30,18 @@ class EngineError(ValueError):
     """An engine directory is unusable here; the message says which file or field and why."""
 
 
+def json_object(text: str, what: str, error: type[ValueError] = ValueError) -> dict[str, Any]:
+    """`text` parsed as a JSON object; `error("<what>: not JSON (...)")` or `error("<what>: expected a JSON object,
+    got <type>")` otherwise."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise error(f"{what}: not JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise error(f"{what}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """One engine input or output: name, dtype (torch name, e.g. "bfloat16") and shape per profile."""

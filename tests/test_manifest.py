@@ -15,6 +15,7 @@ from fvrt.runtime.manifest import (
     Manifest,
     StageEntry,
     TensorSpec,
+    json_object,
     read_manifest,
     sha256_file,
     verify,
@@ -120,3 +121,11 @@ def test_big_files_verify_chunk_by_chunk(tmp_path: Path, monkeypatch: pytest.Mon
     (root / "dit.safetensors").write_bytes(b"weights-bytes!")
     with pytest.raises(EngineError, match=r"dit\.safetensors does not match its size"):
         verify(root, chunked)
+
+
+def test_json_object_names_what_it_read() -> None:
+    assert json_object('{"a": 1}', "x") == {"a": 1}
+    with pytest.raises(EngineError, match=r"^cfg: not JSON \(Expecting value at line 1 column 1\)$"):
+        json_object("nope", "cfg", EngineError)
+    with pytest.raises(ValueError, match=r"^cfg: expected a JSON object, got list$"):
+        json_object("[1]", "cfg")

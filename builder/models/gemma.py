@@ -40,6 +40,7 @@ from transformers import AutoTokenizer, Gemma3Config, Gemma3TextConfig
 from transformers.models.gemma3.modeling_gemma3 import Gemma3RotaryEmbedding, Gemma3TextModel
 
 from fvrt.builder.checkpoint import CheckpointError, KeyRule, SafetensorsFile
+from fvrt.runtime.manifest import json_object
 
 logger = logging.getLogger(__name__)
 
@@ -234,10 +235,7 @@ def gemma_text_config(folder: str | Path) -> Gemma3TextConfig:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{folder}: no config.json (expected a Gemma-3 folder in the Hugging Face layout)")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not JSON: {e}") from None
+    raw = json_object(path.read_text(), str(path), CheckpointError)
     model_type = raw.get("model_type")
     if model_type == "gemma3":
         cfg = Gemma3Config.from_dict(raw).text_config
