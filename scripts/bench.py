@@ -166,6 +166,7 @@ def bench_precision(args: argparse.Namespace, name: str, res: dict[str, Any], re
             calib_inputs=calib_from_record(args, ref) if precision in ("fp8", "nvfp4") and ref else None,
             verify=args.verify,
             seed=args.seed,
+            conv_layout=args.conv_layout,
         ),
         log=log,
     )
@@ -484,6 +485,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--repeats-dit", type=int, default=5, help="timed DiT passes per shape key")
     ap.add_argument("--attention", default="cudnn")
+    ap.add_argument("--conv-layout", default="auto", help="fvrt-build --conv-layout of the VAE engines")
     ap.add_argument("--calib-count", type=int, default=8, help="eager calibration runs (without a reference run)")
     ap.add_argument("--calib-method", default="modelopt", choices=["modelopt", "hooks"])
     ap.add_argument("--memory", default="offload", choices=["keep", "phase", "offload"], help="runtime memory policy")
