@@ -225,14 +225,10 @@ class CausalConv3d(nn.Module):
 def conv3d_same(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, causal: bool, padding: str
 ) -> torch.Tensor:
-    """The CausalConv3d computation on explicit weights: `[B, Cin, F, H, W] -> [B, Cout, F, H, W]`.
-
-    The temporal frame replication is a replicate pad (the official code concatenates copies of the first / last
-    frame: the same values). A pad is one elementwise kernel in the compiled engines, which writes the conv's input
-    in whatever layout the conv asks for (channels-last with NDHWC weights), where a concatenation is a buffer of
-    its own, laid out before the conv asks."""
+    """The CausalConv3d computation on explicit weights: `[B, Cin, F, H, W] -> [B, Cout, F, H, W]`."""
+    first = x[:, :, :1]
+    x = torch.cat((first, first, x), dim=2) if causal else torch.cat((first, x, x[:, :, -1:]), dim=2)
     half = KERNEL // 2
-    x = F.pad(x, (0, 0, 0, 0, 2 * half, 0) if causal else (0, 0, 0, 0, half, half), mode="replicate")
     if padding == "zeros":
         return F.conv3d(x, weight, bias, padding=(0, half, half))
     x = F.pad(x, (half, half, half, half, 0, 0), mode="reflect")
