@@ -30,7 +30,7 @@ engines:
 	$(BIN)/fvrt-build $(ENGINES) --random tiny --backend torch-aot --precision fp32 --device cpu --profile tiny
 
 test:
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15  # the slowest tests, for the CI budget (90 min)
 
 test-gpu:
 	$(BIN)/pytest -q -m gpu
