@@ -28,6 +28,7 @@ import torch
 from fvrt.runtime.manifest import json_object, read_manifest
 from fvrt.runtime.media import Mp4Writer, check_writable, save_raw, write_atomic
 from fvrt.runtime.pipeline import (
+    COLD_TIMINGS,
     DEFAULT_SEED,
     MEMORY_POLICIES,
     STAGE_TIMINGS,
@@ -204,8 +205,9 @@ def plan_jobs(
 
 
 def _report(timings: dict[str, float]) -> str:
-    rows = [(k, timings[k]) for k in TIMING_ORDER if k in timings]
-    return "\n".join(f"  {k:<13} {v:9.3f} s" for k, v in rows)
+    rows = [f"  {k:<14} {timings[k]:9.3f} s" for k in TIMING_ORDER if k in timings]
+    cold = [f"    {k:<12} {timings[k]:9.3f} s" for k in COLD_TIMINGS if timings.get(k, 0.0) > 0]
+    return "\n".join(rows + (["  of which, first-use work (a warm run skips it):", *cold] if cold else []))
 
 
 def _request_record(req: Request) -> dict[str, Any]:

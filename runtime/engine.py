@@ -7,6 +7,7 @@ Engines are loaded on first use. Imports no builder or model code (tests/test_la
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,9 @@ class EngineDir:
 
     def __init__(self, root: Path, manifest: Manifest, device: torch.device) -> None:
         self.root, self.manifest, self.device = root, manifest, device
+        # wall seconds spent loading engines at first use ("load") and parking weights in host memory ("park"),
+        # summed over the process: what a cold run pays beyond a warm one, besides the CUDA-graph captures
+        self.seconds: dict[str, float] = {"load": 0.0, "park": 0.0}
         self.config: dict[str, Any] = manifest.config
         self.profiles: dict[str, dict[str, Any]] = manifest.profiles
         self._engines: dict[str, Any] = {}
@@ -117,7 +121,9 @@ class EngineDir:
         if name not in self._engines:
             if name not in self.manifest.stages:
                 raise EngineError(f"{self.root}: no engine '{name}' (has: {', '.join(self.manifest.stages)})")
+            t = time.perf_counter()
             self._engines[name] = load_engine(self.root, self.manifest.stages[name], self.device)
+            self.seconds["load"] += time.perf_counter() - t
         eng = self._engines[name]
         if getattr(eng, "offloaded", False):
             eng.onload()
@@ -148,10 +154,12 @@ class EngineDir:
         """Move the loaded engines `names` ("text_encoder" = its three engines) to pinned host memory; the next
         use copies them back (memory="offload": the 12B text encoder waits in host memory while the DiT and the
         decoders run)."""
+        t = time.perf_counter()
         for n in self._group(names):
             eng = self._engines.get(n)
             if eng is not None and hasattr(eng, "offload"):
                 eng.offload()
+        self.seconds["park"] += time.perf_counter() - t
 
     def onload(self, names: Iterable[str]) -> None:
         """Start copying the offloaded engines `names` back to the device (asynchronous, on the current stream:

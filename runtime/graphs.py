@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Hashable
 from typing import NamedTuple
 
@@ -48,6 +49,7 @@ class GraphRunner:
         self._graphs: dict[Hashable, _Graph] = {}
         self._eager: set[Hashable] = set()  # keys whose capture failed: they run eagerly from then on
         self.failures: dict[str, str] = {}  # key -> why its capture failed (reported by the timings)
+        self.capture_seconds = 0.0  # wall time of every capture (warm-up calls included), summed
         # A MemPool object holds its own reference to the pool: it outlives the graphs captured into it. With a bare
         # `graph_pool_handle()` the pool went away with the last graph (the text encoder's, dropped when it is
         # parked), and every later capture into that handle failed in the allocator (torch 2.11, H100:
@@ -63,14 +65,18 @@ class GraphRunner:
             return fn(*inputs)
         entry = self._graphs.get(full_key)
         if entry is None:
+            t = time.perf_counter()
             try:
                 entry = self._capture(fn, inputs)
             except _CAPTURE_ERRORS as e:  # e.g. an op that synchronises with the host: run this key eagerly
                 torch.cuda.synchronize(self.device)
+                self.capture_seconds += time.perf_counter() - t
                 self._eager.add(full_key)
                 self.failures[repr(key)] = " ".join(str(e).split())[:300]
                 logger.warning("CUDA-graph capture of %s failed, running it without a graph: %s", key, e)
                 return fn(*inputs)
+            torch.cuda.synchronize(self.device)  # the warm-up calls' work belongs to the capture's time
+            self.capture_seconds += time.perf_counter() - t
             self._graphs[full_key] = entry
         for static, new in zip(entry.inputs, inputs, strict=True):
             if static.data_ptr() != new.data_ptr():

@@ -165,6 +165,9 @@ class _Clock:
 MEMORY_POLICIES = ("keep", "phase", "offload")
 # the laps of `Output.timings`, in pipeline order (plus "pipeline_total")
 STAGE_TIMINGS = ("text_encode", "stage_1", "upsample", "stage_2", "video_decode", "frames_out", "audio_decode")
+# What a generation spent, inside the stages above, on work a warm one does not do: loading engines at first use,
+# parking weights in pinned host memory (its first parking allocates that memory), capturing CUDA graphs
+COLD_TIMINGS = ("engine_loads", "weight_parking", "graph_captures")
 # Engines run without a CUDA graph: one call each per video, so a graph saves microseconds, while its pool would
 # keep the call's peak working memory reserved for good (the 1080p VAE passes: the H100's graph pools held 29.6 GB
 # after one prompt, and the parked 24 GB text encoder no longer fit for the next). Eager, that memory returns to
@@ -256,6 +259,7 @@ class Pipeline:
         the planes."""
         name = validate_request(req, self.engines.profiles)
         progress = progress or (lambda *_: None)
+        spent_before = (*self._engine_seconds(), self.graphs.capture_seconds)
         dev, dtype = self.engines.device, self.engines.dtype
         preset, clock = PRESETS[req.preset], _Clock(dev)
         latent_frames = 1 + (req.frames - 1) // VIDEO_TIME_STRIDE
@@ -321,12 +325,19 @@ class Pipeline:
         clock.lap("audio_decode")
         progress("audio decode", 1, 1)
         clock.times["pipeline_total"] = time.perf_counter() - clock.start
+        spent = (*self._engine_seconds(), self.graphs.capture_seconds)
+        clock.times.update({k: a - b for k, a, b in zip(COLD_TIMINGS, spent, spent_before, strict=True)})
         onload = getattr(self.engines, "onload", None)
         if self.prefetch_text and self.memory == "offload" and onload is not None:
             onload(["text_encoder"])  # queued copies: the next prompt's first kernels wait for them on the stream
         return Output(pixels, samples, self.sample_rate, float(req.fps), clock.times)
 
     # ---- helpers --------------------------------------------------------------------------------------------
+
+    def _engine_seconds(self) -> tuple[float, float]:
+        """(loading, parking) seconds the engine set has spent so far (0 for sets that do not count them)."""
+        seconds = getattr(self.engines, "seconds", {})
+        return seconds.get("load", 0.0), seconds.get("park", 0.0)
 
     def _release(self, *names: str) -> None:
         """memory="phase": drop these engines ("dit" = all DiT engines) and the graphs that call them;

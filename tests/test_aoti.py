@@ -26,7 +26,8 @@ from fvrt.builder.engines import PRESET_PROFILES, dit_reference
 from fvrt.builder.random_release import load_tiny_release, random_identity, write_tiny_release
 from fvrt.runtime.engine import EngineDir
 from fvrt.runtime.manifest import EngineError, read_manifest
-from fvrt.runtime.pipeline import run_dit, run_text_encoder
+from fvrt.runtime.pipeline import COLD_TIMINGS, Pipeline, Request, run_dit, run_text_encoder
+from fvrt.runtime.tokenizer import TOKENIZER_DIR, PromptTokenizer
 
 TINY = PRESET_PROFILES["tiny"]
 TOL = 1e-4
@@ -168,6 +169,20 @@ def test_release_drops_engines_and_reloads_on_use(built: Built) -> None:
     engines.release()
     assert not engines._engines
     assert engines.engine("dit_block") is not None  # loaded again on use
+
+
+def test_first_generation_reports_its_engine_loads(built: Built) -> None:
+    """The cold-start accounting: the first generation loads every engine it uses (and, with memory="offload",
+    parks the text encoder), the second loads nothing; both within the stage laps."""
+    if built.ckpt.version is not ModelVersion.LTX23:
+        pytest.skip("once is enough")
+    engines = EngineDir.open(built.path)
+    pipe = Pipeline(engines, PromptTokenizer(built.path / TOKENIZER_DIR), memory="offload")
+    req = Request("A dog runs on a beach.", TINY.height, TINY.width, TINY.frames, TINY.fps, preset="realtime")
+    first, second = pipe(req, frames=False).timings, pipe(req, frames=False).timings
+    assert 0 < first["engine_loads"] < first["pipeline_total"] and engines.seconds["load"] == first["engine_loads"]
+    assert second["engine_loads"] == 0 and first["graph_captures"] == second["graph_captures"] == 0
+    assert first["weight_parking"] >= 0 and set(COLD_TIMINGS) <= set(second)
 
 
 def test_parking_copies_weights_to_the_host_once(built: Built) -> None:

@@ -28,7 +28,7 @@ from fvrt.runtime import sampler
 from fvrt.runtime.conditioning import ImageError, image_input
 from fvrt.runtime.graphs import GraphRunner
 from fvrt.runtime.media import rgb_to_yuv420p
-from fvrt.runtime.pipeline import STAGE_TIMINGS, Output, Pipeline, Request, validate_request
+from fvrt.runtime.pipeline import COLD_TIMINGS, STAGE_TIMINGS, Output, Pipeline, Request, validate_request
 from fvrt.runtime.tokenizer import PromptTokenizer
 
 TINY = PRESET_PROFILES["tiny"]  # 128x192x17: stage-1 latent 3x2x3, stage-2 3x4x6, 18 audio latents
@@ -151,7 +151,8 @@ def test_text_to_video_matches_official(release: TinyRelease, pipe: Pipeline) ->
     # Postcondition
     check_parity(ours, ref, f"{release.root.name} t2v")
     assert ours.sample_rate == (48000 if "bwe" in pipe.engines.config["vocoder"] else 24000)
-    assert list(ours.timings) == [*STAGE_TIMINGS, "pipeline_total"]  # every lap, in pipeline order
+    assert list(ours.timings) == [*STAGE_TIMINGS, "pipeline_total", *COLD_TIMINGS]  # every lap, in pipeline order
+    assert all(ours.timings[k] == 0 for k in COLD_TIMINGS)  # the eager set counts none; no graphs on the CPU
     assert [e for e in events if e[0].startswith("stage")] == [("stage 1", i, 8) for i in range(1, 9)] + [
         ("stage 2", i, 3) for i in range(1, 4)
     ]
