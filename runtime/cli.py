@@ -11,7 +11,9 @@ A batch file holds one JSON object per line (blank lines skipped): "prompt" and 
 "image", "image_strength", "seed", "preset", "height", "width", "frames", "fps" are optional and default to the
 command-line options. Paths are relative to the working directory. Only the first generation pays for loading
 the engines and capturing the CUDA graphs; with `--memory offload` (the batch default) the text encoder is copied
-back while each MP4 is finished, so the next prompt finds it in place.
+back while each MP4 is finished, so the next prompt finds it in place. `--batch -` serves request lines from
+standard input as they arrive (engines loaded before the first): one JSON answer per line on standard output,
+{"line", "output", "timings_s", "request"}, or {"line", "error"} for a line that fails its checks.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, NoReturn
 
@@ -117,8 +120,31 @@ _NUMBER_KEYS = ("image_strength", "fps")
 _OPTIONAL_PATHS = ("raw", "image")  # may be null
 
 
+def parse_line(line: str, where: str) -> dict[str, Any]:
+    """One batch line as a JSON object, keys and value types checked; ValueError starting with `where`."""
+    obj = json_object(line, where)
+    unknown = sorted(set(obj) - set(BATCH_KEYS))
+    if unknown:
+        raise ValueError(f"{where}: unknown key '{unknown[0]}' (keys: {', '.join(BATCH_KEYS)})")
+    for key in ("prompt", "output"):
+        if key not in obj:
+            raise ValueError(f"{where}: '{key}' is required")
+    for key, value in obj.items():
+        if value is None and key in _OPTIONAL_PATHS:
+            continue
+        if key in _INTEGER_KEYS:
+            ok, what = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        elif key in _NUMBER_KEYS:
+            ok, what = isinstance(value, int | float) and not isinstance(value, bool), "a number"
+        else:
+            ok, what = isinstance(value, str), "a string"
+        if not ok:
+            raise ValueError(f"{where}: '{key}' must be {what}, got {json.dumps(value)}")
+    return obj
+
+
 def read_batch(path: Path) -> list[tuple[str, dict[str, Any]]]:
-    """The objects of a JSON Lines batch file as ("--batch FILE line N", object), keys and value types checked;
+    """The objects of a JSON Lines batch file as ("--batch FILE line N", object), each `parse_line`-checked;
     ValueError naming the file and line of the first bad one."""
     try:
         text = path.read_text()
@@ -126,31 +152,36 @@ def read_batch(path: Path) -> list[tuple[str, dict[str, Any]]]:
         raise ValueError(f"--batch {path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
     out = []
     for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"--batch {path} line {n}"
-        obj = json_object(line, where)
-        unknown = sorted(set(obj) - set(BATCH_KEYS))
-        if unknown:
-            raise ValueError(f"{where}: unknown key '{unknown[0]}' (keys: {', '.join(BATCH_KEYS)})")
-        for key in ("prompt", "output"):
-            if key not in obj:
-                raise ValueError(f"{where}: '{key}' is required")
-        for key, value in obj.items():
-            if value is None and key in _OPTIONAL_PATHS:
-                continue
-            if key in _INTEGER_KEYS:
-                ok, what = isinstance(value, int) and not isinstance(value, bool), "an integer"
-            elif key in _NUMBER_KEYS:
-                ok, what = isinstance(value, int | float) and not isinstance(value, bool), "a number"
-            else:
-                ok, what = isinstance(value, str), "a string"
-            if not ok:
-                raise ValueError(f"{where}: '{key}' must be {what}, got {json.dumps(value)}")
-        out.append((where, obj))
+        if line.strip():
+            where = f"--batch {path} line {n}"
+            out.append((where, parse_line(line, where)))
     if not out:
         raise ValueError(f"--batch {path}: no requests in it")
     return out
+
+
+def line_job(profiles: dict[str, dict[str, Any]], defaults: dict[str, Any], where: str, obj: dict[str, Any]) -> Job:
+    """The checked job of a parsed batch line (the command-line options fill the keys it leaves out)."""
+    opts = {**defaults, **{k: v for k, v in obj.items() if k not in ("prompt", "output", "raw")}}
+    try:
+        return _job(profiles, opts, obj["prompt"], obj["output"], obj.get("raw"))
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def check_outputs(labelled: Sequence[tuple[str, Job]], timings: Path | None = None) -> None:
+    """Every output path writable and none used twice (--output, --raw, --timings); ValueError naming the line."""
+    seen: set[Path] = set()
+    paths = [(w, flag, p) for w, j in labelled for flag, p in (("--output", j.output), ("--raw", j.raw)) if p]
+    for where, flag, path in [*paths, *([("", "--timings", timings)] if timings else [])]:
+        prefix = f"{where}: " if where else ""
+        try:
+            check_writable(path, flag)
+        except ValueError as e:
+            raise ValueError(f"{prefix}{e}") from None
+        if path.resolve() in seen:
+            raise ValueError(f"{prefix}{flag} {path}: each output needs its own path (--output/--raw/--timings)")
+        seen.add(path.resolve())
 
 
 def _job(profiles: dict[str, dict[str, Any]], opts: dict[str, Any], prompt: str, output: Path, raw: Path | None) -> Job:
@@ -177,31 +208,43 @@ def plan_jobs(
     if batch is None:
         if prompt is None:
             raise ValueError("give --prompt (one video) or --batch FILE (one per line)")
-        jobs = [_job(profiles, defaults, prompt, output or Path("out.mp4"), raw)]
-        labelled = [("", jobs[0])]
+        labelled = [("", _job(profiles, defaults, prompt, output or Path("out.mp4"), raw))]
     else:
         given = [flag for flag, v in (("--prompt", prompt), ("--output", output), ("--raw", raw)) if v is not None]
         if given:
             raise ValueError(f"--batch: {given[0]} goes in each line of the batch file, not on the command line")
-        labelled = []
-        for where, obj in read_batch(batch):
-            opts = {**defaults, **{k: v for k, v in obj.items() if k not in ("prompt", "output", "raw")}}
-            try:
-                labelled.append((where, _job(profiles, opts, obj["prompt"], obj["output"], obj.get("raw"))))
-            except ValueError as e:
-                raise ValueError(f"{where}: {e}") from None
-    seen: set[Path] = set()
-    paths = [(w, flag, p) for w, j in labelled for flag, p in (("--output", j.output), ("--raw", j.raw)) if p]
-    for where, flag, path in [*paths, *([("", "--timings", timings)] if timings else [])]:
-        prefix = f"{where}: " if where else ""
-        try:
-            check_writable(path, flag)
-        except ValueError as e:
-            raise ValueError(f"{prefix}{e}") from None
-        if path.resolve() in seen:
-            raise ValueError(f"{prefix}{flag} {path}: each output needs its own path (--output/--raw/--timings)")
-        seen.add(path.resolve())
+        labelled = [(where, line_job(profiles, defaults, where, obj)) for where, obj in read_batch(batch)]
+    check_outputs(labelled, timings)
     return [j for _, j in labelled]
+
+
+def serve(
+    pipe: Pipeline,
+    profiles: dict[str, dict[str, Any]],
+    defaults: dict[str, Any],
+    lines: Iterable[str],
+    answer: Callable[[dict[str, Any]], None],
+) -> int:
+    """`--batch -`: generate for each request line as it arrives, answering one JSON object per line: {"line",
+    "output", "timings_s"} or, for a request that fails its checks, {"line", "error"} (the next line is served
+    all the same). Returns how many videos were written."""
+    written = 0
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"stdin line {n}"
+        try:
+            job = line_job(profiles, defaults, where, parse_line(line, where))
+            check_outputs([(where, job)])
+        except ValueError as e:
+            answer({"line": n, "error": str(e)})
+            continue
+        t = time.perf_counter()
+        times = generate(pipe, job)
+        times["total"] = time.perf_counter() - t
+        answer({"line": n, "output": str(job.output), "timings_s": times, "request": _request_record(job.req)})
+        written += 1
+    return written
 
 
 def _report(timings: dict[str, float]) -> str:
@@ -262,7 +305,8 @@ def generate(pipe: Pipeline, job: Job) -> dict[str, float]:
     default=None,
     help='JSON Lines file, one video per line: {"prompt": ..., "output": ...} and any of raw, image, '
     "image_strength, seed, preset, height, width, frames, fps (the options below are their defaults); all in "
-    "this process, the engines loaded once.",
+    "this process, the engines loaded once. '-': serve request lines from standard input as they arrive, one "
+    "JSON answer per line on standard output.",
 )
 @click.option("--image", type=click.Path(path_type=Path), default=None, help="First-frame conditioning image.")
 @click.option("--image-strength", type=float, default=1.0, show_default=True, help="1 keeps the image; 0 ignores it.")
@@ -323,7 +367,15 @@ def main(
         if prompt is not None and batch is not None:
             raise ValueError("--prompt and --batch: give one of them")
         manifest = read_manifest(engine_dir)
-        jobs = plan_jobs(manifest.profiles, batch, prompt, output, raw, timings, defaults)
+        stream = batch is not None and str(batch) == "-"
+        if stream:
+            flags = (("--prompt", prompt), ("--output", output), ("--raw", raw), ("--timings", timings))
+            given = [flag for flag, v in flags if v is not None]
+            if given:
+                raise ValueError(f"--batch -: {given[0]} does not go with requests from standard input")
+            jobs = []
+        else:
+            jobs = plan_jobs(manifest.profiles, batch, prompt, output, raw, timings, defaults)
         tokenizer = PromptTokenizer(engine_dir / TOKENIZER_DIR)
         t = time.perf_counter()
         engines = open_engines(engine_dir, device)
@@ -332,6 +384,11 @@ def main(
         _fail(str(e))
 
     memory = memory or ("offload" if batch is not None else "phase")
+    if stream:  # a server: the engines are loaded now, each request line is answered as it arrives
+        pipe = Pipeline(engines, tokenizer, cuda_graphs=cuda_graphs, memory=memory, prefetch_text=True)
+        stdin = sys.stdin
+        serve(pipe, manifest.profiles, defaults, stdin, lambda a: click.echo(json.dumps(a)))
+        return
     # a serving run copies the parked text encoder back while it finishes each MP4 (see Pipeline)
     pipe = Pipeline(engines, tokenizer, cuda_graphs=cuda_graphs, memory=memory, prefetch_text=len(jobs) > 1)
     records = []

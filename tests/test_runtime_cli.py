@@ -282,3 +282,36 @@ def test_bad_batches_exit_2_and_write_nothing(
 def test_neither_prompt_nor_batch(setup: Setup, eager_engines: list) -> None:
     result = invoke(setup.engine_dir)
     assert result.exit_code == 2 and "give --prompt (one video) or --batch FILE" in result.stderr
+
+
+def test_serving_from_stdin_answers_each_line(
+    setup: Setup, eager_engines: list, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--batch -`: one JSON answer per request line; a bad line is answered with its error and the next one is
+    still served; the second video equals a fresh single run."""
+    monkeypatch.chdir(tmp_path)
+    lines = _lines({"prompt": PROMPT, "output": "a.mp4"}, {"prompt": "x", "output": "b.mp4", "frames": 20})
+    lines += "\n" + _lines({"prompt": PROMPT, "output": "c.mp4", "raw": "c.npz", "seed": 3})
+
+    result = CliRunner().invoke(cli.main, [str(setup.engine_dir), "--batch", "-", "--preset", "realtime"], input=lines)
+
+    assert result.exit_code == 0, result.output
+    answers = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [a["line"] for a in answers] == [1, 2, 4]
+    assert answers[1] == {"line": 2, "error": "stdin line 2: --frames 20: must be 8k+1 (9, 17, ..., 121)"}
+    assert [a["output"] for a in (answers[0], answers[2])] == ["a.mp4", "c.mp4"]
+    assert answers[2]["request"]["seed"] == 3 and answers[2]["timings_s"]["total"] > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mp4", "c.mp4", "c.npz"]
+    assert eager_engines == [(setup.engine_dir, None)]
+    req = Request(PROMPT, TINY.height, TINY.width, TINY.frames, TINY.fps, seed=3, preset="realtime")
+    ref = Pipeline(EagerEngineSet(setup.release.checkpoint, [TINY]), PromptTokenizer(setup.release.tokenizer))(req)
+    with np.load(tmp_path / "c.npz") as raw:
+        assert np.array_equal(raw["frames"], ref.frames) and np.array_equal(raw["audio"], ref.audio)
+
+
+def test_serving_from_stdin_refuses_single_run_options(setup: Setup, eager_engines: list, tmp_path: Path) -> None:
+    result = invoke(setup.engine_dir, "--batch", "-", "--timings", tmp_path / "t.json")
+    assert result.exit_code == 2 and "--batch -: --timings does not go with requests from standard input" in (
+        result.stderr
+    )
+    assert eager_engines == [] and list(tmp_path.iterdir()) == []
