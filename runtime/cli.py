@@ -386,8 +386,7 @@ def main(
     memory = memory or ("offload" if batch is not None else "phase")
     if stream:  # a server: the engines are loaded now, each request line is answered as it arrives
         pipe = Pipeline(engines, tokenizer, cuda_graphs=cuda_graphs, memory=memory, prefetch_text=True)
-        stdin = sys.stdin
-        serve(pipe, manifest.profiles, defaults, stdin, lambda a: click.echo(json.dumps(a)))
+        serve(pipe, manifest.profiles, defaults, sys.stdin, lambda a: click.echo(json.dumps(a)))
         return
     # a serving run copies the parked text encoder back while it finishes each MP4 (see Pipeline)
     pipe = Pipeline(engines, tokenizer, cuda_graphs=cuda_graphs, memory=memory, prefetch_text=len(jobs) > 1)
