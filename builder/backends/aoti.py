@@ -12,10 +12,11 @@ with depth.
 
 The video VAE engines built for CUDA store their 3-D convolution weights as [O, kD, kH, kW, I] ("ndhwc", see
 `CONV_LAYOUTS`): the exported graph reads them through a permuted view, whose channels-last-3d strides make
-Inductor's convolution lowering ask cuDNN for channels-last activations too, so every conv reads and writes the
-layout its Hopper kernels use (with NCDHW weights and activations cuDNN transposes each conv's input and output:
-84 + 42 transpose kernels, 0.19 s of a 1.27 s 1080p decode on the H100). The runtime passes the file's tensors as
-they are; only builders (`to_file_layout`) know the layout, recorded as `extra["conv_layout"]`.
+Inductor's convolution lowering ask cuDNN for channels-last activations too (PyTorch's conv memory-format rule
+follows the weight), so that the convs read and write the layout cuDNN's Hopper kernels use; with NCDHW weights and
+activations cuDNN transposes each conv's input and output (84 + 42 kernels, 0.19 s of a 1.27 s 1080p decode on the
+H100). CPU-tested for equal outputs; the GPU effect is not measured yet (docs/engines.md). The runtime passes the
+file's tensors as they are; only builders (`to_file_layout`) know the layout, recorded as `extra["conv_layout"]`.
 
 Shapes are static: one AOTInductor package per shape key (`<engine>.<key>.pt2`, key with `/` -> `_`), each
 holding a single model, the documented and most exercised layout. Works with torch 2.11 (GPU machines) and
