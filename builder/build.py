@@ -469,9 +469,9 @@ def stage_keys(
     the whole stage (code + weights) also on the checkpoint and, for per-layer engines, on its layer list."""
     r = {k: v for k, v in recipe(plan).items() if k != "stages"}
     r["attention"] = fp8_attention.for_stage(r["attention"], stage)
-    layout = r.pop("conv_layout", "auto")
-    if r["backend"] == "torch-aot" and stage_conv_layout(layout, stage, torch.device(r["device"])) != "ncdhw":
-        r["conv_layout"] = stage_conv_layout(layout, stage, torch.device(r["device"]))  # the code reads it
+    layout = stage_conv_layout(r.pop("conv_layout", "auto"), stage, torch.device(r["device"]))
+    if r["backend"] == "torch-aot" and layout != "ncdhw":
+        r["conv_layout"] = layout  # the code reads it
     low = low_bit_kind(spec) if spec is not None else None
     text = stage.startswith("text_")
     if not text or low is None:

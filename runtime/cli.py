@@ -204,7 +204,13 @@ def plan_jobs(
     defaults: dict[str, Any],
 ) -> list[Job]:
     """Every job of the run, checked (requests, images, output paths: writable, none used twice) before any work;
-    ValueError with one line otherwise."""
+    ValueError with one line otherwise. `--batch -` (requests from standard input, see `serve`): no jobs yet."""
+    if batch is not None and str(batch) == "-":
+        flags = (("--prompt", prompt), ("--output", output), ("--raw", raw), ("--timings", timings))
+        given = [flag for flag, v in flags if v is not None]
+        if given:
+            raise ValueError(f"--batch -: {given[0]} does not go with requests from standard input")
+        return []
     if batch is None:
         if prompt is None:
             raise ValueError("give --prompt (one video) or --batch FILE (one per line)")
@@ -224,11 +230,10 @@ def serve(
     defaults: dict[str, Any],
     lines: Iterable[str],
     answer: Callable[[dict[str, Any]], None],
-) -> int:
+) -> None:
     """`--batch -`: generate for each request line as it arrives, answering one JSON object per line: {"line",
     "output", "timings_s"} or, for a request that fails its checks, {"line", "error"} (the next line is served
-    all the same). Returns how many videos were written."""
-    written = 0
+    all the same)."""
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -242,9 +247,7 @@ def serve(
         t = time.perf_counter()
         times = generate(pipe, job)
         times["total"] = time.perf_counter() - t
-        answer({"line": n, "output": str(job.output), "timings_s": times, "request": _request_record(job.req)})
-        written += 1
-    return written
+        answer({"line": n, **_run_record(job, times)})
 
 
 def _report(timings: dict[str, float]) -> str:
@@ -253,8 +256,10 @@ def _report(timings: dict[str, float]) -> str:
     return "\n".join(rows + (["  of which, first-use work (a warm run skips it):", *cold] if cold else []))
 
 
-def _request_record(req: Request) -> dict[str, Any]:
-    return {
+def _run_record(job: Job, times: dict[str, float]) -> dict[str, Any]:
+    """What a run's timings file (and a served answer) says of one video."""
+    req = job.req
+    request = {
         "prompt": req.prompt,
         "height": req.height,
         "width": req.width,
@@ -265,6 +270,7 @@ def _request_record(req: Request) -> dict[str, Any]:
         "steps": [len(PRESETS[req.preset].stage_1) - 1, len(PRESETS[req.preset].stage_2) - 1],
         "image": str(req.image) if req.image is not None else None,
     }
+    return {"output": str(job.output), "timings_s": times, "request": request}
 
 
 def generate(pipe: Pipeline, job: Job) -> dict[str, float]:
@@ -368,14 +374,7 @@ def main(
             raise ValueError("--prompt and --batch: give one of them")
         manifest = read_manifest(engine_dir)
         stream = batch is not None and str(batch) == "-"
-        if stream:
-            flags = (("--prompt", prompt), ("--output", output), ("--raw", raw), ("--timings", timings))
-            given = [flag for flag, v in flags if v is not None]
-            if given:
-                raise ValueError(f"--batch -: {given[0]} does not go with requests from standard input")
-            jobs = []
-        else:
-            jobs = plan_jobs(manifest.profiles, batch, prompt, output, raw, timings, defaults)
+        jobs = plan_jobs(manifest.profiles, batch, prompt, output, raw, timings, defaults)
         tokenizer = PromptTokenizer(engine_dir / TOKENIZER_DIR)
         t = time.perf_counter()
         engines = open_engines(engine_dir, device)
@@ -401,7 +400,7 @@ def main(
             f"audio {pipe.sample_rate} Hz, preset {req.preset}, seed {req.seed})"
         )
         click.echo(_report(times))
-        records.append({"output": str(job.output), "timings_s": times, "request": _request_record(req)})
+        records.append(_run_record(job, times))
     if timings is not None:
         env = {
             "device": str(engines.device),
