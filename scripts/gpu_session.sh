@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One GPU session's measurements as ONE detached job (device time is 30 min a session, a machine start included):
+# the GPU tests, the video decoder's conv layouts (NDHWC vs NCDHW, same run), then the end-to-end bench, FP8 with
+# the FP8 text encoder first (the fastest variant: its numbers matter most), bf16 after it if time is left.
+#
+#   bash scripts/gpu_job.sh start s -- bash scripts/gpu_session.sh /tmp/r 1500
+#   bash scripts/gpu_job.sh wait s 540 /tmp/r      # back to back until it ends
+#
+# $1: results folder (default /tmp/r); $2: seconds this job may run (default 1500): the bench gets a deadline so
+# that it starts no precision or second preset it cannot finish. The decoder's layout for the bench is the probe's
+# verdict: NDHWC (the CUDA default) unless its engine failed to build or run, then NCDHW.
+set -uo pipefail
+
+R=${1:-/tmp/r}
+BUDGET=${2:-1500}
+mkdir -p "$R"
+export FVRT_CXX=${FVRT_CXX:-g++-12}
+step() { echo "=== [$SECONDS s] $*"; }
+
+step "GPU tests"
+python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_pipeline.py tests/test_fp8_attention.py 2>&1 |
+  tail -n 15 | tee "$R/gpu-tests.log"
+
+step "video decoder conv layouts"
+python3 scripts/gpu_vae_probe.py --out "$R/vae" --engines /dev/shm/vae --engine-only --layouts ndhwc,ncdhw --reps 2
+rm -rf /dev/shm/vae
+layout=auto
+if ! python3 -c "import json, sys; r = json.load(open('$R/vae/vae.json'))['runs']; sys.exit('median_s' not in r.get('engine ndhwc', {}))"; then
+  layout=ncdhw
+fi
+
+# the fp8+ft8 build and its two presets take ~15 min on the H100; bf16 after it reuses all but its DiT block and
+# needs ~4 min for both presets: start it only when that much is left
+left=$((BUDGET - SECONDS))
+deadline=$((left - 240))
+step "bench, conv layout $layout, deadline ${deadline} s"
+python3 scripts/bench.py --random full --device cuda --profile 1080p --precisions fp8+ft8,bf16 \
+  --presets distilled,realtime --repeats 1 --repeats-dit 3 --calib-method hooks --memory offload --drop-reference \
+  --trace --prefetch-text --no-official --conv-layout "$layout" --engines /dev/shm/eng --out "$R/bench" \
+  --deadline-s "$deadline"
+step "done"
