@@ -7,34 +7,41 @@
 #   bash scripts/gpu_job.sh wait s 540 /tmp/r      # back to back until it ends
 #
 # $1: results folder (default /tmp/r); $2: seconds this job may run (default 1500): the bench gets a deadline so
-# that it starts no precision or second preset it cannot finish. The decoder's layout for the bench is the probe's
+# that it starts no precision or second preset it cannot finish; $3: the steps (default tests,vae,bench);
+# $PRECISIONS: the bench's variants (default fp8+ft8,bf16: the first calibrates on eager pipeline runs). The decoder's layout for the bench is the probe's
 # verdict: NDHWC (the CUDA default) unless its engine failed to build or run, then NCDHW.
 set -uo pipefail
 
 R=${1:-/tmp/r}
 BUDGET=${2:-1500}
+STEPS=${3:-tests,vae,bench}
+PRECISIONS=${PRECISIONS:-fp8+ft8,bf16}
 mkdir -p "$R"
 export FVRT_CXX=${FVRT_CXX:-g++-12}
 step() { echo "=== [$SECONDS s] $*"; }
 
-step "GPU tests"
-python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_pipeline.py tests/test_fp8_attention.py 2>&1 |
-  tail -n 15 | tee "$R/gpu-tests.log"
-
-step "video decoder conv layouts"
-python3 scripts/gpu_vae_probe.py --out "$R/vae" --engines /dev/shm/vae --engine-only --layouts ndhwc,ncdhw --reps 2
-rm -rf /dev/shm/vae
 layout=auto
-if ! python3 -c "import json, sys; r = json.load(open('$R/vae/vae.json'))['runs']; sys.exit('median_s' not in r.get('engine ndhwc', {}))"; then
-  layout=ncdhw
+if [[ ",$STEPS," == *,tests,* ]]; then
+  step "GPU tests"
+  python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_pipeline.py tests/test_fp8_attention.py 2>&1 |
+    tail -n 15 | tee "$R/gpu-tests.log"
 fi
+if [[ ",$STEPS," == *,vae,* ]]; then
+  step "video decoder conv layouts"
+  python3 scripts/gpu_vae_probe.py --out "$R/vae" --engines /dev/shm/vae --engine-only --layouts ndhwc,ncdhw --reps 2
+  rm -rf /dev/shm/vae
+  if ! python3 -c "import json, sys; r = json.load(open('$R/vae/vae.json'))['runs']; sys.exit('median_s' not in r.get('engine ndhwc', {}))"; then
+    layout=ncdhw
+  fi
+fi
+[[ ",$STEPS," == *,bench,* ]] || exit 0
 
 # the fp8+ft8 build and its two presets take ~15 min on the H100; bf16 after it reuses all but its DiT block and
 # needs ~4 min for both presets: start it only when that much is left
 left=$((BUDGET - SECONDS))
 deadline=$((left - 240))
 step "bench, conv layout $layout, deadline ${deadline} s"
-python3 scripts/bench.py --random full --device cuda --profile 1080p --precisions fp8+ft8,bf16 \
+python3 scripts/bench.py --random full --device cuda --profile 1080p --precisions "$PRECISIONS" \
   --presets distilled,realtime --repeats 1 --repeats-dit 3 --calib-method hooks --memory offload --drop-reference \
   --trace --prefetch-text --no-official --conv-layout "$layout" --engines /dev/shm/eng --out "$R/bench" \
   --deadline-s "$deadline"

@@ -8,6 +8,7 @@ CPU runs FP8 / NVFP4 through the layers' exact emulation; the real FP8 GEMM path
 from __future__ import annotations
 
 import shutil
+from unittest import mock
 from collections.abc import Callable
 from pathlib import Path
 
@@ -57,9 +58,25 @@ def models(module_tmp: Callable[[str], Path]) -> tuple:
     from transformers import AutoTokenizer
 
     AutoTokenizer.from_pretrained(str(folder / "gemma"), local_files_only=True).save_pretrained(str(tok))
-    inputs = pipeline_dit_inputs(quant, TINY, prompts, tok, images=IMAGES)
+    calls: list[str] = []
+    run = EagerEngineSet.run
+
+    def counted(self: EagerEngineSet, name: str, key: str, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        calls.append(name)
+        return run(self, name, key, *inputs)
+
+    with mock.patch.object(EagerEngineSet, "run", counted):
+        inputs = pipeline_dit_inputs(quant, TINY, prompts, tok, images=IMAGES)
     quantize_model(quant.dit, QuantRecipe.named("fp8"), inputs, method="modelopt")
-    return plain, quant, inputs
+    return plain, quant, inputs, calls
+
+
+def test_calibration_runs_stop_before_decoding(models: tuple) -> None:
+    """Only the DiT passes are needed: at 1080p the eager decode next to the whole checkpoint ran an 80 GB H100 out
+    of memory. Every pass of both stages is still recorded (8 + 3 per distilled run)."""
+    calls, inputs = models[3], models[2]
+    assert "video_decoder" not in calls and "audio_decoder" not in calls
+    assert calls.count("upsampler") == COUNT and len(inputs) == COUNT * (8 + 3)
 
 
 def test_manifest_describes_the_layer_groups_and_calibration(fp8_build: Path) -> None:
@@ -101,7 +118,7 @@ def test_fp8_build_next_to_bf16_compiles_only_the_fp8_blocks(tmp_path: Path, mod
     benchmark does with its bf16 run): the bf16 block group keeps the bf16 code with a weights file of its own
     layers (block 0 here; 0 and 43-47 at full size), prep / in / out are reused whole, only the FP8 group
     compiles; the bf16 directory stays intact."""
-    _, quant, inputs = models
+    _, quant, inputs, _ = models
     bf16, fp8 = tmp_path / "bf16", tmp_path / "fp8"
     build_engines(BuildRequest(out_dir=bf16, random="tiny", precision="bf16", stages=("dit",)), log=lambda _: None)
     shutil.copytree(bf16, fp8, copy_function=link_or_copy)
@@ -118,7 +135,7 @@ def test_fp8_build_next_to_bf16_compiles_only_the_fp8_blocks(tmp_path: Path, mod
 
 
 def test_fp8_velocity_cosine_vs_bf16_on_every_calibration_step(models: tuple) -> None:
-    plain, quant, inputs = models
+    plain, quant, inputs, _ = models
     assert len(inputs) == COUNT * 11
     with torch.no_grad():
         for i, kw in enumerate(inputs):

@@ -12,6 +12,7 @@ The prompts file is `calib_data/prompts.txt` (one prompt per line, '#' comments)
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,13 @@ from fvrt.builder.eager import EagerEngineSet
 from fvrt.builder.engines import Profile, dit_forward_kwargs
 
 Log = Callable[[str], None]
+# Calibration stops each run before these: the eager 1080p video decode needs ~27 GB more, on top of the whole
+# unquantised checkpoint on the GPU (text encoder included): an 80 GB H100 ran out of memory there (session 8)
+DECODERS = frozenset({"video_decoder", "audio_decoder"})
+
+
+class _Denoised(Exception):
+    """Raised by the recording pipeline at its first decoder call: both stages' DiT passes are recorded."""
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -59,7 +67,8 @@ def pipeline_dit_inputs(
     log: Log = lambda _: None,
 ) -> list[dict[str, torch.Tensor]]:
     """Run the pipeline once per prompt (seed = its index; every second prompt conditioned on the next image) and
-    return the `LTXDiT.forward` inputs of every DiT pass, in call order. Keeps no video beyond one run."""
+    return the `LTXDiT.forward` inputs of every DiT pass, in call order. Each run stops after its last DiT pass
+    (nothing is decoded)."""
     from fvrt.runtime.pipeline import Pipeline, Request
     from fvrt.runtime.tokenizer import PromptTokenizer
 
@@ -71,6 +80,11 @@ def pipeline_dit_inputs(
             kw = dit_call_kwargs(profile, key, *call)
             recorded.append({k: t.clone() for k, t in kw.items()})  # the pipeline reuses its buffers
             return super()._dit(key, *call)
+
+        def _run(self, engine: str, key: str, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            if engine in DECODERS:
+                raise _Denoised  # every DiT pass is recorded: the decodes would only cost time and memory
+            return super()._run(engine, key, *inputs)
 
     pipe = Recording(engines, PromptTokenizer(tokenizer_dir), cuda_graphs=False)
     for i, prompt in enumerate(prompts):
@@ -85,7 +99,8 @@ def pipeline_dit_inputs(
             preset=preset,
             image=image,
         )
-        pipe(req)
+        with contextlib.suppress(_Denoised):
+            pipe(req)
         log(f"calibration: prompt {i + 1}/{len(prompts)} ({'image' if image else 'text'}-to-video) done")
     return recorded
 
