@@ -8,9 +8,9 @@ CPU runs FP8 / NVFP4 through the layers' exact emulation; the real FP8 GEMM path
 from __future__ import annotations
 
 import shutil
-from unittest import mock
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
