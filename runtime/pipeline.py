@@ -23,6 +23,7 @@ import torch
 
 from fvrt.runtime.conditioning import image_input, read_image
 from fvrt.runtime.graphs import GraphRunner
+from fvrt.runtime.hostmem import to_host
 from fvrt.runtime.media import rgb_to_yuv420p
 from fvrt.runtime.protocol import EngineSet
 from fvrt.runtime.sampler import (
@@ -107,16 +108,6 @@ def to_uint8(video: torch.Tensor) -> torch.Tensor:
     `convert_to_uint8`)."""
     frames = (((video + 1.0) / 2.0).clamp(0.0, 1.0) * 255.0).to(torch.uint8)
     return frames[0].permute(1, 2, 3, 0)
-
-
-def to_host(t: torch.Tensor) -> torch.Tensor:
-    """A host copy of `t`: into page-locked memory from a GPU (a copy into fresh pageable memory also pays a page
-    fault per 4 KiB; the pinned blocks are cached by torch and reused by the next video)."""
-    if t.device.type != "cuda":
-        return t.contiguous()
-    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    out.copy_(t)  # synchronous: the caller reads it next
-    return out
 
 
 def validate_request(req: Request, profiles: dict[str, dict[str, Any]]) -> str:

@@ -110,6 +110,20 @@ def main() -> None:
     row("pageable, touched (no pinning)", alloc + touch, views)
     del buf, views
 
+    from fvrt.runtime.hostmem import host_copies  # what the runtime parks with since session 8
+
+    t = time.perf_counter()
+    host = host_copies(src, async_copies=True)
+    park = time.perf_counter() - t
+    res["fvrt_pinned"] = bool(host[0].is_pinned())
+    d2h, h2d = copies(src, host)
+    res["rows"]["fvrt host_copies (alloc + register + D2H)"] = {"alloc_s": park - d2h, "d2h_s": d2h, "h2d_s": h2d,
+                                                                 "park_s": park}  # fmt: skip
+    print("fvrt host_copies", res["rows"]["fvrt host_copies (alloc + register + D2H)"], res["fvrt_pinned"], flush=True)
+    t = time.perf_counter()
+    del host
+    res["fvrt_release_s"] = time.perf_counter() - t
+
     # does a pinned allocation in another thread slow the GPU work of this one?
     a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
 

@@ -179,16 +179,6 @@ def test_without_frames_the_mp4_planes_are_the_same(release: TinyRelease, pipe: 
     assert np.array_equal(with_frames[0], rgb_to_yuv420p(torch.from_numpy(full.frames)).numpy())
 
 
-@pytest.mark.gpu
-def test_to_host_copies_into_pinned_memory() -> None:
-    from fvrt.runtime.pipeline import to_host
-
-    x = torch.randint(0, 255, (3, 5, 7), dtype=torch.uint8, device="cuda").permute(1, 2, 0)
-    got = to_host(x)
-    assert got.is_pinned() and got.device.type == "cpu" and torch.equal(got, x.cpu())
-    assert not to_host(x.cpu()).is_pinned()
-
-
 def test_image_to_video_matches_official(release: TinyRelease, pipe: Pipeline) -> None:
     ours, ref = run_both(release, pipe, image=True)
     check_parity(ours, ref, f"{release.root.name} i2v")
