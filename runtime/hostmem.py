@@ -48,6 +48,9 @@ class HostArena:
         self._offset = -self.buf.data_ptr() % ALIGN  # the first view starts on a boundary too
         self._end = self._offset + nbytes
         if (torch.cuda.is_available() if pin is None else pin) and nbytes:
+            # fault the pages in first (torch's parallel fill): registering untouched pages took 6.2 s for 23.5 GB
+            # on the H100 host, touched ones 1.1 + 1.0 s
+            self.buf.fill_(0)
             rc = torch.cuda.cudart().cudaHostRegister(self.buf.data_ptr(), self.buf.numel(), 0)
             self.pinned = int(rc) == 0
             if self.pinned:
