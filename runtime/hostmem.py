@@ -1,12 +1,13 @@
 """Page-locked host memory for the runtime's device <-> host copies, without cudaHostAlloc.
 
-Page-locked (pinned) host memory makes copies fast (55 GB/s vs 7.7-12.7 GB/s pageable on the H100 host) and lets
+Page-locked (pinned) host memory makes copies fast (55 GB/s vs 7.4-13.5 GB/s pageable on the H100 host) and lets
 host-to-device copies run asynchronously. torch's `pin_memory=True` gets it from cudaHostAlloc, which on the H100
-host took **14.6 s for 23.5 GB** (the bf16 text encoder's parked copy; 16.2 s as one block per tensor) and stalled
-every GPU kernel meanwhile (200 GEMMs: 0.43 s alone, 14.7 s beside it). Allocating pageable memory and pinning it
-with cudaHostRegister took **2.0 s** for the same 23.5 GB, with the same copy speed
-(`scripts/gpu_pinned_probe.py`, docs/benchmarks.md, session 8). So the runtime allocates a plain block, registers
-it, and hands out views into it; the registration is undone when the last view is gone.
+host took 9.6-16.2 s for 23.5 GB (the bf16 text encoder's parked copy; three runs) and stalled every GPU kernel
+meanwhile (200 GEMMs: 0.44 s alone, 11-16 s beside it). A pageable block, touched and then registered with
+cudaHostRegister, took 2.0-5.4 s for the same 23.5 GB, with the same copy speed, and held GPU work up only for
+the ~1 s of the registration (`scripts/gpu_pinned_probe.py`; docs/benchmarks.md, session 8, has the runs and
+what is not understood yet). So the runtime allocates a plain block, registers it, and hands out views into it;
+the registration is undone when the last tensor taken from it is gone.
 
 Without CUDA (or if registration fails) the block stays pageable: copies are then synchronous and slower, never
 wrong.
@@ -48,8 +49,8 @@ class HostArena:
         self._offset = -self.buf.data_ptr() % ALIGN  # the first view starts on a boundary too
         self._end = self._offset + nbytes
         if (torch.cuda.is_available() if pin is None else pin) and nbytes:
-            # fault the pages in first (torch's parallel fill): registering untouched pages took 6.2 s for 23.5 GB
-            # on the H100 host, touched ones 1.1 + 1.0 s
+            # fault the pages in first (torch's parallel fill), then pin them: cheaper than letting the driver
+            # fault them in one by one (H100 host, 23.5 GB: 1.0 + 1.1 s in the probe's best case)
             self.buf.fill_(0)
             rc = torch.cuda.cudart().cudaHostRegister(self.buf.data_ptr(), self.buf.numel(), 0)
             self.pinned = int(rc) == 0
