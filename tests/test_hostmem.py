@@ -9,7 +9,7 @@ import weakref
 import pytest
 import torch
 
-from fvrt.runtime.hostmem import ALIGN, HostArena, host_copies, to_host
+from fvrt.runtime.hostmem import ALIGN, HostArena, host_copies, host_copy_lists, to_host
 
 TENSORS = [
     torch.randn(3, 5, dtype=torch.bfloat16),
@@ -30,6 +30,16 @@ def test_copies_are_equal_aligned_and_disjoint() -> None:
     for g, t in zip(got[1:], TENSORS[1:], strict=True):
         assert torch.equal(g, t)
     assert not torch.equal(TENSORS[0], got[0])
+
+
+def test_nested_lists_keep_their_nesting_in_one_arena() -> None:
+    """An engine's per-layer weight lists (AOTIEngine.offload parks them with this)."""
+    lists = [TENSORS[:2], [], TENSORS[2:5], TENSORS[5:]]
+    got = host_copy_lists(lists)
+    assert [len(g) for g in got] == [len(ts) for ts in lists]
+    for gs, ts in zip(got, lists, strict=True):
+        assert all(torch.equal(g, t) and g.dtype == t.dtype for g, t in zip(gs, ts, strict=True))
+    assert len({id(g._fvrt_arena) for gs in got for g in gs}) == 1
 
 
 def test_arena_lives_as_long_as_any_tensor_taken_from_it() -> None:

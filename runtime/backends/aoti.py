@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from fvrt.runtime.hostmem import host_copies
+from fvrt.runtime.hostmem import host_copy_lists
 from fvrt.runtime.manifest import EngineError, StageEntry, TensorSpec
 
 LAYER_PREFIX = "layers.{}."  # same layout as the builder writes
@@ -81,11 +81,7 @@ class AOTIEngine:
             return
         lists = self._weight_lists()
         if self._host is None:  # one registered block (cudaHostAlloc took 10-16 s for 23.5 GB, GPU stalled)
-            flat = host_copies([t for ws in lists for t in ws], async_copies=True)
-            self._host, i = [], 0
-            for ws in lists:
-                self._host.append(flat[i : i + len(ws)])
-                i += len(ws)
+            self._host = host_copy_lists(lists, async_copies=True)
         for ws, hs in zip(lists, self._host, strict=True):
             ws[:] = hs
         self._parked = True
