@@ -29,6 +29,10 @@ def _aligned(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
+def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
+    return math.prod(shape) * dtype.itemsize
+
+
 def _unregister(buf: torch.Tensor, synchronize: bool) -> None:
     with contextlib.suppress(Exception):  # at interpreter exit CUDA may be gone; the memory goes with the process
         if synchronize:
@@ -59,11 +63,11 @@ class HostArena:
 
     @staticmethod
     def size_for(shapes: Sequence[tuple[Sequence[int], torch.dtype]]) -> int:
-        return sum(_aligned(math.prod(s) * torch.empty(0, dtype=d).element_size()) for s, d in shapes)
+        return sum(_aligned(_nbytes(s, d)) for s, d in shapes)
 
     def take(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         """A tensor of `shape` and `dtype` in the next free (aligned) part of the block."""
-        n = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        n = _nbytes(shape, dtype)
         if self._offset + n > self._end:
             raise ValueError(f"host arena of {self._end - self._offset} free bytes is full ({n} bytes asked)")
         t = self.buf[self._offset : self._offset + n].view(dtype).view(tuple(shape))

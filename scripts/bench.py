@@ -244,9 +244,7 @@ def bench_precision(args: argparse.Namespace, name: str, res: dict[str, Any], re
     del pipe, engines
     gc.collect()  # the recorder and its graph tap reference each other: only the collector frees the engines
     if dev.type == "cuda":
-        torch.cuda.empty_cache()
-        if hasattr(torch._C, "_host_emptyCache"):  # the offloaded text encoder's pinned host blocks
-            torch._C._host_emptyCache()
+        torch.cuda.empty_cache()  # the parked text encoder's host block goes with its arena (runtime/hostmem.py)
 
 
 def bench_official(args: argparse.Namespace, res: dict[str, Any], ref: dict[str, Any]) -> None:
