@@ -35,9 +35,10 @@ test:
 test-gpu:
 	$(BIN)/pytest -q -m gpu
 
+LINTED := builder runtime plugins src tests scripts lab
 lint:
-	$(BIN)/ruff check builder runtime plugins src tests
-	$(BIN)/ruff format --check builder runtime plugins src tests
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
 
 # The main job on the embedded default: text -> 17 frames of 128x192 video with audio, from the tiny random
 # engines (noise-like output: random weights). Real output needs the LTX-2.3 weights (README).
