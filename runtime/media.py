@@ -26,12 +26,12 @@ from fvrt.runtime.scratch import OWNER_RE, owner_tag, remove_stale
 VIDEO_CODEC = "libx264"
 VIDEO_PIX_FMT = "yuv420p"  # 4:2:0, what browsers play
 # crf 18: near-transparent. `ultrafast`: 121 frames at 1080p in 0.9-1.3 s on the H100 host vs 2.8-4.2 s `veryfast`
-# and 2.3-3.3 s `superfast` (scripts/mp4_encode_probe.py, docs/benchmarks.md); files ~1.5x larger
+# and 2.3-3.3 s `superfast` (lab/mp4_encode_probe.py, docs/benchmarks.md); files ~1.5x larger
 VIDEO_OPTIONS = {"crf": "18", "preset": "ultrafast"}
 # RGB -> Y'CbCr: BT.709 matrix, limited ("tv") range, 2x2-averaged chroma, tagged in the stream so players agree
 BT709 = (0.2126, 0.0722)  # Kr, Kb
 # x264 threads: frame threading (PyAV's default is slice threading; a whole clip is encoded at once, so the
-# latency of frame threads costs nothing; scripts/mp4_encode_probe.py compares them)
+# latency of frame threads costs nothing; lab/mp4_encode_probe.py compares them)
 VIDEO_THREADS = "FRAME"
 YUV_CHUNK = 8  # frames converted at once (bounds the fp32 temporaries: 8 x 1088 x 1920 x 3 x 4 B = 200 MB)
 AUDIO_CODEC = "aac"

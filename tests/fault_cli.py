@@ -54,7 +54,7 @@ class StandInPipeline:
 
 def main() -> None:
     cli.open_engines = lambda engine_dir, device: SimpleNamespace(device=torch.device(device or "cpu"))
-    cli.PromptTokenizer = lambda folder: (lambda prompt: None)
+    cli.PromptTokenizer = lambda folder: lambda prompt: None
     cli.Pipeline = StandInPipeline
     cli.main(args=sys.argv[1:], prog_name="fvrt-run")
 
