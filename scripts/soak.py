@@ -56,9 +56,19 @@ def soak(engine_dir: Path, mode: str, videos: int, out: Path, device: str | None
         print(f"{mode:<8} video {i + 1:3d}  {row['seconds']:6.2f} s  rss {row['rss_mib']:8.1f} MiB", flush=True)
     del pipe, engines
     gc.collect()
-    tail = rows[WARMUP - 1 :] if len(rows) > WARMUP else rows
-    growth = (tail[-1]["rss_mib"] - tail[0]["rss_mib"]) / max(len(tail) - 1, 1)
-    return {"mode": mode, "videos": rows, "rss_growth_mib_per_video": growth}
+    return {"mode": mode, "videos": rows, "rss_growth_mib_per_video": growth_per_video(rows)}
+
+
+def growth_per_video(rows: list[dict]) -> float:
+    """Least-squares slope of the RSS over the videos after the warm-up, MiB a video: the allocator's retention
+    makes the RSS of one video swing by tens of MiB (weights freed and loaded again), so the first and the last
+    figure alone would measure that swing, not a trend."""
+    tail = rows[WARMUP:] if len(rows) > WARMUP + 1 else rows
+    xs = [r["video"] for r in tail]
+    ys = [r["rss_mib"] for r in tail]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var if var else 0.0
 
 
 def main() -> None:
@@ -74,13 +84,14 @@ def main() -> None:
     record = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "engine_dir": str(args.engine_dir),
               "torch": torch.__version__, "results": results}  # fmt: skip
     (args.out / "soak.json").write_text(json.dumps(record, indent=1) + "\n")
-    lines = ["| mode | videos | RSS after 1st (MiB) | after 3rd | last | growth / video after the 3rd (MiB) |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| mode | videos | RSS after 1st (MiB) | after 3rd | min after 3rd | max after 3rd | last | "
+             "growth / video after the 3rd (MiB, least squares) |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in results:
         v = r["videos"]
         third = v[min(WARMUP, len(v)) - 1]["rss_mib"]
-        lines.append(f"| {r['mode']} | {len(v)} | {v[0]['rss_mib']:.1f} | {third:.1f} | {v[-1]['rss_mib']:.1f} | "
-                     f"{r['rss_growth_mib_per_video']:+.2f} |")  # fmt: skip
+        after = [x["rss_mib"] for x in v[WARMUP:]] or [third]
+        lines.append(f"| {r['mode']} | {len(v)} | {v[0]['rss_mib']:.1f} | {third:.1f} | {min(after):.1f} | "
+                     f"{max(after):.1f} | {v[-1]['rss_mib']:.1f} | {r['rss_growth_mib_per_video']:+.3f} |")  # fmt: skip
     (args.out / "soak.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -394,3 +394,24 @@ def test_build_disk_full_is_one_line(tmp_path: Path) -> None:
 def test_every_engine_name_is_known_to_the_pipeline_check() -> None:
     """The runtime's list of the engines a generation needs names only engines the builder makes."""
     assert set(PIPELINE_ENGINES) | set(IMAGE_ENGINES) | {BLOCK_PREFIX} == set(ENGINE_NAMES)
+
+
+def test_packages_load_once_per_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """memory="phase" opens each engine again for every video: its AOTInductor package is loaded once per process
+    (a reload extracted and dlopened a fresh copy that was never unloaded: host memory grew ~7 MiB a video), and
+    loaded again only when the file is replaced."""
+    import torch._inductor
+
+    from fvrt.runtime.backends import aoti
+
+    loads: list[str] = []
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", lambda path, **_: loads.append(path) or object())
+    monkeypatch.setattr(aoti, "_PACKAGES", {})
+    pkg = tmp_path / "text_in.pt2"
+    pkg.write_bytes(b"one")
+    first = aoti._load_package(pkg, -1)
+    assert aoti._load_package(pkg, -1) is first and len(loads) == 1
+    assert aoti._load_package(pkg, 0) is not first and len(loads) == 2  # another device
+    pkg.unlink()
+    pkg.write_bytes(b"two, rebuilt")
+    assert aoti._load_package(pkg, -1) is not first and len(loads) == 3
