@@ -1,0 +1,195 @@
+"""Start N ranks of one job on this host and end them together: the process side of sequence parallelism.
+
+`run_ranks(fn, world_size, args)` spawns one process per rank, joins them into one `torch.distributed` process
+group over a TCP store on 127.0.0.1 (gloo on the CPU, NCCL on GPUs), calls `fn(rank, world_size, *args)` in each
+and returns the ranks' results in rank order. Failure is all-or-nothing:
+
+- every collective has a timeout (`init_process_group(timeout=...)`), so a rank waiting on a peer that hangs
+  raises instead of waiting forever;
+- a rank that raises ends its process; its peers' collectives then fail (gloo: the connection closes, or the
+  timeout) and they end with their own error;
+- the parent waits for the others up to the collective timeout plus a grace period, kills any still alive, and
+  raises `RankError` with one line naming the first failed rank and its error.
+
+Every rank process sets NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1 and NVSHMEM_DISABLE_NVLS=1 before
+the process group starts: NVLink multicast stays off on the multi-GPU hosts (`NVLINK_MULTICAST_OFF`).
+
+Results travel back through `torch.save` files (tensors, lists, dicts, numbers, strings), not through pipes:
+a rank's output is complete on disk before its process ends.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import multiprocessing as mp
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+NVLINK_MULTICAST_OFF: dict[str, str] = {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+}
+"""Set in every rank process: NVLink SHARP / multicast objects stay unused (the lent multi-GPU hosts must not
+create them)."""
+
+LOCALHOST = "127.0.0.1"
+DEFAULT_COLLECTIVE_TIMEOUT_S = 300.0
+"""A collective that waits longer than this raises on every rank still in it (engine loading and CUDA-graph
+capture happen outside collectives)."""
+KILL_GRACE_S = 10.0
+"""After the first failure, how long past the collective timeout the parent waits for the other ranks to end
+by themselves before it kills them."""
+_POLL_S = 0.05
+
+
+class RankError(RuntimeError):
+    """One rank failed. The message is one line: which rank failed first, and its error. `statuses` holds one
+    line per rank: "ok", its own error, or "killed" (still running after the grace period)."""
+
+    def __init__(self, message: str, statuses: list[str]) -> None:
+        super().__init__(message)
+        self.statuses = statuses
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOCALHOST, 0))
+        return int(s.getsockname()[1])
+
+
+def init_rank(rank: int, world_size: int, port: int, *, backend: str, timeout_s: float) -> None:
+    """Join the process group of a job on this host (TCP store on 127.0.0.1:`port`), collective timeout set."""
+    os.environ.update(NVLINK_MULTICAST_OFF)
+    dist.init_process_group(
+        backend,
+        init_method=f"tcp://{LOCALHOST}:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _rank_main(
+    fn: Callable[..., Any],
+    rank: int,
+    world_size: int,
+    port: int,
+    backend: str,
+    timeout_s: float,
+    args: tuple[Any, ...],
+    out: str,
+) -> None:
+    """Body of one rank process: result -> `out`, or the error line -> `out + '.err'` and exit code 1."""
+    try:
+        init_rank(rank, world_size, port, backend=backend, timeout_s=timeout_s)
+        result = fn(rank, world_size, *args)
+        torch.save(result, out + ".tmp")
+        os.replace(out + ".tmp", out)
+    except BaseException as exc:  # every failure of this rank, reported to the parent as one line
+        logger.debug("rank %d failed", rank, exc_info=True)
+        Path(out + ".err").write_text(_one_line(exc) + "\n")
+        raise SystemExit(1) from None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(
+    fn: Callable[..., Any],
+    world_size: int,
+    args: tuple[Any, ...] = (),
+    *,
+    backend: str = "gloo",
+    timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S,
+    kill_grace_s: float = KILL_GRACE_S,
+) -> list[Any]:
+    """Run `fn(rank, world_size, *args)` in `world_size` fresh processes (spawned: `fn` and `args` must be
+    picklable, `fn` a module-level function) joined in one process group; return the results in rank order.
+
+    Raises RankError (one line: the first rank that failed and its error) if any rank raises, exits or is
+    killed; by then every rank process has ended: the others end by themselves (their collectives fail) or
+    are killed `timeout_s + kill_grace_s` seconds after the first failure."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="fvrt-ranks-") as tmp:
+        outs = [str(Path(tmp) / f"rank{r}.pt") for r in range(world_size)]
+        procs = [
+            ctx.Process(
+                target=_rank_main,
+                args=(fn, r, world_size, port, backend, timeout_s, args, outs[r]),
+                name=f"fvrt-rank{r}",
+                daemon=True,
+            )
+            for r in range(world_size)
+        ]
+        for p in procs:
+            p.start()
+        first, killed = _wait(procs, timeout_s + kill_grace_s)
+        statuses = [_status(r, outs[r], procs[r], killed) for r in range(world_size)]
+        if first is not None:
+            # Peers of a failed rank fail after it (their collectives break when it ends): the earliest error
+            # file names the cause even when the poll saw several ranks end at once.
+            errs = [(Path(o + ".err").stat().st_mtime_ns, r) for r, o in enumerate(outs) if Path(o + ".err").exists()]
+            first = min(errs)[1] if errs else first
+            raise RankError(f"rank {first} of {world_size} failed: {statuses[first]}", statuses)
+        return [torch.load(o, weights_only=True) for o in outs]
+
+
+def _wait(procs: list[Any], grace_s: float) -> tuple[int | None, set[int]]:
+    """Wait until all processes end; after the first one that fails, wait at most `grace_s` for the rest and
+    kill what is left. Returns (the rank that failed first or None, the ranks killed)."""
+    first: int | None = None
+    killed: set[int] = set()
+    deadline = float("inf")
+    while any(p.is_alive() for p in procs):
+        if first is None:
+            failed = [r for r, p in enumerate(procs) if not p.is_alive() and p.exitcode != 0]
+            if failed:
+                first, deadline = failed[0], time.monotonic() + grace_s
+        if time.monotonic() > deadline:
+            for r, p in enumerate(procs):
+                if p.is_alive():
+                    logger.warning("rank %d still running %.0f s after rank %s failed: killing it", r, grace_s, first)
+                    p.kill()
+                    killed.add(r)
+            break
+        time.sleep(_POLL_S)
+    for p in procs:
+        p.join()
+    if first is None:
+        failed = [r for r, p in enumerate(procs) if p.exitcode != 0]
+        first = failed[0] if failed else None
+    return first, killed
+
+
+def _status(rank: int, out: str, proc: Any, killed: set[int]) -> str:
+    """One line for how a rank ended: "ok", the error it reported, "killed", or its exit code / signal."""
+    err = Path(out + ".err")
+    if err.exists():
+        return err.read_text().strip()
+    if rank in killed:
+        return "killed"
+    code = proc.exitcode
+    if code == 0:
+        return "ok"
+    return f"killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
