@@ -34,7 +34,9 @@ rank, the manifest's world size and `fvrt-run --gpus N` are not built yet (docs/
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -276,6 +278,17 @@ class SequenceParallelDiT:
         self._state = _State(self.group)
         parallelize_blocks(model, self._state, kv_exchange)
 
+    @contextlib.contextmanager
+    def bound(self, layout: ShardLayout) -> Iterator[None]:
+        """Within this block the model's parallel attentions run with `layout`: the model itself
+        (`model.forward_prepared` on this rank's shard, as `forward_prepared` calls it) can be traced or
+        exported per rank."""
+        self._state.layout = layout
+        try:
+            yield
+        finally:
+            self._state.layout = None
+
     def layout(self, tokens: int) -> ShardLayout:
         world, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         return shard_layout(tokens, self.model.cfg.heads, world, rank)
@@ -292,8 +305,7 @@ class SequenceParallelDiT:
         """`LTXDiT.forward_prepared` on the whole inputs (identical on every rank); returns the whole velocities
         (video [B, Nv, 128], audio [B, Na, 128]) on every rank."""
         layout = self.layout(video_latent.shape[1])
-        self._state.layout = layout
-        try:
+        with self.bound(layout):
             vel_v, vel_a = self.model.forward_prepared(
                 layout.take(video_latent, 1),
                 audio_latent,
@@ -302,8 +314,6 @@ class SequenceParallelDiT:
                 shard_stream(video, layout),
                 audio,
             )
-        finally:
-            self._state.layout = None
         return gather_tokens(vel_v, layout, self.group), vel_a
 
     def __call__(
