@@ -237,9 +237,12 @@ class VideoToAudioAttention(_ParallelAttention):
 
 def parallelize_blocks(model: LTXDiT, state: _State, kv_exchange: KVExchange) -> None:
     """Swap each block's video self-attention and video->audio attention for their parallel forms, in place
-    (same parameters, same state-dict names)."""
+    (same parameters, same state-dict names). A model swapped before is rebound to `state` and `kv_exchange`."""
     for block in model.transformer_blocks:
-        if not isinstance(block.attn1, UlyssesSelfAttention):
+        if isinstance(block.attn1, UlyssesSelfAttention):  # parallelized before: rebind to the new state
+            block.attn1.state = block.video_to_audio_attn.state = state
+            block.video_to_audio_attn.kv_exchange = kv_exchange
+        else:
             block.attn1 = UlyssesSelfAttention(block.attn1, state)
             block.video_to_audio_attn = VideoToAudioAttention(block.video_to_audio_attn, state, kv_exchange)
 

@@ -85,14 +85,14 @@ def model_for(version: ModelVersion) -> D.LTXDiT:
 
 
 def parallel_cases(rank: int, world_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Rank body: every case through `SequenceParallelDiT` (one model per version and K/V exchange)."""
-    models: dict[tuple[ModelVersion, str], SequenceParallelDiT] = {}
+    """Rank body: every case through `SequenceParallelDiT`. One model per version: the second K/V exchange
+    re-wraps an already parallelized model."""
+    models = {version: model_for(version) for version in (ModelVersion.LTX2, ModelVersion.LTX23)}
     out = []
     for version, grid, conditioned, kv in CASES:
-        if (version, kv) not in models:
-            models[version, kv] = SequenceParallelDiT(model_for(version), kv_exchange=kv)
+        sp = SequenceParallelDiT(models[version], kv_exchange=kv)
         with torch.no_grad():
-            out.append(models[version, kv](**case_inputs(version, grid, conditioned, sp_config(version))))
+            out.append(sp(**case_inputs(version, grid, conditioned, sp_config(version))))
     return out
 
 
