@@ -162,7 +162,6 @@ def export_hot_graph(rank: int, world_size: int) -> tuple[list[str], float, floa
     return ops, (got[0] - want[0]).abs().max().item(), (got[1] - want[1]).abs().max().item()
 
 
-@pytest.mark.slow  # over 30 s on the 2-core machine: two processes each tracing the DiT
 def test_parallel_hot_graph_exports() -> None:
     """The per-rank hot graph traces into `_c10d_functional` collectives (the ops AOTInductor compiles into an
     engine) and the exported program equals eager, on each rank."""
