@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime
 import logging
 import multiprocessing as mp
+import multiprocessing.connection
 import os
 import socket
 import tempfile
@@ -51,7 +52,6 @@ capture happen outside collectives)."""
 KILL_GRACE_S = 10.0
 """After the first failure, how long past the collective timeout the parent waits for the other ranks to end
 by themselves before it kills them."""
-_POLL_S = 0.05
 
 
 class RankError(RuntimeError):
@@ -104,8 +104,9 @@ def _rank_main(
         torch.save(result, out + ".tmp")
         os.replace(out + ".tmp", out)
     except BaseException as exc:  # every failure of this rank, reported to the parent as one line
+        failed_ns = time.time_ns()
         logger.debug("rank %d failed", rank, exc_info=True)
-        Path(out + ".err").write_text(_one_line(exc) + "\n")
+        Path(out + ".err").write_text(f"{failed_ns}\t{_one_line(exc)}\n")
         raise SystemExit(1) from None
     finally:
         if dist.is_initialized():
@@ -144,49 +145,63 @@ def run_ranks(
         ]
         for p in procs:
             p.start()
-        first, killed = _wait(procs, timeout_s + kill_grace_s)
-        statuses = [_status(r, outs[r], procs[r], killed) for r in range(world_size)]
-        if first is not None:
-            # Peers of a failed rank fail after it (their collectives break when it ends): the earliest error
-            # file names the cause even when the poll saw several ranks end at once.
-            errs = [(Path(o + ".err").stat().st_mtime_ns, r) for r, o in enumerate(outs) if Path(o + ".err").exists()]
-            first = min(errs)[1] if errs else first
+        ended_ns, killed = _wait(procs, timeout_s + kill_grace_s)
+        reports = [_report(o) for o in outs]
+        statuses = [_status(r, reports[r], procs[r], killed) for r in range(world_size)]
+        # The cause of a failed job: a rank that died without a report of its own (a signal, a crash; not one
+        # killed here), since ranks that lose a peer report the broken collective; else the earliest report (a
+        # rank's peers fail after it: their collectives break when it ends).
+        failed = [r for r, p in enumerate(procs) if p.exitcode != 0 and r not in killed]
+        silent = [(ended_ns[r], r) for r in failed if reports[r] is None]
+        reported = [(reports[r][0], r) for r in failed if reports[r] is not None]
+        failures = silent or reported or [(ended_ns[r], r) for r in killed]
+        if failures:
+            first = min(failures)[1]
             raise RankError(f"rank {first} of {world_size} failed: {statuses[first]}", statuses)
         return [torch.load(o, weights_only=True) for o in outs]
 
 
-def _wait(procs: list[Any], grace_s: float) -> tuple[int | None, set[int]]:
+def _wait(procs: list[Any], grace_s: float) -> tuple[list[int], set[int]]:
     """Wait until all processes end; after the first one that fails, wait at most `grace_s` for the rest and
-    kill what is left. Returns (the rank that failed first or None, the ranks killed)."""
-    first: int | None = None
+    kill what is left. Returns (per rank, the wall-clock ns at which its end was seen; the ranks killed)."""
+    ended_ns = [0] * len(procs)
     killed: set[int] = set()
     deadline = float("inf")
-    while any(p.is_alive() for p in procs):
-        if first is None:
-            failed = [r for r, p in enumerate(procs) if not p.is_alive() and p.exitcode != 0]
-            if failed:
-                first, deadline = failed[0], time.monotonic() + grace_s
-        if time.monotonic() > deadline:
-            for r, p in enumerate(procs):
-                if p.is_alive():
-                    logger.warning("rank %d still running %.0f s after rank %s failed: killing it", r, grace_s, first)
-                    p.kill()
+    while alive := [r for r, p in enumerate(procs) if not ended_ns[r]]:
+        timeout = None if deadline == float("inf") else max(deadline - time.monotonic(), 0.0)
+        mp.connection.wait([procs[r].sentinel for r in alive], timeout)  # wakes as soon as a process ends
+        now = time.time_ns()
+        for r in alive:
+            if not procs[r].is_alive():
+                ended_ns[r] = now
+                if procs[r].exitcode != 0 and deadline == float("inf"):
+                    deadline = time.monotonic() + grace_s
+        if time.monotonic() >= deadline:
+            for r in alive:
+                if procs[r].is_alive():
+                    logger.warning("rank %d still running %.0f s after a rank failed: killing it", r, grace_s)
+                    procs[r].kill()
                     killed.add(r)
-            break
-        time.sleep(_POLL_S)
+                    procs[r].join()
+                    ended_ns[r] = time.time_ns()
     for p in procs:
         p.join()
-    if first is None:
-        failed = [r for r, p in enumerate(procs) if p.exitcode != 0]
-        first = failed[0] if failed else None
-    return first, killed
+    return ended_ns, killed
 
 
-def _status(rank: int, out: str, proc: Any, killed: set[int]) -> str:
-    """One line for how a rank ended: "ok", the error it reported, "killed", or its exit code / signal."""
+def _report(out: str) -> tuple[int, str] | None:
+    """(failure time in ns, error line) that a rank wrote, or None."""
     err = Path(out + ".err")
-    if err.exists():
-        return err.read_text().strip()
+    if not err.exists():
+        return None
+    stamp, line = err.read_text().strip().split("\t", 1)
+    return int(stamp), line
+
+
+def _status(rank: int, report: tuple[int, str] | None, proc: Any, killed: set[int]) -> str:
+    """One line for how a rank ended: "ok", the error it reported, "killed", or its exit code / signal."""
+    if report is not None:
+        return report[1]
     if rank in killed:
         return "killed"
     code = proc.exitcode

@@ -10,6 +10,8 @@ The stage-1 grid (45 tokens) divides neither 2 nor 4, so the padding path runs a
 from __future__ import annotations
 
 import itertools
+import os
+import signal
 import time
 from typing import Any
 
@@ -207,6 +209,14 @@ def one_rank_raises(rank: int, world_size: int) -> None:
         sp(**case_inputs(ModelVersion.LTX23, "stage2", True, sp_config(ModelVersion.LTX23)))
 
 
+def one_rank_is_killed(rank: int, world_size: int) -> None:
+    """Rank 1 dies by SIGKILL (no report of its own) while rank 0 waits in a collective."""
+    if rank == 1:
+        time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGKILL)
+    dist.barrier()
+
+
 def one_rank_hangs(rank: int, world_size: int) -> None:
     """Rank 1 never joins the collective: rank 0's all-gather must time out."""
     if rank == 1:
@@ -222,6 +232,12 @@ def test_a_raising_rank_ends_every_rank() -> None:
     others = [s for r, s in enumerate(info.value.statuses) if r != 1]
     assert all(s.startswith("RuntimeError: ") for s in others), info.value.statuses
     assert time.monotonic() - start < COLLECTIVE_TIMEOUT_S + 30  # process start included
+
+
+def test_a_killed_rank_ends_every_rank() -> None:
+    with pytest.raises(RankError, match=r"^rank 1 of 2 failed: killed by signal 9$") as info:
+        run_ranks(one_rank_is_killed, 2, timeout_s=COLLECTIVE_TIMEOUT_S, kill_grace_s=0.0)
+    assert info.value.statuses[0].startswith("RuntimeError: "), info.value.statuses  # ended by itself
 
 
 def test_a_hanging_rank_times_out() -> None:
