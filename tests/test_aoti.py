@@ -223,10 +223,12 @@ def test_rebuild_is_a_no_op_and_new_weights_reuse_the_code(built: Built, tmp_pat
     t0 = time.perf_counter()
     again = build_engines(BuildRequest(out_dir=built.path, random="tiny", version="2.3"))
     assert again.up_to_date and not again.built and time.perf_counter() - t0 < 30
-    # another checkpoint (seed 1) of the same architecture: code reused, only the weights files change
+    # another checkpoint (seed 1) of the same architecture: code reused, only the weights files change (--force:
+    # the directory's other engines hold seed-0 weights, which a partial build refuses to mix with seed-1 ones)
     copy = tmp_path / "engines"
     shutil.copytree(built.path, copy)
-    result = build_engines(BuildRequest(out_dir=copy, random="tiny", version="2.3", seed=1, stages=("dit_in",)))
+    req = BuildRequest(out_dir=copy, random="tiny", version="2.3", seed=1, stages=("dit_in",), force=True)
+    result = build_engines(req)
     assert result.rebound == ["dit_in"] and not result.built
     old, new = built.result.manifest.stages["dit_in"], result.manifest.stages["dit_in"]
     assert new.sha256 == old.sha256 and new.weights_sha256 != old.weights_sha256
