@@ -46,7 +46,7 @@ APP_NAME = "fvrt"
 INGRESS, REPLICA = "VideoAPI", "VideoReplica"
 STATIC = Path(__file__).parent / "static"
 ATTEMPTS = 2  # a request whose replica dies is sent to another replica once
-SWEEP_EVERY_S = 60.0
+SWEEP_EVERY_S = 10.0
 ESTIMATE_S = 30.0  # Retry-After before any video has been made (then: the mean of the last ones)
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300, 600)
 
@@ -133,6 +133,9 @@ class Video:
             "error": {"message": self.error} if self.error else None,
             "replica": self.replica,
             "timings_s": self.timings_s or None,
+            # accepted -> started on a replica, accepted -> stored (seconds; once finished)
+            "queue_s": (self.started_at or self.completed_at) - self.created_at if self.completed_at else None,
+            "total_s": self.completed_at - self.created_at if self.completed_at else None,
         }
 
 
@@ -294,13 +297,22 @@ class VideoAPI:
             f" error={video.error!r}" if video.error else "",
         )  # fmt: skip
         video.done.set()
-        if video.completed_at - self.last_sweep > SWEEP_EVERY_S or self.store.max_bytes < 1 << 30:
-            self.last_sweep = video.completed_at
-            self.store.sweep()
+        self._sweep(force=True)
+
+    def _sweep(self, force: bool = False) -> None:
+        """Expire results (by age, then by the store's size): after each video, and at most every SWEEP_EVERY_S
+        when asked for one (so that an idle server expires them too)."""
+        now = time.time()
+        if force or now - self.last_sweep > SWEEP_EVERY_S:
+            self.last_sweep = now
+            gone = self.store.sweep(now)
+            if gone:
+                logger.info("fvrt results expired: %d (%s ...)", len(gone), gone[0])
 
     # ---- API ------------------------------------------------------------------------------------------------
 
     def _lookup(self, video_id: str) -> dict[str, Any] | None:
+        self._sweep()
         if video_id in self.videos:
             return self.videos[video_id].record(self.cfg.max_age_s)
         return self.store.get_record(video_id) if ID_PATTERN.match(video_id) else None
