@@ -109,3 +109,11 @@ def test_fvrt_pack_cli(tmp_path: Path) -> None:
     assert ok.returncode == 0 and ok.stdout.startswith(f"wrote {tmp_path / 'b.tar'} (4 files"), ok.stderr
     bad = subprocess.run([*cmd, str(tmp_path / "none"), str(tmp_path / "c.tar")], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "fvrt-pack: error: engine directory" in bad.stderr
+
+
+def test_fvrt_run_takes_a_bundle_and_refuses_a_bad_one_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "n.tar").write_bytes(b"not a tar")
+    cmd = [sys.executable, "-m", "fvrt.runtime.cli", str(tmp_path / "n.tar"), "--prompt", "x"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(f"fvrt-run: error: {tmp_path / 'n.tar'}: not an fvrt bundle")

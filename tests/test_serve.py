@@ -175,7 +175,11 @@ def test_full_queue_answers_429_and_completes_what_it_accepted(server: Server) -
     assert full and all(int(r.headers["retry-after"]) >= 1 for r in full)
     assert "queue is full" in full[0].json()["error"]["message"]
     assert MAX_QUEUED <= len(accepted) <= MAX_QUEUED + REPLICAS
+    # the last one accepted still waits (4 were ahead of it on 2 replicas): DELETE cancels it, nothing is kept
+    cancelled = accepted.pop()
+    assert requests.delete(f"{server.url}v1/videos/{cancelled}", timeout=10).json()["deleted"] is True
     assert all(wait(server.url, v)["status"] == "completed" for v in accepted)
+    assert requests.get(f"{server.url}v1/videos/{cancelled}", timeout=10).status_code == 404
     assert metric(server.url, 'fvrt_requests_total{outcome="rejected_full"}') >= len(full)
 
 

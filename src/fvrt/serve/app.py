@@ -112,6 +112,7 @@ class Video:
     replica: dict[str, Any] | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
     attempts: int = 0
+    deleted: bool = False  # cancelled by DELETE while waiting: no record is kept
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
     def record(self, max_age_s: float) -> dict[str, Any]:
@@ -156,6 +157,8 @@ class VideoAPI:
         self.store = ResultStore(self.cfg.results, max_age_s=self.cfg.max_age_s, max_bytes=self.cfg.max_store_bytes)
         self.metrics = Metrics()
         self.videos: dict[str, Video] = {}
+        self.metrics.queued.set_function(lambda: sum(v.status == "queued" for v in self.videos.values()))
+        self.metrics.running.set_function(lambda: sum(v.status == "in_progress" for v in self.videos.values()))
         self.tasks: set[asyncio.Task[None]] = set()
         self.draining = False
         self.refusals: dict[str, str] = {}  # replica pid -> its one-line refusal
@@ -191,7 +194,6 @@ class VideoAPI:
             return error(429, f"the queue is full ({waiting} waiting); retry in {retry} s", {"Retry-After": str(retry)})
         video = Video(video_id, spec)
         self.videos[video_id] = video
-        self.metrics.queued.inc()
         task = asyncio.create_task(self._run(video), name=video_id)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
@@ -215,59 +217,52 @@ class VideoAPI:
     async def _run(self, video: Video) -> None:
         try:
             await self._attempts(video)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # DELETE of a waiting request
             video.status, video.error = "failed", "cancelled"
         except Exception as e:
             logger.exception("fvrt video=%s: unexpected error", video.id)
             video.status, video.error = "failed", f"{type(e).__name__}: {e}".splitlines()[0]
         finally:
-            if video.status == "queued":
-                self.metrics.queued.dec()
-            elif video.status == "in_progress":
-                self.metrics.running.dec()
+            if video.status not in ("completed", "failed"):
                 video.status = "failed"
             self._finish(video)
 
     async def _attempts(self, video: Video) -> None:
+        """Stream the request to a replica; once more to another if that one dies or refused its engines."""
         for attempt in range(1, ATTEMPTS + 1):
             video.attempts = attempt
             try:
                 stream = self.replicas.options(stream=True).run.remote(video.spec)
                 async for event in stream:
                     self._event(video, event)
-                return
+                if video.status != "refused":
+                    return
+                lost = video.error or "engines refused"
             except (RayActorError, RequestCancelledError) as e:
+                if video.status in ("completed", "failed"):
+                    return
                 lost = f"the replica making it stopped ({type(e).__name__})"
             except BackPressureError:
                 lost = "no replica could take it"
-            if video.status == "in_progress":
-                video.status = "queued"
-                self.metrics.running.dec()
-                self.metrics.queued.inc()
+            video.status, video.stage, video.progress = "queued", None, 0
             logger.warning("fvrt video=%s attempt %d: %s", video.id, attempt, lost)
             if attempt == ATTEMPTS:
-                self.metrics.queued.dec()
                 video.status, video.error = "failed", f"{lost}; tried {ATTEMPTS} times"
 
     def _event(self, video: Video, event: dict[str, Any]) -> None:
         kind = event["event"]
         if kind == "started":
-            if video.status == "queued":
-                self.metrics.queued.dec()
-                self.metrics.running.inc()
             video.status, video.started_at, video.stage = "in_progress", time.time(), "starting"
             video.replica = {"pid": event["pid"], "device": event["device"]}
         elif kind == "progress":
             video.stage, video.progress = event["stage"], max(video.progress, int(event["progress"]))
+        elif kind == "failed" and str(event["error"]).startswith("engines refused"):
+            self.refused(video.replica["pid"] if video.replica else 0, event["error"])
+            video.status, video.error = "refused", event["error"]  # tried on another replica
         elif kind == "failed":
-            if event["error"] and event["error"].startswith("engines refused"):
-                self.refusals[str(video.replica and video.replica["pid"])] = event["error"]
-                self.metrics.refused.set(len(self.refusals))
-            self.metrics.running.dec()
             video.status, video.error = "failed", event["error"]
         elif kind == "done":
             self.store.put_mp4(video.id, event["mp4"])
-            self.metrics.running.dec()
             video.status, video.progress, video.stage = "completed", 100, None
             video.timings_s = event["timings_s"]
             if event.get("memory_bytes") is not None and video.replica:
@@ -275,7 +270,8 @@ class VideoAPI:
 
     def _finish(self, video: Video) -> None:
         video.completed_at = time.time()
-        self.store.put_record(video.id, video.record(self.cfg.max_age_s))
+        if not video.deleted:
+            self.store.put_record(video.id, video.record(self.cfg.max_age_s))
         del self.videos[video.id]
         m, t = self.metrics, video.timings_s
         m.requests.labels(video.status).inc()
@@ -361,10 +357,10 @@ class VideoAPI:
         if live is not None and live.status == "in_progress":
             return error(409, f"video {video_id} is in_progress; delete it once it has finished")
         if live is not None:
+            live.deleted = True
             for task in list(self.tasks):
                 if task.get_name() == video_id:
                     task.cancel()
-            live.done.set()
         found = self.store.delete(video_id) if ID_PATTERN.match(video_id) else False
         if live is None and not found:
             return error(404, f"no video {video_id}")
