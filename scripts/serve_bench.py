@@ -43,10 +43,12 @@ def batch_throughput(engines: Path, n: int, out: Path, threads: int) -> dict[str
     runs = json.loads((out / "batch-timings.json").read_text())["runs"][1:]
     wall = sum(r["timings_s"]["total"] for r in runs)
     pipeline = [r["timings_s"]["pipeline_total"] + r["timings_s"]["mux"] for r in runs]
-    return {"videos": n, "seconds": wall, "videos_per_s": n / wall, "pipeline_s_median": statistics.median(pipeline)}
+    busy = sum(pipeline) / wall  # the share of the wall time spent in the pipeline and the MP4
+    return {"videos": n, "seconds": wall, "videos_per_s": n / wall, "pipeline_s_median": statistics.median(pipeline),
+            "pipeline_busy": busy}  # fmt: skip
 
 
-def served_throughput(url: str, n: int, concurrency: int) -> dict[str, Any]:
+def served_throughput(url: str, n: int, concurrency: int, replicas: int) -> dict[str, Any]:
     def one(i: int) -> dict[str, Any]:
         t = time.perf_counter()
         r = requests.post(f"{url}v1/videos/sync", json={"prompt": PROMPT, "seed": i}, timeout=3600)
@@ -71,6 +73,8 @@ def served_throughput(url: str, n: int, concurrency: int) -> dict[str, Any]:
         "overhead_ms_max": 1e3 * overhead[-1],
         "pipeline_s_median": statistics.median(r["work_s"] for r in runs),
         "latency_s_median": statistics.median(r["latency_s"] for r in runs),
+        # the replicas' share of the wall time spent in the pipeline and the MP4: 1 = serving costs them nothing
+        "pipeline_busy": sum(r["work_s"] for r in runs) / (wall * replicas),
     }
 
 
@@ -87,7 +91,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
 
     batch = batch_throughput(args.engines, args.requests, args.out, args.replica_cpus)
-    print(f"fvrt-run --batch: {batch['videos_per_s']:.3f} videos/s ({batch['videos']} in {batch['seconds']:.1f} s)")
+    print(f"fvrt-run --batch: {batch['videos_per_s']:.3f} videos/s ({batch['videos']} in {batch['seconds']:.1f} s; "
+          f"pipeline busy {100 * batch['pipeline_busy']:.1f}%)")  # fmt: skip
 
     import ray
     from ray import serve
@@ -107,10 +112,11 @@ def main() -> None:
     served = []
     try:
         for c in levels:
-            r = served_throughput(url, args.requests, c)
+            r = served_throughput(url, args.requests, c, args.replicas)
             r["vs_batch"] = r["videos_per_s"] / batch["videos_per_s"]  # recomputed below with the second --batch
             served.append(r)
-            print(f"fvrt-serve c={c}: {r['videos_per_s']:.3f} videos/s ({100 * r['vs_batch']:.1f}% of --batch), "
+            print(f"fvrt-serve c={c}: {r['videos_per_s']:.3f} videos/s ({100 * r['vs_batch']:.1f}% of --batch; "
+                  f"pipeline busy {100 * r['pipeline_busy']:.1f}%), "
                   f"overhead median {r['overhead_ms_median']:.1f} ms, max {r['overhead_ms_max']:.1f} ms")  # fmt: skip
     finally:
         serve.shutdown()

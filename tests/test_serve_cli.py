@@ -80,7 +80,7 @@ def served(bundle: Path, module_tmp: Callable[[str], Path]) -> Iterator[Served]:
 
 
 def test_serves_the_bundle_unpacked_once(served: Served) -> None:
-    assert f"at {served.url} (1 replicas warm" in served.log.read_text()
+    assert f"at {served.url} (1 replica warm" in served.log.read_text()
     (unpacked,) = [p for p in served.cache.iterdir() if not p.name.startswith(".")]
     assert (unpacked / "manifest.json").is_file()
     assert requests.get(f"{served.url}readyz", timeout=10).status_code == 200

@@ -252,7 +252,8 @@ class VideoAPI:
     def _event(self, video: Video, event: dict[str, Any]) -> None:
         kind = event["event"]
         if kind == "started":
-            video.status, video.started_at, video.stage = "in_progress", time.time(), "starting"
+            # the replica's clock (the event may reach the ingress late, with the first progress events)
+            video.status, video.started_at, video.stage = "in_progress", float(event["at"]), "starting"
             video.replica = {"pid": event["pid"], "device": event["device"]}
         elif kind == "progress":
             video.stage, video.progress = event["stage"], max(video.progress, int(event["progress"]))

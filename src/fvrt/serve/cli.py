@@ -104,7 +104,8 @@ def main(source: Path, host: str, port: int, address: str | None, num_cpus: int 
         state = readiness(url)
     for line in state["problems"]:
         click.echo(f"{PROG}: {line}", err=True)
-    click.echo(f"{PROG}: serving {source} at {url} ({state['replicas_warm']} replicas warm in "
+    warm = state["replicas_warm"]
+    click.echo(f"{PROG}: serving {source} at {url} ({warm} replica{'s' if warm != 1 else ''} warm in "
                f"{time.perf_counter() - t:.1f} s; results in {cfg.results}); Ctrl-C drains and stops")  # fmt: skip
     while not stop.wait(1.0):
         pass

@@ -132,9 +132,10 @@ class Replica:
                 image.unlink(missing_ok=True)
 
     async def run(self, spec: VideoSpec) -> AsyncIterator[dict[str, Any]]:
-        """Events of one generation: {"event": "started", "pid"}, {"event": "progress", "stage", "progress"} (a
-        percentage), then {"event": "done", "mp4", "timings_s", "memory_bytes"} or {"event": "failed", "error"}."""
-        yield {"event": "started", "pid": os.getpid(), "device": self.device}
+        """Events of one generation: {"event": "started", "pid", "device", "at" (this replica's time.time())},
+        {"event": "progress", "stage", "progress"} (a percentage), then {"event": "done", "mp4", "timings_s",
+        "memory_bytes"} or {"event": "failed", "error"}."""
+        yield {"event": "started", "pid": os.getpid(), "device": self.device, "at": time.time()}
         if self.pipe is None:
             yield {"event": "failed", "error": self.error}
             return
