@@ -1,6 +1,6 @@
 """`fvrt-serve` as an operator runs it: a bundle packed by `fvrt-pack`, served by the command (its own local Ray
 cluster, one CPU replica), the web page driven in headless Chromium, SIGTERM draining accepted requests; and a
-replica refusing a bundle built for another torch with one line, without failing."""
+bundle built for another torch refused with one line by the replica and the server, without a crash loop."""
 
 from __future__ import annotations
 
@@ -149,20 +149,21 @@ def test_sigterm_drains_accepted_requests(served: Served) -> None:
     assert "2 requests finished, 0 left" in served.log.read_text()
 
 
-def test_replica_refuses_a_bundle_for_another_torch_in_one_line(
-    tiny_engines: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Precondition: a bundle whose manifest says another torch built it
-    other = tmp_path / "other"
+@pytest.fixture(scope="module")
+def foreign_bundle(tiny_engines: Path, module_tmp: Callable[[str], Path]) -> Path:
+    """A bundle of the tiny engines whose manifest says another torch (2.0.0) built them."""
+    other = module_tmp("foreign") / "engines"
     shutil.copytree(tiny_engines, other, copy_function=os.link)
     manifest = json.loads((other / "manifest.json").read_text())
     manifest["build"]["torch_version"] = "2.0.0"
     (other / "manifest.json").unlink()
     (other / "manifest.json").write_text(json.dumps(manifest))
-    bundle, _ = pack(other, tmp_path / "other.tar")
+    return pack(other, other.parent / "foreign.tar")[0]
 
-    # Under test: a replica on it
-    replica = Replica(bundle, cache=tmp_path / "cache")
+
+def test_replica_refuses_a_bundle_for_another_torch_in_one_line(foreign_bundle: Path, tmp_path: Path) -> None:
+    # Under test: a replica on a bundle another torch built
+    replica = Replica(foreign_bundle, cache=tmp_path / "cache")
 
     # Postcondition: it stays up, not ready, with the one line; a request on it fails with that line
     assert not replica.ready
@@ -175,3 +176,40 @@ def test_replica_refuses_a_bundle_for_another_torch_in_one_line(
 
     assert asyncio.run(events())[-1] == {"event": "failed", "error": replica.error}
     replica.close()
+
+
+def test_fvrt_serve_on_a_foreign_bundle_says_so_without_a_crash_loop(
+    served: Served, foreign_bundle: Path, tmp_path: Path
+) -> None:
+    assert served.proc.poll() is not None  # after the SIGTERM test: one local cluster at a time
+    port = _free_port()
+    log = tmp_path / "fvrt-serve.log"
+    cmd = [sys.executable, "-m", "fvrt.serve.cli", str(foreign_bundle), "--port", str(port), "--num-cpus", "1",
+           "--results", str(tmp_path / "results"), "--cache", str(tmp_path / "cache")]  # fmt: skip
+    with log.open("w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while "fvrt-serve: serving" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        # the server's log: the refusal in one line, and "0 replicas warm"
+        refusal = [line for line in log.read_text().splitlines() if line.startswith("fvrt-serve: engines refused")]
+        assert len(refusal) == 1 and "built with torch 2.0.0, this machine has torch" in refusal[0]
+        assert "(0 replicas warm" in log.read_text()
+        # health says up, readiness says why not; a request fails with the line after trying twice
+        assert requests.get(f"{url}healthz", timeout=10).status_code == 200
+        ready = requests.get(f"{url}readyz", timeout=10)
+        assert ready.status_code == 503 and ready.json()["problems"][0] == refusal[0].removeprefix("fvrt-serve: ")
+        video = requests.post(f"{url}v1/videos", json={"prompt": PROMPT}, timeout=30).json()
+        deadline = time.monotonic() + TIMEOUT_S
+        while (state := requests.get(f"{url}v1/videos/{video['id']}", timeout=10).json())["status"] != "failed":
+            assert state["status"] != "completed" and time.monotonic() < deadline, state
+            time.sleep(0.2)
+        assert "engines refused" in state["error"]["message"] and "tried 2 times" in state["error"]["message"]
+        # the replica was never restarted
+        assert log.read_text().count("Adding 1 replica to Deployment(name='VideoReplica'") == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(TIMEOUT_S) == 0, log.read_text()[-3000:]

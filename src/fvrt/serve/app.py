@@ -389,7 +389,8 @@ class VideoAPI:
             problems.append(f"replicas: {running} warm, deployment {str(dep.status) if dep else 'missing'}")
         if self.draining:
             problems.append("draining")
-        body = {"ready": not problems, "replicas_warm": running, "problems": problems}
+        warm = max(0, running - len(self.refusals))  # a replica that refused its engines runs, without them
+        body = {"ready": not problems, "replicas_warm": warm, "problems": problems}
         return JSONResponse(body, status_code=200 if not problems else 503)
 
     @web.get("/metrics")
