@@ -26,12 +26,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import requests
-
 PROMPT = "A red fox trots across a snowy field at dawn, its breath steaming, birds calling."
 
 
-def batch_throughput(engines: Path, n: int, out: Path, threads: int) -> dict[str, Any]:
+def _device() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+
+def batch_throughput(engines: Path, n: int, out: Path, threads: int | None) -> dict[str, Any]:
     """`fvrt-run --batch` over n + 1 lines (the first one warms up); videos per second of the warm ones. `threads`:
     its OpenMP threads, those Ray gives a CPU replica (OMP_NUM_THREADS = the actor's CPUs), so that both run the
     same kernels."""
@@ -39,7 +43,8 @@ def batch_throughput(engines: Path, n: int, out: Path, threads: int) -> dict[str
     (out / "batch.jsonl").write_text("".join(json.dumps(j) + "\n" for j in lines))
     cmd = [sys.executable, "-m", "fvrt.runtime.cli", str(engines), "--batch", str(out / "batch.jsonl"),
            "--timings", str(out / "batch-timings.json")]  # fmt: skip
-    subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    subprocess.run(cmd, check=True, capture_output=True, env=env)
     runs = json.loads((out / "batch-timings.json").read_text())["runs"][1:]
     wall = sum(r["timings_s"]["total"] for r in runs)
     pipeline = [r["timings_s"]["pipeline_total"] + r["timings_s"]["mux"] for r in runs]
@@ -49,6 +54,8 @@ def batch_throughput(engines: Path, n: int, out: Path, threads: int) -> dict[str
 
 
 def served_throughput(url: str, n: int, concurrency: int, replicas: int) -> dict[str, Any]:
+    import requests
+
     def one(i: int) -> dict[str, Any]:
         t = time.perf_counter()
         r = requests.post(f"{url}v1/videos/sync", json={"prompt": PROMPT, "seed": i}, timeout=3600)
@@ -78,6 +85,28 @@ def served_throughput(url: str, n: int, concurrency: int, replicas: int) -> dict
     }
 
 
+def direct_throughput(engines: Path, n: int) -> dict[str, Any]:
+    """The replica class alone (no Ray, no HTTP): `Replica.generate` n times after its warm-up, as a Serve replica
+    runs it (worker thread, MP4 read back into memory); videos per second."""
+    from fvrt.serve.replica import Replica
+    from fvrt.serve.requests import VideoSpec
+
+    t = time.perf_counter()
+    replica = Replica(engines)
+    if replica.error:
+        raise SystemExit(replica.error)
+    start_s = time.perf_counter() - t
+    work, t = [], time.perf_counter()
+    for i in range(n):
+        spec = VideoSpec({"prompt": PROMPT, "seed": i})
+        _, timings = replica._worker.submit(replica.generate, spec, lambda *_: None).result()
+        work.append(timings["pipeline_total"] + timings["mux"])
+    wall = time.perf_counter() - t
+    replica.close()
+    return {"videos": n, "seconds": wall, "videos_per_s": n / wall, "pipeline_s_median": statistics.median(work),
+            "pipeline_busy": sum(work) / wall, "start_s": start_s, "memory_bytes": replica.memory_bytes()}  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--engines", type=Path, default=Path("engines/tiny"))
@@ -87,10 +116,24 @@ def main() -> None:
     ap.add_argument("--replica-cpus", type=int, default=1, help="Ray CPUs (and OpenMP threads) of a CPU replica")
     ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster (default: all)")
     ap.add_argument("--out", type=Path, default=Path("out/serve-bench"))
+    ap.add_argument("--direct", action="store_true", help="the replica class without Ray or HTTP (a machine "
+                    "without ray[serve]): its throughput against --batch")  # fmt: skip
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
-    batch = batch_throughput(args.engines, args.requests, args.out, args.replica_cpus)
+    threads = None if args.direct else args.replica_cpus  # direct: both in processes of the default threads
+    batch = batch_throughput(args.engines, args.requests, args.out, threads)
+    if args.direct:
+        direct = direct_throughput(args.engines, args.requests)
+        after = batch_throughput(args.engines, args.requests, args.out, threads)
+        mean = (batch["videos_per_s"] + after["videos_per_s"]) / 2
+        share = 100 * direct["videos_per_s"] / mean
+        print(f"--batch {batch['videos_per_s']:.4f} / {after['videos_per_s']:.4f} videos/s; replica class "
+              f"{direct['videos_per_s']:.4f} videos/s = {share:.1f}% of their mean")  # fmt: skip
+        record = {"date": time.strftime("%Y-%m-%d", time.gmtime()), "engines": str(args.engines), "device": _device(),
+                  "batch": batch, "batch_after": after, "direct": direct}  # fmt: skip
+        (args.out / "serve_bench.json").write_text(json.dumps(record, indent=1) + "\n")
+        return
     print(f"fvrt-run --batch: {batch['videos_per_s']:.3f} videos/s ({batch['videos']} in {batch['seconds']:.1f} s; "
           f"pipeline busy {100 * batch['pipeline_busy']:.1f}%)")  # fmt: skip
 
@@ -128,12 +171,7 @@ def main() -> None:
           + ", ".join(f"c={r['concurrency']} {100 * r['videos_per_s'] / mean:.1f}%" for r in served))  # fmt: skip
     for r in served:
         r["vs_batch"] = r["videos_per_s"] / mean
-    import torch
-
-    device = "cpu"
-    if torch.cuda.is_available():
-        device = torch.cuda.get_device_name(0)
-    record = {"date": time.strftime("%Y-%m-%d", time.gmtime()), "engines": str(args.engines), "device": device,
+    record = {"date": time.strftime("%Y-%m-%d", time.gmtime()), "engines": str(args.engines), "device": _device(),
               "replicas": args.replicas, "replica_cpus": args.replica_cpus}  # fmt: skip
     record.update({"batch": batch, "batch_after": after, "served": served})
     (args.out / "serve_bench.json").write_text(json.dumps(record, indent=1) + "\n")
