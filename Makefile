@@ -1,7 +1,10 @@
-# Thin wrappers over pip, pytest and the fvrt CLIs. `make setup` then `make test` is what CI runs.
+# Thin wrappers over pip, pytest and the fvrt CLIs. `make test` is what CI runs (.ci/run).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+# Written by the last step of `make setup`: every target that needs the environment depends on it, so a fresh
+# checkout needs no separate setup step, and a changed pyproject.toml or Makefile installs again.
+STAMP  := $(VENV)/.setup-stamp
 # CPU machines and CI: torch 2.13 (CPU build). The GPU machines ship torch 2.11 and install nothing.
 TORCH  ?= torch==2.13.0
 # The official implementation, our numerical oracle (test-only). It pins torch~=2.7 and torchaudio, so it is
@@ -14,7 +17,9 @@ MODELOPT_DEPS := requests omegaconf pulp
 
 .PHONY: setup browser test test-gpu lint run serve clean engines bench bench-tiny
 
-setup:
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
@@ -22,6 +27,7 @@ setup:
 	$(BIN)/pip install -q --no-deps $(ORACLE)
 	$(BIN)/pip install -q --no-deps $(MODELOPT)
 	$(BIN)/pip install -q $(MODELOPT_DEPS)
+	touch $@
 
 # The web page test's browser: Chromium and its WebDriver from the Debian packages (root; CI runs it)
 browser:
@@ -31,18 +37,19 @@ browser:
 # The embedded default: a tiny random LTX-2.3 (tiny Gemma included, nothing downloaded) compiled with torch-aot
 # on the CPU, fp32, profile "tiny". Rebuilds nothing when $(ENGINES) is up to date (same build key).
 ENGINES ?= engines/tiny
-engines:
+engines: $(STAMP)
 	$(BIN)/fvrt-build $(ENGINES) --random tiny --backend torch-aot --precision fp32 --device cpu --profile tiny
 
-test:
+test: $(STAMP)
 	$(BIN)/pytest -q --durations=15  # the slowest tests, for the CI budget (90 min)
 
-test-gpu:
+test-gpu: $(STAMP)
 	$(BIN)/pytest -q -m gpu
 
-lint:
-	$(BIN)/ruff check builder runtime plugins src tests
-	$(BIN)/ruff format --check builder runtime plugins src tests
+LINTED := builder runtime plugins src tests scripts lab
+lint: $(STAMP)
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
 
 # The main job on the embedded default: text -> 17 frames of 128x192 video with audio, from the tiny random
 # engines (noise-like output: random weights). Real output needs the LTX-2.3 weights (README).
@@ -66,7 +73,7 @@ bench:
 	$(BENCH_PY) scripts/bench.py --random full --device cuda --profile 1080p --out out/bench
 
 # The same harness at tiny size on the CPU (a smoke run of every code path; the numbers mean nothing).
-bench-tiny:
+bench-tiny: $(STAMP)
 	$(BIN)/python scripts/bench.py --random tiny --device cpu --profile tiny --repeats 1 --calib-count 2 \
 		--engines engines/bench-tiny --out out/bench-tiny
 

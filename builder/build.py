@@ -34,7 +34,7 @@ import fvrt
 from fvrt.builder.backends import BACKEND_MODULES, get_backend
 from fvrt.builder.backends.aoti import CONV_LAYOUT_CHOICES, stage_conv_layout
 from fvrt.builder.checkpoint import LTXCheckpoint, ModelVersion, load_checkpoint
-from fvrt.builder.engines import PRESET_PROFILES, EngineSpec, Profile, engine_specs, is_block_engine
+from fvrt.builder.engines import BLOCK_ENGINE, PRESET_PROFILES, EngineSpec, Profile, engine_specs, is_block_engine
 from fvrt.builder.random_release import (
     SIZES,
     full_random_checkpoint,
@@ -57,6 +57,8 @@ from fvrt.runtime.manifest import (
     verify,
     write_manifest,
 )
+from fvrt.runtime.pipeline import SEED_MAX, SEED_MIN
+from fvrt.runtime.scratch import OWNER_RE, owner_tag, remove_stale
 
 logger = logging.getLogger(__name__)
 
@@ -228,6 +230,8 @@ def validate(req: BuildRequest) -> Plan:
             version = ModelVersion(req.version)
         except ValueError:
             raise BuildError(f"--version: choose 2.0 or 2.3, got '{req.version}'") from None
+    if not SEED_MIN <= req.seed <= SEED_MAX:
+        raise BuildError(f"--seed {req.seed}: must be an integer from -2**63 to 2**64-1 (torch's seed range)")
     if req.verify and req.backend != "torch-aot":
         raise BuildError(f"--verify: only --backend torch-aot engines run on this machine's torch, not {req.backend}")
     if req.precision not in PRECISIONS:
@@ -788,7 +792,7 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
     if not out.exists():
         tmp.rename(out)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.{owner_tag()}.old-", dir=out.parent))
     old.rmdir()
     out.rename(old)
     try:
@@ -797,6 +801,70 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
         old.rename(out)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _leftovers(out: Path) -> tuple[tuple[Path, re.Pattern[str]], ...]:
+    """Where a build of `out` keeps work in progress, and the names it gives it (owner-tagged: `scratch`): the
+    directory being built and the replaced one beside `out`, the scratch folder (tiny release, calibration data)
+    in the temporary folder."""
+    beside = re.compile(rf"\.{re.escape(out.name)}\.{OWNER_RE}\.(?:building|old)-[A-Za-z0-9_]+")
+    scratch = re.compile(rf"{SCRATCH_PREFIX}{OWNER_RE}-[A-Za-z0-9_]+")
+    return (out.parent, beside), (Path(tempfile.gettempdir()), scratch)
+
+
+SCRATCH_PREFIX = "fvrt-build-"
+
+
+def remove_leftovers(out: Path, log: Log) -> None:
+    """Remove what builds of `out` killed on this host (SIGKILL, out of memory) left behind."""
+    for folder, pattern in _leftovers(out):
+        for path in remove_stale(folder, pattern):
+            log(f"removed {path}, left by a build that did not finish")
+
+
+def _block_stage(name: str) -> str:
+    """The stage an engine belongs to: a DiT block engine (one per layer group) to "dit_block"."""
+    return BLOCK_ENGINE if is_block_engine(name) else name
+
+
+def _kept_engines(plan: Plan, old: Manifest | None, key: Callable[[Sequence[str]], str]) -> list[str]:
+    """A partial build (`--stages`) over an engine directory keeps the engines it does not build, provided they
+    come from the same weights and options (the old directory's build key is the one this build would give for
+    its stage list); otherwise it refuses, unless --force (which replaces the directory with the new engines
+    only). Returns the stages kept."""
+    if old is None or not plan.request.stages:
+        return []
+    old_stages = list(dict.fromkeys(_block_stage(n) for n in old.stages))
+    kept = [n for n in old_stages if n not in plan.stages]
+    if not kept or plan.request.force:
+        return []
+    ordered = [n for n in ENGINE_NAMES if n in old_stages]
+    if key(ordered) != old.build_key:
+        raise BuildError(
+            f"--stages {','.join(plan.stages)}: {plan.request.out_dir} also holds {', '.join(kept)}, built from "
+            "other weights or options; building only some engines would mix them. Build every engine (leave out "
+            "--stages), build into another directory, or add --force to replace it with the named engines only"
+        )
+    return kept
+
+
+def _keep(out: Path, old: Manifest, kept: Sequence[str], tmp: Path, result: BuildResult) -> None:
+    """Carry the kept stages' engines (and, with text engines, the tokenizer) into the new directory."""
+    stages = dict(result.manifest.stages)
+    for name, entry in old.stages.items():
+        if _block_stage(name) in kept:
+            _reuse(out, entry, tmp)
+            stages[name] = entry
+            result.reused.append(name)
+    assets = dict(result.manifest.assets)
+    if set(TEXT_ENGINES) & set(kept) and not assets:
+        for f, digest in old.assets.items():
+            (tmp / f).parent.mkdir(parents=True, exist_ok=True)
+            link_or_copy(out / f, tmp / f)
+            assets[f] = digest
+    order = {n: i for i, n in enumerate(ENGINE_NAMES)}
+    ordered = dict(sorted(stages.items(), key=lambda kv: (order.get(_block_stage(kv[0]), 99), kv[0])))
+    result.manifest = replace(result.manifest, stages=ordered, assets=assets)
 
 
 def _build_env(plan: Plan, ckpt: LTXCheckpoint, ckpt_id: dict[str, Any]) -> BuildEnv:
@@ -866,14 +934,22 @@ def build_engines(req: BuildRequest, log: Log = logger.info) -> BuildResult:
     out = Path(req.out_dir)
     t0 = time.perf_counter()
     try:
+        remove_leftovers(out, log)
         ckpt_id = checkpoint_identity(plan)
-        build_key = _sha256_json({"recipe": recipe(plan), "checkpoint": ckpt_id, "tools": tool_versions(plan.device)})
+        base = recipe(plan)
+
+        def key(stages: Sequence[str]) -> str:
+            r = {**base, "stages": list(stages)}
+            return _sha256_json({"recipe": r, "checkpoint": ckpt_id, "tools": tool_versions(plan.device)})
+
         old = _existing(out)
+        kept = _kept_engines(plan, old, key)
+        build_key = key([n for n in ENGINE_NAMES if n in {*plan.stages, *kept}])
         if old is not None and old.build_key == build_key:
             log(f"{out}: up to date (build key {build_key[:12]}), nothing rebuilt")
             return BuildResult(out, old, up_to_date=True, reused=list(old.stages))
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{owner_tag()}.building-", dir=out.parent))
         tmp.chmod(ENGINE_DIR_MODE)  # mkdtemp makes it owner-only
     except OSError as e:
         raise _os_error(e, out) from None
@@ -884,8 +960,12 @@ def build_engines(req: BuildRequest, log: Log = logger.info) -> BuildResult:
         log(msg)
 
     try:
-        with tempfile.TemporaryDirectory(prefix="fvrt-build-") as scratch:
+        with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{owner_tag()}-") as scratch:
             result = _build_into(plan, tmp, Path(scratch), old, (build_key, ckpt_id), tee)
+        if kept:
+            assert old is not None
+            _keep(out, old, kept, tmp, result)
+            tee(f"kept {', '.join(kept)} from {out} (same weights and options)")
         n_built, n_reused, n_new = len(result.built), len(result.reused), len(result.rebound)
         tee(f"built {n_built}, reused {n_reused}, new weights {n_new} in {time.perf_counter() - t0:.1f} s")
         (tmp / BUILD_LOG).write_text("\n".join(lines) + "\n")
@@ -898,9 +978,30 @@ def build_engines(req: BuildRequest, log: Log = logger.info) -> BuildResult:
         raise _os_error(e, out) from None
     except _backend_errors(req.backend) as e:  # e.g. TensorRT refused a graph: one line, nothing written
         raise BuildError(" ".join(str(e).split())) from None
+    except RuntimeError as e:
+        # torch's archive writer reports a short write as "enforce fail ... unexpected pos", without the errno
+        if _space_left(out.parent, Path(tempfile.gettempdir())) < LOW_SPACE_BYTES:
+            raise BuildError(f"disk full while building {out}; nothing was written") from e
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+# below this much free space where a build writes, a failed write is taken for a full disk (a failing write
+# leaves at most the part of one record that did not fit)
+LOW_SPACE_BYTES = 64 << 20
+
+
+def _space_left(*folders: Path) -> int:
+    """The least free space of the file systems holding `folders` (those that cannot be read count as full)."""
+    free = []
+    for folder in folders:
+        try:
+            free.append(shutil.disk_usage(folder).free)
+        except OSError:
+            free.append(0)
+    return min(free)
 
 
 def _os_error(e: OSError, out: Path) -> BuildError:

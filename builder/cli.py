@@ -8,6 +8,7 @@ and never a half-written engine directory. An unexpected internal failure is one
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from fvrt.builder.build import (
     build_engines,
     describe,
 )
+from fvrt.runtime.scratch import interrupt_exit_code, interrupt_name, polite_signals_interrupt
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
@@ -172,9 +174,23 @@ def fvrt_build(
     click.echo(f"engine directory: {result.path}")
 
 
+# The console script ends a failed build with os._exit: a torch archive writer that failed mid-file (a full disk)
+# throws again from its C++ destructor when the interpreter frees it, which aborts the process (exit 134) after
+# the error line. Everything the build wrote is removed by then; nothing else is left to run.
+_HARD_EXIT: list[bool] = [False]
+
+
 def _fail(message: str, code: int) -> None:
     click.echo(f"fvrt-build: error: {' '.join(str(message).split())}", err=True)
+    if _HARD_EXIT[0]:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)
+
+
+def _interrupted(e: KeyboardInterrupt) -> None:
+    _fail(f"interrupted ({interrupt_name(e)}); nothing was written", interrupt_exit_code(e))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -184,19 +200,22 @@ def main(argv: list[str] | None = None) -> None:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = sys.argv[1:] if argv is None else argv
+    _HARD_EXIT[0] = argv is None  # the console script (tests call main(argv) in their own process)
     debug = "--debug" in args
     try:
-        fvrt_build.main(args=args, prog_name="fvrt-build", standalone_mode=False)
+        with polite_signals_interrupt():  # SIGTERM / SIGHUP clean up as Ctrl-C does
+            fvrt_build.main(args=args, prog_name="fvrt-build", standalone_mode=False)
     except click.exceptions.Exit as e:  # --help
         sys.exit(e.exit_code)
     except click.ClickException as e:
         _fail(e.format_message(), EXIT_BAD_INPUT)
-    except click.Abort:
-        _fail("aborted", EXIT_BAD_INPUT)
+    except click.Abort as e:  # click turns a KeyboardInterrupt inside the command into Abort
+        interrupt = e.__cause__ if isinstance(e.__cause__, KeyboardInterrupt) else KeyboardInterrupt()
+        _interrupted(interrupt)
     except (BuildError, CheckpointError, EngineError) as e:
         _fail(str(e), EXIT_BAD_INPUT)
-    except KeyboardInterrupt:
-        _fail("interrupted; nothing was written", EXIT_INTERNAL)
+    except KeyboardInterrupt as e:
+        _interrupted(e)
     except Exception as e:
         if debug:
             raise

@@ -28,10 +28,10 @@ P_SCALE = 448.0  # probabilities in [0, 1] -> [0, 448] before the E4M3 cast
 LOG2E = 1.4426950408889634
 OP_NAME = "fvrt::fp8_attention"
 # Q K^T and P V both in E4M3. A variant with P V in bf16 ("fp8qk") measured no faster than cuDNN bf16 on the H100
-# (26.6 vs 27.2 ms at 32,640 tokens) and was removed; see docs/benchmarks.md.
+# (26.6 vs 27.2 ms at 32,640 tokens) and was removed; see docs/results/2026-11-26-h100-fp8-attention-mp4.md.
 MODES = ("fp8",)
 # Tiles per (padded) head dim: the fastest of 8 at 32,640 tokens x 32 heads x 128 on the H100
-# (scripts/gpu_fp8_attention.py --sweep, 2026-11-26: 22.7 ms = 768 TFLOP/s; 128x128 w8: 24.0 ms)
+# (lab/gpu_fp8_attention.py --sweep, 2026-11-26: 22.7 ms = 768 TFLOP/s; 128x128 w8: 24.0 ms)
 CONFIGS: dict[int, dict[str, int]] = {
     64: {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3},
     128: {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3},

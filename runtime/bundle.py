@@ -125,6 +125,8 @@ def engine_source(source: str | Path, cache: str | Path = DEFAULT_CACHE) -> Path
     """An engine directory as given, or the unpacked directory of a bundle file."""
     path = Path(source)
     if path.is_file():
+        if not tarfile.is_tarfile(path):
+            raise EngineError(f"engine directory {path} is a file, not a directory nor an fvrt bundle")
         return unpack(path, cache)
     return path
 

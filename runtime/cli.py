@@ -30,7 +30,7 @@ import torch
 
 from fvrt.runtime.bundle import engine_source
 from fvrt.runtime.manifest import json_object, read_manifest
-from fvrt.runtime.media import Mp4Writer, check_writable, save_raw, write_atomic
+from fvrt.runtime.media import Mp4Writer, OutputError, check_writable, save_raw, write_atomic
 from fvrt.runtime.pipeline import (
     COLD_TIMINGS,
     DEFAULT_SEED,
@@ -39,15 +39,18 @@ from fvrt.runtime.pipeline import (
     Output,
     Pipeline,
     Request,
+    missing_engines,
     validate_request,
 )
 from fvrt.runtime.protocol import EngineSet
 from fvrt.runtime.sampler import PRESETS
+from fvrt.runtime.scratch import interrupt_exit_code, interrupt_name, polite_signals_interrupt
 from fvrt.runtime.tokenizer import TOKENIZER_DIR, PromptTokenizer
 
 PROG = "fvrt-run"
 EXIT_USAGE = 2  # bad request, engine directory or output path: nothing was run or written
-TIMING_ORDER = ("engine_load", *STAGE_TIMINGS, "mux", "total")
+# engine_open: reading the manifest and verifying every file's sha256, before the first generation
+TIMING_ORDER = ("engine_open", *STAGE_TIMINGS, "mux", "total")
 
 
 def open_engines(engine_dir: Path, device: str | None) -> EngineSet:
@@ -57,9 +60,40 @@ def open_engines(engine_dir: Path, device: str | None) -> EngineSet:
     return open_engine_dir(engine_dir, device=device)
 
 
-def _fail(message: str) -> NoReturn:
-    click.echo(f"{PROG}: error: {message}", err=True)
-    sys.exit(EXIT_USAGE)
+def _fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    click.echo(f"{PROG}: error: {' '.join(message.split())}", err=True)
+    sys.exit(code)
+
+
+def check_device(device: str | None) -> None:
+    """Refuse, before anything is opened, a --device torch cannot use here: one line naming the choices."""
+    if device is None:
+        return
+    choices = "cpu, cuda, cuda:N"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {device}: not a device; choose one of {choices}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device}: fvrt runs on {choices}")
+    if dev.type == "cpu" and dev.index not in (None, 0):
+        raise ValueError(f"--device {device}: the CPU has no index; use cpu")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {device}: no CUDA GPU is visible on this machine")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"--device {device}: this machine has {count} CUDA GPU(s), cuda:0..cuda:{count - 1}")
+
+
+def check_engines(engine_dir: Path, names: Sequence[str], jobs: Sequence[Job]) -> None:
+    """Refuse an engine directory that lacks engines the jobs need (e.g. a `fvrt-build --stages` build)."""
+    missing = missing_engines(names, image=any(j.req.image is not None for j in jobs))
+    if missing:
+        raise ValueError(
+            f"{engine_dir}: has no engine {', '.join(missing)}, which the pipeline needs "
+            "(a partial build? build them with fvrt-build)"
+        )
 
 
 def resolve_shape(
@@ -231,10 +265,16 @@ def serve(
     defaults: dict[str, Any],
     lines: Iterable[str],
     answer: Callable[[dict[str, Any]], None],
+    *,
+    engine_dir: Path = Path("."),
+    engine_names: Sequence[str] | None = None,
 ) -> None:
     """`--batch -`: generate for each request line as it arrives, answering one JSON object per line: {"line",
-    "output", "timings_s"} or, for a request that fails its checks, {"line", "error"} (the next line is served
-    all the same)."""
+    "output", "timings_s"} or, for a request that fails its checks or fails while it runs, {"line", "error"} (the
+    next line is served all the same). engine_names: the directory's engines (checked per request: an image
+    needs the video encoder); default whatever the pipeline needs."""
+    if engine_names is None:
+        engine_names = list(missing_engines([], image=True))
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -242,11 +282,19 @@ def serve(
         try:
             job = line_job(profiles, defaults, where, parse_line(line, where))
             check_outputs([(where, job)])
+            check_engines(engine_dir, engine_names, [job])
         except ValueError as e:
             answer({"line": n, "error": str(e)})
             continue
         t = time.perf_counter()
-        times = generate(pipe, job)
+        try:
+            times = generate(pipe, job)
+        except OutputError as e:  # e.g. the disk filled up: this request failed, the server goes on
+            answer({"line": n, "error": f"{where}: {e}"})
+            continue
+        except Exception as e:  # a run-time failure of this request: answered, and the next line is served
+            answer({"line": n, "error": f"{where}: generation failed: {type(e).__name__}: {' '.join(str(e).split())}"})
+            continue
         times["total"] = time.perf_counter() - t
         answer({"line": n, **_run_record(job, times)})
 
@@ -289,6 +337,8 @@ def generate(pipe: Pipeline, job: Job) -> dict[str, float]:
     progress = _Progress()
     try:
         out: Output = pipe(req, progress=progress, on_video=start_mp4, frames=job.raw is not None)
+        if "mp4" not in writer:
+            raise RuntimeError("the pipeline returned without handing over the video frames")
         progress.close()
         t = time.perf_counter()
         writer["mp4"].finish(out.audio)
@@ -371,35 +421,73 @@ def main(
     start = time.perf_counter()
     defaults = {"image": image, "image_strength": image_strength, "seed": seed, "preset": preset}
     defaults.update({"height": height, "width": width, "frames": frames, "fps": fps})
+    done: list[Path] = []
+    try:
+        with polite_signals_interrupt():
+            _run(engine_dir, batch, prompt, output, raw, timings, device, cuda_graphs, memory, defaults, start, done)
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, SIGHUP: the output in progress is removed, never half-written
+        kept = f"; {len(done)} finished video(s) kept" if done else ""
+        _fail(f"interrupted ({interrupt_name(e)}); the video in progress was not written{kept}", interrupt_exit_code(e))
+
+
+def _run(
+    engine_dir: Path,
+    batch: Path | None,
+    prompt: str | None,
+    output: Path | None,
+    raw: Path | None,
+    timings: Path | None,
+    device: str | None,
+    cuda_graphs: bool,
+    memory: str | None,
+    defaults: dict[str, Any],
+    start: float,
+    done: list[Path],
+) -> None:
     try:
         if prompt is not None and batch is not None:
             raise ValueError("--prompt and --batch: give one of them")
+        check_device(device)
         engine_dir = engine_source(engine_dir)  # a bundle file: unpacked once (fvrt.runtime.bundle)
         manifest = read_manifest(engine_dir)
         stream = batch is not None and str(batch) == "-"
         jobs = plan_jobs(manifest.profiles, batch, prompt, output, raw, timings, defaults)
+        check_engines(engine_dir, list(manifest.stages), jobs)
         tokenizer = PromptTokenizer(engine_dir / TOKENIZER_DIR)
         t = time.perf_counter()
         engines = open_engines(engine_dir, device)
-        load_time = time.perf_counter() - t
+        open_time = time.perf_counter() - t
     except ValueError as e:  # EngineError, ImageError, OutputError, TokenizerError and the request checks
         _fail(str(e))
 
     memory = memory or ("offload" if batch is not None else "phase")
     if stream:  # a server: the engines are loaded now, each request line is answered as it arrives
         pipe = Pipeline(engines, tokenizer, cuda_graphs=cuda_graphs, memory=memory, prefetch_text=True)
-        serve(pipe, manifest.profiles, defaults, sys.stdin, lambda a: click.echo(json.dumps(a)))
+        serve(
+            pipe,
+            manifest.profiles,
+            defaults,
+            sys.stdin,
+            lambda a: click.echo(json.dumps(a)),
+            engine_dir=engine_dir,
+            engine_names=list(manifest.stages),
+        )
         return
     # a serving run copies the parked text encoder back while it finishes each MP4 (see Pipeline)
     pipe = Pipeline(engines, tokenizer, cuda_graphs=cuda_graphs, memory=memory, prefetch_text=len(jobs) > 1)
     records = []
     for i, job in enumerate(jobs):
         t = time.perf_counter()
-        times = {"engine_load": load_time, **generate(pipe, job)} if i == 0 else generate(pipe, job)
+        try:
+            times = {"engine_open": open_time, **generate(pipe, job)} if i == 0 else generate(pipe, job)
+        except OutputError as e:  # disk full while writing: the earlier videos of a batch stay
+            kept = f" ({len(done)} earlier video(s) written)" if done else ""
+            _fail(f"{e}{kept}")
+        done.append(job.output)
         times["total"] = time.perf_counter() - (start if i == 0 else t)
         req = job.req
         click.echo(
-            f"wrote {job.output} ({req.width}x{req.height}, {req.frames} frames @ {req.fps:g} fps, "
+            f"wrote {job.output} ({req.height}x{req.width}x{req.frames} @ {req.fps:g} fps, "
             f"audio {pipe.sample_rate} Hz, preset {req.preset}, seed {req.seed})"
         )
         click.echo(_report(times))
@@ -412,7 +500,10 @@ def main(
             "memory": memory,
         }
         record = {**records[0], **env} if batch is None else {"runs": records, **env}
-        write_atomic(timings, json.dumps(record, indent=1) + "\n")
+        try:
+            write_atomic(timings, json.dumps(record, indent=1) + "\n")
+        except OutputError as e:
+            _fail(f"--timings {e}")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ host-to-device copies run asynchronously. torch's `pin_memory=True` gets it from
 host took 9.6-16.2 s for 23.5 GB (the bf16 text encoder's parked copy; three runs) and stalled every GPU kernel
 meanwhile (200 GEMMs: 0.44 s alone, 11-16 s beside it). A pageable block, touched and then registered with
 cudaHostRegister, took 2.0-5.4 s for the same 23.5 GB, with the same copy speed, and held GPU work up only for
-the ~1 s of the registration (`scripts/gpu_pinned_probe.py`; docs/benchmarks.md, session 8, has the runs and
-what is not understood yet). So the runtime allocates a plain block, registers it, and hands out views into it;
+the ~1 s of the registration (`lab/gpu_pinned_probe.py`; docs/results/2026-11-26-h100-bench-ndhwc-pinned.md has the runs
+and what is not understood yet). So the runtime allocates a plain block, registers it, and hands out views into it;
 the registration is undone when the last tensor taken from it is gone.
 
 Without CUDA (or if registration fails) the block stays pageable: copies are then synchronous and slower, never
@@ -97,7 +97,7 @@ def host_copy_lists(lists: Sequence[Sequence[torch.Tensor]], *, async_copies: bo
 
 def to_host(t: torch.Tensor) -> torch.Tensor:
     """A host copy of `t`: from a GPU into page-locked memory (a copy into fresh pageable memory also pays a page
-    fault per 4 KiB: 0.23 s for the 0.38 GB of 1080p yuv420p planes vs 0.007 s pinned, H100, session 6)."""
+    fault per 4 KiB: 0.23 s for the 0.38 GB of 1080p yuv420p planes vs 0.007 s pinned, H100, 2026-11-26)."""
     if t.device.type != "cuda":
         return t.contiguous()
     return host_copies([t])[0]

@@ -175,6 +175,8 @@ def manifest_files(manifest: Manifest, stages: list[str] | None = None) -> list[
 def read_manifest(engine_dir: str | Path) -> Manifest:
     """Parse `engine_dir/manifest.json` (no file hashing; see `verify`)."""
     root = Path(engine_dir)
+    if root.exists() and not root.is_dir():
+        raise EngineError(f"engine directory {root} is a file, not a directory")
     if not root.is_dir():
         raise EngineError(f"engine directory not found: {root}")
     path = root / MANIFEST_NAME

@@ -8,8 +8,11 @@ background thread while the caller is still decoding audio; the audio is encoded
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
+import re
+import tempfile
 import threading
 from fractions import Fraction
 from pathlib import Path
@@ -18,15 +21,17 @@ import av
 import numpy as np
 import torch
 
+from fvrt.runtime.scratch import OWNER_RE, owner_tag, remove_stale
+
 VIDEO_CODEC = "libx264"
 VIDEO_PIX_FMT = "yuv420p"  # 4:2:0, what browsers play
 # crf 18: near-transparent. `ultrafast`: 121 frames at 1080p in 0.9-1.3 s on the H100 host vs 2.8-4.2 s `veryfast`
-# and 2.3-3.3 s `superfast` (scripts/mp4_encode_probe.py, docs/benchmarks.md); files ~1.5x larger
+# and 2.3-3.3 s `superfast` (lab/mp4_encode_probe.py, docs/benchmarks.md); files ~1.5x larger
 VIDEO_OPTIONS = {"crf": "18", "preset": "ultrafast"}
 # RGB -> Y'CbCr: BT.709 matrix, limited ("tv") range, 2x2-averaged chroma, tagged in the stream so players agree
 BT709 = (0.2126, 0.0722)  # Kr, Kb
 # x264 threads: frame threading (PyAV's default is slice threading; a whole clip is encoded at once, so the
-# latency of frame threads costs nothing; scripts/mp4_encode_probe.py compares them)
+# latency of frame threads costs nothing; lab/mp4_encode_probe.py compares them)
 VIDEO_THREADS = "FRAME"
 YUV_CHUNK = 8  # frames converted at once (bounds the fp32 temporaries: 8 x 1088 x 1920 x 3 x 4 B = 200 MB)
 AUDIO_CODEC = "aac"
@@ -39,21 +44,46 @@ class OutputError(ValueError):
     """An output path cannot be written; the message names the flag, the path and the reason."""
 
 
+# `.NAME.<host>.<pid>.partial`: an output being written (renamed to NAME when complete)
+PARTIAL_RE = re.compile(rf"\..+\.{OWNER_RE}\.partial")
+
+
 def check_writable(path: str | Path, flag: str) -> Path:
-    """Refuse, before any work, an output path whose directory is missing or read-only, or that is a directory."""
+    """Refuse, before any work, an output path that cannot be written: its directory missing, not a directory or
+    read-only, the path a directory, or a folder where no file can be created (/proc, /sys: a probe file is
+    created and removed). Removes the partial outputs that dead processes of this host left in that folder."""
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
         raise OutputError(f"{flag} {path}: is a directory")
-    if not parent.is_dir():
+    if not parent.exists():
         raise OutputError(f"{flag} {path}: directory {parent} does not exist")
+    if not parent.is_dir():
+        raise OutputError(f"{flag} {path}: {parent} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise OutputError(f"{flag} {path}: not writable")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.{owner_tag()}.", suffix=".probe", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputError(f"{flag} {path}: cannot create files in {parent} ({e.strerror or e})") from None
+    remove_stale(parent, PARTIAL_RE)
     return path
 
 
 def _partial(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.partial")
+    return path.with_name(f".{path.name}.{owner_tag()}.partial")
+
+
+def write_error(e: BaseException, path: Path) -> OutputError | None:
+    """The one-line OutputError for a failed write of `path` (disk full, quota, I/O error), or None when `e` is
+    not a write failure. PyAV raises its own OSError subclasses, which carry the errno too."""
+    if not isinstance(e, OSError) or e.errno is None:
+        return None
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OutputError(f"disk full writing {path}; nothing was written")
+    return OutputError(f"cannot write {path}: {e.strerror or e}; nothing was written")
 
 
 def rgb_to_yuv420p(rgb: torch.Tensor) -> torch.Tensor:
@@ -89,7 +119,12 @@ class Mp4Writer:
     def __init__(self, path: str | Path, *, fps: float, width: int, height: int, sample_rate: int) -> None:
         self.path = Path(path)
         self._tmp = _partial(self.path)
-        self._container = av.open(str(self._tmp), "w", format="mp4", options=MP4_OPTIONS)
+        try:
+            self._container = av.open(str(self._tmp), "w", format="mp4", options=MP4_OPTIONS)
+        except OSError as e:
+            self._tmp.unlink(missing_ok=True)
+            raise write_error(e, self.path) or e from None
+        self._closed = False
         video = self._container.add_stream(VIDEO_CODEC, rate=fps_fraction(fps), options=dict(VIDEO_OPTIONS))
         video.width, video.height, video.pix_fmt = width, height, VIDEO_PIX_FMT
         ctx = video.codec_context  # BT.709 limited range, as rgb_to_yuv420p converts (H.264 VUI, read by players)
@@ -140,22 +175,29 @@ class Mp4Writer:
         if audio.ndim != 2 or audio.shape[0] != 2:
             raise ValueError(f"audio must be stereo [2, S], got {audio.shape}")
         self._thread.join()
-        if self._error is not None:
-            raise self._error
-        samples = np.ascontiguousarray(np.clip(audio, -1.0, 1.0), dtype=np.float32)
-        frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout=AUDIO_LAYOUT)
-        frame.sample_rate, frame.pts = self.sample_rate, 0
-        self._container.mux(self._audio.encode(frame))  # PyAV re-frames to the encoder's frame size
-        self._container.mux(self._audio.encode())
-        self._container.close()
-        self._tmp.replace(self.path)
+        try:
+            if self._error is not None:
+                raise self._error
+            samples = np.ascontiguousarray(np.clip(audio, -1.0, 1.0), dtype=np.float32)
+            frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout=AUDIO_LAYOUT)
+            frame.sample_rate, frame.pts = self.sample_rate, 0
+            self._container.mux(self._audio.encode(frame))  # PyAV re-frames to the encoder's frame size
+            self._container.mux(self._audio.encode())
+            self._closed = True
+            self._container.close()
+            self._tmp.replace(self.path)
+        except OSError as e:  # disk full, quota, I/O error: the partial file goes, an older output stays intact
+            self.abort()
+            raise write_error(e, self.path) or e from None
         return self.path
 
     def abort(self) -> None:
         if self._thread is not None:
             self._thread.join()
-        with contextlib.suppress(av.FFmpegError, OSError, ValueError):  # half-written; deleted next
-            self._container.close()
+        if not self._closed:
+            self._closed = True
+            with contextlib.suppress(av.FFmpegError, OSError, ValueError):  # half-written; deleted next
+                self._container.close()
         self._tmp.unlink(missing_ok=True)
 
 
@@ -164,22 +206,24 @@ def save_raw(path: str | Path, frames: np.ndarray, audio: np.ndarray, *, sample_
     path = Path(path)
     buf = io.BytesIO()
     np.savez(buf, frames=frames, audio=audio.astype(np.float32), sample_rate=sample_rate, fps=fps)
-    tmp = _partial(path)
-    try:
-        tmp.write_bytes(buf.getvalue())
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    _write_atomic(path, buf.getvalue())
     return path
 
 
 def write_atomic(path: str | Path, text: str) -> Path:
     """Write a text file through a temporary name."""
     path = Path(path)
+    _write_atomic(path, text.encode())
+    return path
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` through a temporary name; a failed write (disk full) is an OutputError and leaves no file."""
     tmp = _partial(path)
     try:
-        tmp.write_text(text)
+        tmp.write_bytes(data)
         tmp.replace(path)
+    except OSError as e:
+        raise write_error(e, path) or e from None
     finally:
         tmp.unlink(missing_ok=True)
-    return path

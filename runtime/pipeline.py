@@ -40,6 +40,9 @@ from fvrt.runtime.sampler import (
 )
 
 DEFAULT_SEED = 10  # ltx_pipelines/utils/constants.py PipelineParams.seed
+# the seeds torch.Generator.manual_seed accepts (negative ones wrap modulo 2**64), which is how the official
+# pipeline seeds its generator: the official range
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 LATENT_CHANNELS = 128  # video latent channels = DiT token width (video and audio)
 AUDIO_CHANNELS, AUDIO_MEL_BINS = 8, 16  # audio latent [1, 8, T, 16] (AudioLatentShape defaults)
 AUDIO_LATENTS_PER_SECOND = 16000 / 160 / 4  # 16 kHz, hop 160, x4 time downsampling (AudioLatentShape)
@@ -116,6 +119,7 @@ def validate_request(req: Request, profiles: dict[str, dict[str, Any]]) -> str:
     """
     if not req.prompt.strip():
         raise ValueError("--prompt: the prompt is empty")
+    check_seed(req.seed)
     if req.frames < 1 or (req.frames - 1) % VIDEO_TIME_STRIDE:
         raise ValueError(f"--frames {req.frames}: must be 8k+1 (9, 17, ..., 121)")
     for flag, value in (("--height", req.height), ("--width", req.width)):
@@ -137,6 +141,30 @@ def validate_request(req: Request, profiles: dict[str, dict[str, Any]]) -> str:
     if req.image is not None:
         read_image(req.image)
     return names[0]
+
+
+def check_seed(seed: int, flag: str = "--seed") -> None:
+    """Refuse a seed outside the official range (torch.Generator.manual_seed's)."""
+    if not SEED_MIN <= seed <= SEED_MAX:
+        raise ValueError(f"{flag} {seed}: must be an integer from -2**63 to 2**64-1 (torch.Generator's seed range)")
+
+
+# The engines a generation runs, in pipeline order; the DiT block engines are any whose name is BLOCK_PREFIX or
+# starts with it (one per layer group, e.g. bf16 and FP8 blocks). video_encoder runs only for an image.
+PIPELINE_ENGINES = ("text_in", "text_block", "text_out", "dit_prep", "dit_in", "dit_out", "upsampler")
+PIPELINE_ENGINES += ("video_decoder", "audio_decoder")
+IMAGE_ENGINES = ("video_encoder",)
+BLOCK_PREFIX = "dit_block"
+
+
+def missing_engines(names: Sequence[str], *, image: bool) -> list[str]:
+    """The engines a generation (with a conditioning image or not) needs that `names` lacks."""
+    have = set(names)
+    if any(n.startswith(BLOCK_PREFIX + "_") for n in have):
+        have.add(BLOCK_PREFIX)
+    needed = list(PIPELINE_ENGINES)
+    needed.insert(needed.index("dit_out"), BLOCK_PREFIX)
+    return [n for n in (*needed, *(IMAGE_ENGINES if image else ())) if n not in have]
 
 
 class _Clock:

@@ -9,9 +9,11 @@ DiT inputs replayed through the FP8 engines) and the decoded-video PSNR / audio 
 
 With `--official` (default on), the official implementation runs last in the same process: ltx-pipelines 1.0.0's
 distilled 8+3 pipeline, stage by stage, over ltx-core modules holding the same random weights (regenerated from
-the build's seed; scripts/official_distilled.py), bf16, eager, PyTorch SDPA; its per-stage compute times (model
-building timed apart), peak memory, and speedups of every fvrt run over it. Writes `bench.json` and `bench.md`
-to --out.
+the build's seed; scripts/official_distilled.py), eager, PyTorch SDPA, in the reference precision's dtype (bf16
+for bf16 / fp8 / nvfp4 with any +fa8 / +ft8); its per-stage compute times (model building timed apart), its MP4
+encode (ltx-pipelines' own `encode_video`, PyAV), peak memory, and two same-run ratios per fvrt distilled run:
+"compute" (both sides without the MP4) and "end to end" (both with it). No ratio is ever taken against a number
+from another run. Writes `bench.json` and `bench.md` to --out.
 
 GPU machine (1080p, full-size random weights; engines are rebuilt only when missing or stale):
     FVRT_CXX=g++-12 python3 scripts/bench.py --random full --device cuda --profile 1080p --out $OUT
@@ -31,7 +33,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -52,6 +54,12 @@ PROMPT = "A woman sings on a rooftop at dusk while the city lights come on behin
 
 def log(msg: str) -> None:
     print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", flush=True)
+
+
+def usage_error(msg: str) -> NoReturn:
+    """A mistake in the command line: one line on stderr, exit code 2, before anything is built."""
+    print(f"bench.py: {msg}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 class Recorder(Pipeline):
@@ -135,11 +143,38 @@ def variant(name: str) -> tuple[str, str | None, str]:
     precision, *extras = name.split("+")
     bad = [e for e in extras if e not in SUFFIXES] or len(set(extras)) != len(extras)
     if precision not in PRECISIONS or bad or (extras and precision not in ("fp8", "nvfp4")):
-        raise SystemExit(
-            f"--precisions: '{name}' is not one of bf16, fp8, nvfp4; fp8 / nvfp4 may add "
+        usage_error(
+            f"--precisions: '{name}' is not one of {', '.join(PRECISIONS)}; fp8 / nvfp4 may add "
             + ", ".join(f"+{k} ({v})" for k, v in SUFFIXES.items())
         )
     return precision, ("fp8" if "fa8" in extras else None), ("fp8" if "ft8" in extras else "bf16")
+
+
+def official_dtype(precisions: str) -> torch.dtype:
+    """The official side's dtype: that of the reference (first) precision's unquantised tensors, whatever its
+    spelling ("fp8+ft8" -> bf16, "fp32" -> fp32), so that its video compares with the reference's."""
+    return PRECISIONS[variant(precisions.split(",")[0])[0]]
+
+
+def speedups(official: dict[str, float], precisions: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Same-run ratios, official seconds over fvrt seconds, for every fvrt distilled 8+3 run (the official
+    pipeline's work; realtime 5+2 does less): "compute" leaves the MP4 out on both sides (official: its stages;
+    fvrt: end to end minus the MP4 finish), "end_to_end" keeps it (official: stages + `encode_video`; fvrt: end to
+    end). `official` is bench.json's official "total_s"; `precisions` its "precisions"."""
+    out = {}
+    for prec, e in precisions.items():
+        runs = (("", e.get("distilled", {}).get("warm_median")), (", text prefetched", e.get("text_prefetched", {})
+                .get("distilled")))  # fmt: skip
+        for label, t in runs:
+            if t is not None:
+                compute = t["end_to_end"] - t["mux"]
+                out[f"{prec} distilled{label}"] = {
+                    "fvrt_compute_s": compute,
+                    "fvrt_end_to_end_s": t["end_to_end"],
+                    "compute": official["compute"] / compute,
+                    "end_to_end": official["end_to_end"] / t["end_to_end"],
+                }
+    return out
 
 
 def bench_precision(args: argparse.Namespace, name: str, res: dict[str, Any], ref: dict[str, Any]) -> None:
@@ -257,7 +292,7 @@ def bench_official(args: argparse.Namespace, res: dict[str, Any], ref: dict[str,
     from fvrt.builder.random_release import full_random_checkpoint, load_tiny_release, write_tiny_release
 
     dev, version = torch.device(args.device), ModelVersion("2.3")
-    dtype = PRECISIONS[args.precisions.split(",")[0]]
+    dtype = official_dtype(args.precisions)
     tiny = args.random == "tiny"
     cfg = tiny_config(version) if tiny else full_config(version)
     configs = {n: upsampler_config(version, tiny=tiny) if n == "upsampler" else cfg for n in od.BUILDERS.values()}
@@ -282,25 +317,23 @@ def bench_official(args: argparse.Namespace, res: dict[str, Any], ref: dict[str,
     profile = PRESET_PROFILES[args.profile]
     log("official: distilled 8+3 (ltx-pipelines 1.0.0 wiring, ltx-core 1.0.0 modules, eager)")
     with od.official_tiny_gemma() if tiny else contextlib.nullcontext():
-        frames, audio, _, timer = od.run(
+        frames, audio, rate, timer = od.run(
             ledger, prompt=PROMPT, seed=args.seed, height=profile.height, width=profile.width,
             num_frames=profile.frames, frame_rate=profile.fps, dtype=dtype, device=dev,
         )  # fmt: skip
-    out: dict[str, Any] = {"compute_s": timer.compute, "model_build_s": timer.build}
+    # the official CLI's last step, on the same frames and audio (the video is decoded before it starts)
+    mp4_s = od.encode_mp4(frames, audio, rate, profile.fps, Path(args.out) / "official-distilled.mp4")
+    total = {"compute": timer.compute["end_to_end"], "mp4": mp4_s, "end_to_end": timer.compute["end_to_end"] + mp4_s}
+    out: dict[str, Any] = {"compute_s": timer.compute, "mp4_s": mp4_s, "total_s": total, "model_build_s": timer.build}
     if dev.type == "cuda":
         out["peak_gpu_GiB"] = timer.peak_gpu_GiB
     if ref:
         out[f"video_psnr_db_vs_{ref['precision']}"] = psnr(frames.numpy(), ref["frames"])
         out[f"audio_snr_db_vs_{ref['precision']}"] = snr(audio.numpy(), ref["audio"])
-    total = timer.compute["end_to_end"]
-    out["speedup_end_to_end"] = {
-        f"{prec} {preset}": total / e[preset]["warm_median"]["end_to_end"]
-        for prec, e in res["precisions"].items()
-        for preset in res["presets"]
-        if preset in e
-    }
+    out["speedup"] = speedups(total, res["precisions"])
     res["official"] = out
-    log(f"official: end to end {total:.2f} s (compute; models built in {sum(timer.build.values()):.1f} s)")
+    log(f"official: compute {total['compute']:.2f} s, MP4 {mp4_s:.2f} s (models built in "
+        f"{sum(timer.build.values()):.1f} s)")  # fmt: skip
 
 
 def save(args: argparse.Namespace, res: dict[str, Any]) -> None:
@@ -434,6 +467,21 @@ def _row(label: str, times: dict[str, float], first_s: float | None) -> str:
     return f"| {label} | {cells} | {peak} | {'-' if first_s is None else f'{first_s:.2f}'} |"
 
 
+def official_rows(official: dict[str, Any]) -> tuple[str, str]:
+    """The official pipeline's row of the stage table (its MP4 encode in the mux column, end to end with it), then,
+    under the table, the same-run ratios: compute (no MP4 on either side) and end to end (MP4 on both)."""
+    o, total, peak = official["compute_s"], official["total_s"], official.get("peak_gpu_GiB")
+    head = " | ".join(f"{o[k]:.2f}" for k in ("text_encode", "stage_1", "upsample", "stage_2", "video_decode"))
+    rows = [f"| official | distilled | {head} | - | {o['audio_decode']:.2f} | {total['mp4']:.2f} | "
+            f"{total['end_to_end']:.2f} | {'-' if peak is None else f'{peak:.1f}'} | - |"]  # fmt: skip
+    ratios = ["\n| same run, distilled 8+3 | compute s (no MP4) | end to end s (MP4) | official / fvrt, compute "
+              "| official / fvrt, end to end |", "|---|---|---|---|---|",
+              f"| official | {total['compute']:.2f} | {total['end_to_end']:.2f} | - | - |"]  # fmt: skip
+    ratios += [f"| {k} | {v['fvrt_compute_s']:.2f} | {v['fvrt_end_to_end_s']:.2f} | {v['compute']:.2f}x "
+               f"| {v['end_to_end']:.2f}x |" for k, v in official["speedup"].items()]  # fmt: skip
+    return rows[0], "\n".join(ratios)
+
+
 def table(res: dict[str, Any]) -> str:
     rows = ["| precision | preset | text | stage 1 | upsample | stage 2 | video dec | frames out | audio dec | mux "
             "| end to end | peak GiB | first run |", "|---" * 13 + "|"]  # fmt: skip
@@ -450,15 +498,9 @@ def table(res: dict[str, Any]) -> str:
         ctx = ", ".join(f"{c:.4f}" for c in q.get("text_context_cosine", ()))
         rows.append(f"\n{name}: {cos}, {dec}" + (f", text contexts cosine {ctx}" if ctx else ""))
     if "official" in res:
-        o = res["official"]["compute_s"]
-        cells = [o.get(k, float("nan")) for k in ("text_encode", "stage_1", "upsample", "stage_2", "video_decode",
-                                                   "audio_decode", "end_to_end")]  # fmt: skip
-        peak = res["official"].get("peak_gpu_GiB")
-        head = " | ".join(f"{c:.2f}" for c in cells[:5])
-        rows.insert(2, f"| official | distilled | {head} | - | {cells[5]:.2f} | - | {cells[6]:.2f} | "
-                    + f"{'-' if peak is None else f'{peak:.1f}'} | - |")  # fmt: skip
-        speed = ", ".join(f"{k} {v:.2f}x" for k, v in res["official"]["speedup_end_to_end"].items())
-        rows.append(f"\nspeedup over the official implementation, end to end: {speed}")
+        row, ratios = official_rows(res["official"])
+        rows.insert(2, row)
+        rows.append(ratios)
     for prec, e in res["precisions"].items():
         passes = ", ".join(f"{k} {v:.3f} s" for k, v in e.get("dit_pass_s", {}).items())
         first = next((e[p]["first_run"] for p in ("distilled", "realtime") if p in e), {})
@@ -518,11 +560,18 @@ def main() -> None:
     args = ap.parse_args()
     dev = torch.device(args.device)
     if args.repeats < 1:
-        raise SystemExit("--repeats: at least 1 (the warm runs are what the table reports)")
+        usage_error("--repeats: at least 1 (the warm runs are what the table reports)")
     if args.trace and dev.type != "cuda":
-        raise SystemExit("--trace profiles GPU kernels: it needs --device cuda")
+        usage_error("--trace profiles GPU kernels: it needs --device cuda")
     for name in args.precisions.split(","):
         variant(name)  # a misspelt variant ends the run before anything is built
+    if args.official:  # the official side's modules and its MP4 encoder, checked before anything is built
+        try:
+            import official_distilled as od  # scripts/ (this script's folder) is on sys.path
+
+            od.mp4_encoder()
+        except ImportError as e:
+            usage_error(f"--official needs ltx-core / ltx-pipelines 1.0.0 and PyAV ({e}); or pass --no-official")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     res: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"),

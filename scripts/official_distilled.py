@@ -12,7 +12,8 @@ the official loader fills; the vision tower and LM head, unused for text, are le
 upsampler, `decode_video` with the official CLI's `TilingConfig.default()`, `decode_audio`), builds each model
 before its stage as the official code does, and times the compute of every stage separately from the building
 of its models (CUDA-synchronised). Official code runs eagerly: no compilation, PyTorch SDPA attention (ltx-core's
-default). MP4 encoding is not timed on this side (the GPU machine has no PyAV).
+default). `encode_mp4` times the official CLI's last step, ltx-pipelines' `encode_video` (PyAV: libx264 yuv420p
+and AAC), on the decoded frames and audio.
 """
 
 from __future__ import annotations
@@ -280,6 +281,27 @@ def run(
     return frames, waveform, int(audio.sampling_rate), timer
 
 
+def mp4_encoder() -> Callable[..., None]:
+    """ltx-pipelines' `encode_video` (raises ImportError where PyAV or the modules it imports are missing)."""
+    from ltx_pipelines.utils.media_io import encode_video
+
+    return encode_video
+
+
+def encode_mp4(frames: torch.Tensor, waveform: torch.Tensor, sample_rate: int, frame_rate: float, path: Path) -> float:
+    """What `ltx-pipelines`' distilled CLI does with the pipeline's output: `encode_video(video, fps, Audio,
+    output_path, video_chunks_number)`, here on the frames `run` returns ([F, H, W, 3] uint8, CPU) and its
+    waveform [2, S]; returns the seconds it took. The CLI decodes its tiles lazily inside this call; `run` has
+    timed the decode already, so the two add up to the CLI's decode + encode."""
+    from ltx_core.types import Audio
+
+    encode_video = mp4_encoder()
+    t = time.perf_counter()
+    encode_video(video=frames, fps=int(frame_rate), audio=Audio(waveform, sample_rate), output_path=str(path),
+                 video_chunks_number=1)  # fmt: skip
+    return time.perf_counter() - t
+
+
 # --------------------------------------------------------------------------------------------------------------
 # ltx-core's hard-coded Gemma-3 12B config, swapped for a tiny one (CPU runs at the tiny size)
 
@@ -329,4 +351,14 @@ def official_tiny_gemma() -> Iterator[None]:
             m.GEMMA3_CONFIG_FOR_LTX = old
 
 
-__all__ = ["STAGES", "MemoryLedger", "MemoryLoader", "Timer", "official_tiny_gemma", "run", "tiny_gemma_config_data"]
+__all__ = [
+    "STAGES",
+    "MemoryLedger",
+    "MemoryLoader",
+    "Timer",
+    "encode_mp4",
+    "mp4_encoder",
+    "official_tiny_gemma",
+    "run",
+    "tiny_gemma_config_data",
+]

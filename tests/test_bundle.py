@@ -116,4 +116,5 @@ def test_fvrt_run_takes_a_bundle_and_refuses_a_bad_one_in_one_line(tmp_path: Pat
     cmd = [sys.executable, "-m", "fvrt.runtime.cli", str(tmp_path / "n.tar"), "--prompt", "x"]
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
-    assert done.stderr.startswith(f"fvrt-run: error: {tmp_path / 'n.tar'}: not an fvrt bundle")
+    line = f"fvrt-run: error: engine directory {tmp_path / 'n.tar'} is a file, not a directory nor an fvrt bundle"
+    assert done.stderr == line + "\n"

@@ -7,11 +7,12 @@ the eager reference set (the compiled engines have their own tests), swapped in 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -27,7 +28,7 @@ from fvrt.builder.eager import EagerEngineSet
 from fvrt.builder.engines import PRESET_PROFILES
 from fvrt.runtime import cli
 from fvrt.runtime.manifest import BuildEnv, Manifest, StageEntry, write_manifest
-from fvrt.runtime.pipeline import Pipeline, Request
+from fvrt.runtime.pipeline import BLOCK_PREFIX, IMAGE_ENGINES, PIPELINE_ENGINES, Pipeline, Request
 from fvrt.runtime.tokenizer import PromptTokenizer
 
 TINY = PRESET_PROFILES["tiny"]
@@ -53,13 +54,23 @@ def _manifest(config: dict, stages: dict[str, StageEntry] | None = None) -> Mani
     return Manifest(format_version=1, profiles={TINY.name: profile}, stages=stages or {}, build=env, config=config)
 
 
+# every engine the pipeline runs (the block engine under its plain name), as a manifest lists them
+ENGINES = (*PIPELINE_ENGINES, BLOCK_PREFIX, *IMAGE_ENGINES)
+
+
+def _entries(names: Sequence[str] = ENGINES, sha256: Callable[[str], str] = lambda _: "0" * 64) -> dict:
+    return {n: StageEntry(n, "torch-aot", f"{n}.pt2", sha256(n), "fp32", [], []) for n in names}
+
+
 @pytest.fixture(scope="module")
 def setup(module_tmp: Callable[[str], Path]) -> Setup:
+    """A tiny release and an engine directory whose manifest lists every engine (the files are not there: the
+    tests swap the eager set in for `open_engines`, which would hash them)."""
     root = module_tmp("cli")
     release = tiny_release(root / "release", ModelVersion.LTX2)
     engine_dir = root / "engines"
     engine_dir.mkdir()
-    write_manifest(engine_dir, _manifest(release.checkpoint.config))
+    write_manifest(engine_dir, _manifest(release.checkpoint.config, _entries()))
     shutil.copytree(release.tokenizer, engine_dir / "tokenizer")
     return Setup(release, engine_dir)
 
@@ -163,12 +174,23 @@ def test_bad_requests_exit_2_and_write_nothing(setup: Setup, eager_engines: list
 
 
 def test_incomplete_or_tampered_engine_dir(setup: Setup, tmp_path: Path) -> None:
-    """The real loader (no eager swap): a stage file missing, then altered, is refused before any work."""
+    """The real loader (no eager swap): engines the pipeline needs absent from the manifest, then a stage file
+    missing, then altered, are refused before any work."""
     engines = tmp_path / "engines"
     shutil.copytree(setup.engine_dir, engines)
-    entry = StageEntry("dit_in", "torch-aot", "dit_in.pt2", "0" * 64, "fp32", [], [])
-    write_manifest(engines, _manifest(setup.release.checkpoint.config, {"dit_in": entry}))
     out = tmp_path / "x.mp4"
+    # a partial build (`fvrt-build --stages text_in`): the engines it lacks are named before anything is opened
+    write_manifest(engines, _manifest(setup.release.checkpoint.config, _entries(["text_in", "dit_in"])))
+    result = invoke(engines, "--prompt", PROMPT, "--output", out)
+    assert result.exit_code == 2, result.output
+    assert "has no engine text_block, text_out, dit_prep, dit_block, dit_out, upsampler" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()
+    # every engine listed; the files of all but dit_in present and intact
+    for name in ENGINES:
+        (engines / f"{name}.pt2").write_bytes(name.encode())
+    digests = {n: hashlib.sha256(n.encode()).hexdigest() for n in ENGINES}
+    write_manifest(engines, _manifest(setup.release.checkpoint.config, _entries(sha256=digests.__getitem__)))
+    (engines / "dit_in.pt2").unlink()
     for content, message in ((None, "dit_in.pt2 is missing"), (b"tampered", "does not match its sha256")):
         if content is not None:
             (engines / "dit_in.pt2").write_bytes(content)
@@ -229,7 +251,7 @@ def test_batch_writes_every_video_with_the_engines_loaded_once(
     record = json.loads((tmp_path / "t.json").read_text())
     assert record["memory"] == "offload" and [r["output"] for r in record["runs"]] == ["a.mp4", "b.mp4"]
     first, later = (r["timings_s"] for r in record["runs"])
-    assert "engine_load" in first and "engine_load" not in later and later["total"] > 0
+    assert "engine_open" in first and "engine_open" not in later and later["total"] > 0
     assert [r["request"]["seed"] for r in record["runs"]] == [1, 5]
     assert record["runs"][1]["request"]["steps"] == [5, 2]
     assert result.stdout.count("wrote ") == 2

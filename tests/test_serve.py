@@ -201,6 +201,7 @@ BAD = [
     ("image not base64", {"prompt": PROMPT, "image": "%%%"}, "'image' is not base64"),
     ("unknown key", {"prompt": PROMPT, "output": "x.mp4"}, "unknown key 'output'"),
     ("wrong type", {"prompt": PROMPT, "seed": "ten"}, "'seed' must be an integer"),
+    ("seed range", {"prompt": PROMPT, "seed": 2**70}, "torch.Generator's seed range"),
     ("preset", {"prompt": PROMPT, "preset": "fast"}, "--preset fast: must be one of"),
     ("strength", {"prompt": PROMPT, "image_strength": 2}, "--image-strength 2"),
     ("oversized body", {"prompt": "x" * MAX_BODY}, "the limit is"),

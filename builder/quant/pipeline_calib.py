@@ -25,7 +25,7 @@ from fvrt.builder.engines import Profile, dit_forward_kwargs
 
 Log = Callable[[str], None]
 # Calibration stops each run before these: the eager 1080p video decode needs ~27 GB more, on top of the whole
-# unquantised checkpoint on the GPU (text encoder included): an 80 GB H100 ran out of memory there (session 8)
+# unquantised checkpoint on the GPU (text encoder included): an 80 GB H100 ran out of memory there (2026-11-26)
 DECODERS = frozenset({"video_decoder", "audio_decoder"})
 
 

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# One GPU session's measurements as ONE detached job (device time is 30 min a session, a machine start included):
+# One machine lease's measurements as ONE detached job (a lease gives 30 min of device time, the start included):
 # the GPU tests, the video decoder's conv layouts (NDHWC vs NCDHW, same run), then the end-to-end bench, FP8 with
 # the FP8 text encoder first (the fastest variant: its numbers matter most), bf16 after it if time is left.
 #
-#   bash scripts/gpu_job.sh start s -- bash scripts/gpu_session.sh /tmp/r 1500
-#   bash scripts/gpu_job.sh wait s 540 /tmp/r      # back to back until it ends
+#   bash lab/gpu_job.sh start s -- bash lab/gpu_session.sh /tmp/r 1500
+#   bash lab/gpu_job.sh wait s 540 /tmp/r      # back to back until it ends
 #
 # $1: results folder (default /tmp/r); $2: seconds this job may run (default 1500): the bench gets a deadline so
 # that it starts no precision or second preset it cannot finish; $3: the steps (default tests,vae,bench);
@@ -28,7 +28,7 @@ if [[ ",$STEPS," == *,tests,* ]]; then
 fi
 if [[ ",$STEPS," == *,vae,* ]]; then
   step "video decoder conv layouts"
-  python3 scripts/gpu_vae_probe.py --out "$R/vae" --engines /dev/shm/vae --engine-only --layouts ndhwc,ncdhw --reps 2
+  python3 lab/gpu_vae_probe.py --out "$R/vae" --engines /dev/shm/vae --engine-only --layouts ndhwc,ncdhw --reps 2
   rm -rf /dev/shm/vae
   if ! python3 -c "import json, sys; r = json.load(open('$R/vae/vae.json'))['runs']; sys.exit('median_s' not in r.get('engine ndhwc', {}))"; then
     layout=ncdhw

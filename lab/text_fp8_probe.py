@@ -1,7 +1,7 @@
 """The FP8 text encoder (issue 5, `--text-precision fp8`): quality and speed against bf16, text engines only.
 
-    FVRT_CXX=g++-12 python3 scripts/text_fp8_probe.py --random full --device cuda --out /tmp/text8
-    python scripts/text_fp8_probe.py --random tiny --device cpu --out /tmp/text8   (CPU smoke run)
+    FVRT_CXX=g++-12 python3 lab/text_fp8_probe.py --random full --device cuda --out /tmp/text8
+    python lab/text_fp8_probe.py --random tiny --device cpu --out /tmp/text8   (CPU smoke run)
 
 Builds the three text engines (text_in, text_block x layers, text_out) in bf16, then the same directory with the
 Gemma decoder layers in FP8 (hard-linked copy; only text_block is rebuilt: calibrated on every calibration prompt),
@@ -30,8 +30,8 @@ from fvrt.runtime.engine import EngineDir
 from fvrt.runtime.pipeline import run_text_encoder
 from fvrt.runtime.tokenizer import TOKENIZER_DIR, PromptTokenizer
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench import sync  # scripts/ is not a package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from bench import sync  # scripts/bench.py (scripts/ is not a package)
 
 STAGES = ("text_in", "text_block", "text_out")
 PROMPTS = (

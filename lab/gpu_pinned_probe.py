@@ -1,6 +1,7 @@
 """Cold start (issue 6): what parking the text encoder in host memory costs, and what would make it cheaper.
 
-The H100 bench (session 8) spent 10.2 s (FP8 text encoder) and 12.6 s (bf16) of the first run in "weight parking":
+The H100 bench of 2026-11-26 (docs/results/2026-11-26-h100-bench-fp8-ft8-bf16.json) spent 10.2 s (FP8 text
+encoder) and 12.6 s (bf16) of the first run in "weight parking":
 page-locked host copies of the text encoder made at its first offload, one `torch.empty(pin_memory=True)` per
 tensor (torch's caching host allocator rounds each block up to a power of two). This probe times, for tensors of
 the bf16 Gemma-3 12B text encoder's shapes (48 layers x 7 linears + the embedding, ~23 GB):
@@ -9,7 +10,7 @@ the bf16 Gemma-3 12B text encoder's shapes (48 layers x 7 linears + the embeddin
 - whether allocating the pinned block in a background thread slows GPU work running meanwhile (could the parking
   overlap with stage 1?).
 
-    python3 scripts/gpu_pinned_probe.py --out /tmp/pin
+    python3 lab/gpu_pinned_probe.py --out /tmp/pin
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def main() -> None:
     row("pageable, touched (no pinning)", alloc + touch, views)
     del buf, views
 
-    from fvrt.runtime.hostmem import host_copies  # what the runtime parks with since session 8
+    from fvrt.runtime.hostmem import host_copies  # what the runtime parks with
 
     t = time.perf_counter()
     host = host_copies(src, async_copies=True)

@@ -2,7 +2,7 @@
 speed against bf16 cuDNN / FlashAttention-2 SDPA at the LTX-2.3 shapes, a tile sweep, and an AOTInductor round
 trip (the op compiled into a package, loaded, replayed in a CUDA graph).
 
-    python scripts/gpu_fp8_attention.py --out /tmp/fa8 [--sweep]
+    python lab/gpu_fp8_attention.py --out /tmp/fa8 [--sweep]
 
 Prints a table last and writes fa8.json. FLOPs counted as 4 * Tq * Tk * H * D (the two matmuls).
 """

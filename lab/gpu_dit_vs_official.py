@@ -3,7 +3,7 @@ LTXModel sharing the very same weight tensors, bf16, at the stage-1 (544x960x121
 token counts. Prints relative error and warm forward times (median of N, CUDA-synchronised wall time).
 
 Run on the GPU machine from the repo root (ltx-core carried as a wheel, see docs/benchmarks.md):
-    PYTHONPATH=/tmp/site:. python3 scripts/gpu_dit_vs_official.py --version 2.3 --repeats 3
+    PYTHONPATH=/tmp/site:. python3 lab/gpu_dit_vs_official.py --version 2.3 --repeats 3
 """
 
 from __future__ import annotations

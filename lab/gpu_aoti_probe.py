@@ -2,7 +2,7 @@
 
 Each variant runs in its own process (a crash ends only that variant) on a 2-layer MLP and prints one line:
 its return code and the PROBE markers it reached. `gdb` re-runs the textbook package under cuda-gdb (the image
-has no gdb) and prints the native backtrace of the crash. Usage: python3 scripts/gpu_aoti_probe.py [variant ...]
+has no gdb) and prints the native backtrace of the crash. Usage: python3 lab/gpu_aoti_probe.py [variant ...]
 """
 
 import os

@@ -11,9 +11,9 @@ Stages that would start after --deadline-s are skipped and reported as such.
 
 On the GPU machine, from the repo root (nothing installable there; fvrt from the copied tree):
     python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/site . &&
-    PYTHONPATH=/tmp/site python3 scripts/gpu_build_engines.py --out $OUT
+    PYTHONPATH=/tmp/site python3 lab/gpu_build_engines.py --out $OUT
 CPU dry run at tiny size (what CI machines can do):
-    python scripts/gpu_build_engines.py --random tiny --device cpu --precision fp32 --profile tiny --out /tmp/o
+    python lab/gpu_build_engines.py --random tiny --device cpu --precision fp32 --profile tiny --out /tmp/o
 """
 
 from __future__ import annotations

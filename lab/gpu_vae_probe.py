@@ -1,7 +1,7 @@
 """The 1080p video decode on the GPU (issue 6): where its time goes and what cuDNN's algorithm search and the
 channels-last 3-D layout change, for the eager decoder and for the torch-aot engine built by `fvrt-build`.
 
-    FVRT_CXX=g++-12 python3 scripts/gpu_vae_probe.py --out /tmp/vae [--engines /dev/shm/vae] [--layouts ncdhw,ndhwc]
+    FVRT_CXX=g++-12 python3 lab/gpu_vae_probe.py --out /tmp/vae [--engines /dev/shm/vae] [--layouts ncdhw,ndhwc]
 
 Full-size LTX-2.3 video decoder, random weights (seed 0), bf16, latent [1, 128, 16, 34, 60] -> 121 x 1088 x
 1920. Variants, each timed (median of --reps after a warm-up) in the same process:
@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench import kernel_table  # scripts/ is not a package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from bench import kernel_table  # scripts/bench.py (scripts/ is not a package)
 
 LATENT = (1, 128, 16, 34, 60)
 

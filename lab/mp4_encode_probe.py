@@ -3,7 +3,7 @@
 thread) vs yuv420p planes made beforehand (torch, on the GPU when present), and what getting the planes to the
 host costs: the GPU conversion alone, then a copy into fresh pageable memory vs into pinned memory.
 
-    python scripts/mp4_encode_probe.py [--frames 121] [--out /tmp/mp4probe] [--threads slice,frame]
+    python lab/mp4_encode_probe.py [--frames 121] [--out /tmp/mp4probe] [--threads slice,frame]
 
 Two kinds of content: smooth (gradients moving, mild noise: like real video) and noisy (what random weights
 decode to: the x264 worst case). Prints a table last and writes mp4probe.json.

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Long GPU experiments on the lent machine, detached from the device tool's calls (each call is at most 600 s, and
-# a machine left idle for 30 s between two calls is handed back with its /tmp: session 6 lost a half-done bench
-# that way). One call starts the job and returns; every later call waits on it for a bounded time and brings back
+# a machine left idle for 30 s between two calls is handed back with its /tmp: a half-done bench was lost that
+# way on 2026-11-26). One call starts the job and returns; every later call waits on it for a bounded time and brings back
 # its log and result files, so a lost machine loses at most what ran since the last call.
 #
-#   bash scripts/gpu_job.sh start NAME -- COMMAND [ARGS...]   # detached; log and exit code in /tmp/jobs/NAME/
-#   bash scripts/gpu_job.sh wait NAME [SECONDS] [DIR...]      # until the job ends or SECONDS (default 540) pass;
+#   bash lab/gpu_job.sh start NAME -- COMMAND [ARGS...]   # detached; log and exit code in /tmp/jobs/NAME/
+#   bash lab/gpu_job.sh wait NAME [SECONDS] [DIR...]      # until the job ends or SECONDS (default 540) pass;
 #                                                             # copies its log, and DIR's *.json *.md *.log, to $OUT
-#   bash scripts/gpu_job.sh status NAME                       # running | exit code, without waiting
+#   bash lab/gpu_job.sh status NAME                       # running | exit code, without waiting
 #
 # Issue the next `wait` as soon as one returns (no local work in between): that keeps the machine held.
 set -euo pipefail

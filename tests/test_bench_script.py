@@ -1,0 +1,100 @@
+"""scripts/bench.py's bookkeeping, without building anything: every --precisions spelling maps to the official
+side's dtype, misspellings end in one line and exit code 2, and the official-vs-fvrt ratios are same-run
+arithmetic (compute without the MP4 on both sides, end to end with it on both)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import bench  # scripts/ is not a package
+
+
+@pytest.mark.parametrize(
+    ("precisions", "dtype"),
+    [
+        ("bf16", torch.bfloat16),
+        ("bf16,fp8", torch.bfloat16),
+        ("fp8+ft8,bf16", torch.bfloat16),  # the spelling that raised KeyError 'fp8+ft8'
+        ("fp8+fa8+ft8", torch.bfloat16),
+        ("fp8+ft8+fa8,fp8", torch.bfloat16),
+        ("nvfp4+ft8", torch.bfloat16),
+        ("fp32,bf16", torch.float32),
+    ],
+)
+def test_official_dtype_follows_the_reference_precision_in_every_spelling(precisions: str, dtype: torch.dtype) -> None:
+    assert bench.official_dtype(precisions) == dtype
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [("fp8+xx", "'fp8+xx'"), ("bf16+ft8", "'bf16+ft8'"), ("fp8+ft8+ft8", "'fp8+ft8+ft8'"), ("int8", "'int8'")],
+)
+def test_a_misspelt_precision_is_one_line_and_exit_2(name: str, why: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exc:
+        bench.variant(name)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--precisions" in err and why in err, err
+
+
+def _warm(end_to_end: float, mux: float) -> dict[str, float]:
+    return {"end_to_end": end_to_end, "mux": mux}
+
+
+PRECISIONS = {
+    "fp8+ft8": {
+        "distilled": {"warm_median": _warm(13.35, 1.22)},
+        "realtime": {"warm_median": _warm(9.52, 0.95)},  # not the official pipeline's work: no ratio
+        "text_prefetched": {"distilled": _warm(12.50, 1.00), "realtime": _warm(9.00, 0.90)},
+    },
+    "bf16": {"realtime": {"warm_median": _warm(11.0, 1.0)}},  # its distilled run was skipped: no ratio
+}
+OFFICIAL = {"compute": 20.30, "mp4": 2.00, "end_to_end": 22.30}
+
+
+def test_ratios_compare_compute_with_compute_and_end_to_end_with_end_to_end() -> None:
+    got = bench.speedups(OFFICIAL, PRECISIONS)
+    assert set(got) == {"fp8+ft8 distilled", "fp8+ft8 distilled, text prefetched"}
+    d = got["fp8+ft8 distilled"]
+    assert d["fvrt_compute_s"] == pytest.approx(12.13) and d["fvrt_end_to_end_s"] == 13.35
+    assert d["compute"] == pytest.approx(20.30 / 12.13) and d["end_to_end"] == pytest.approx(22.30 / 13.35)
+    p = got["fp8+ft8 distilled, text prefetched"]
+    assert p["compute"] == pytest.approx(20.30 / 11.50) and p["end_to_end"] == pytest.approx(22.30 / 12.50)
+
+
+def test_the_markdown_shows_both_ratios_and_the_official_mp4() -> None:
+    stages = dict.fromkeys(("text_encode", "stage_1", "upsample", "stage_2", "video_decode", "audio_decode"), 1.0)
+    official = {
+        "compute_s": {**stages, "end_to_end": 20.30},
+        "mp4_s": 2.00,
+        "total_s": OFFICIAL,
+        "speedup": bench.speedups(OFFICIAL, PRECISIONS),
+    }
+    row, ratios = bench.official_rows(official)
+    assert row.startswith("| official | distilled |") and "| 2.00 | 22.30 |" in row  # mux column, end to end
+    lines = ratios.strip().splitlines()
+    assert "compute" in lines[0] and "end to end" in lines[0]
+    assert "| official | 20.30 | 22.30 | - | - |" in lines
+    assert f"| fp8+ft8 distilled | 12.13 | 13.35 | {20.30 / 12.13:.2f}x | {22.30 / 13.35:.2f}x |" in lines
+
+
+def test_the_official_mp4_step_writes_video_and_audio_and_reports_its_time(tmp_path: Path) -> None:
+    import av
+    import oracle
+
+    od = oracle._official_distilled()
+    frames = torch.randint(0, 256, (9, 64, 96, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    waveform = torch.rand(2, 16_000, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    path = tmp_path / "official.mp4"
+    seconds = od.encode_mp4(frames, waveform, 16_000, 24.0, path)
+    assert seconds > 0
+    with av.open(str(path)) as mp4:
+        video, audio = mp4.streams.video[0], mp4.streams.audio[0]
+        assert (video.codec_context.name, video.width, video.height) == ("h264", 96, 64)
+        assert (audio.codec_context.name, audio.sample_rate, audio.channels) == ("aac", 16_000, 2)
+        assert sum(1 for _ in mp4.decode(video=0)) == 9
