@@ -15,7 +15,7 @@ ORACLE := ltx-core==1.0.0 ltx-pipelines==1.0.0
 MODELOPT := nvidia-modelopt==0.47.0
 MODELOPT_DEPS := requests omegaconf pulp
 
-.PHONY: setup test test-gpu lint run clean engines bench bench-tiny
+.PHONY: setup browser test test-gpu lint run serve clean engines bench bench-tiny
 
 setup: $(STAMP)
 
@@ -23,11 +23,16 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[test,trt]"
+	$(BIN)/pip install -q -e ".[test,trt,serve]"
 	$(BIN)/pip install -q --no-deps $(ORACLE)
 	$(BIN)/pip install -q --no-deps $(MODELOPT)
 	$(BIN)/pip install -q $(MODELOPT_DEPS)
 	touch $@
+
+# The web page test's browser: Chromium and its WebDriver from the Debian packages (root; CI runs it)
+browser:
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
 
 # The embedded default: a tiny random LTX-2.3 (tiny Gemma included, nothing downloaded) compiled with torch-aot
 # on the CPU, fp32, profile "tiny". Rebuilds nothing when $(ENGINES) is up to date (same build key).
@@ -52,6 +57,13 @@ PROMPT ?= A red fox trots across a snowy field at dawn, its breath steaming, bir
 run: engines
 	mkdir -p out
 	$(BIN)/fvrt-run $(ENGINES) --prompt "$(PROMPT)" --output out/tiny.mp4 --timings out/tiny-timings.json
+
+# Serve the engines over HTTP (Ray Serve, one local cluster): the /v1/videos API and a web page at the printed URL.
+# CPU replicas for the tiny default; on GPUs, one replica per GPU (REPLICAS=8). Ctrl-C drains and stops.
+REPLICAS ?= 1
+PORT ?= 8000
+serve: engines
+	$(BIN)/fvrt-serve $(ENGINES) --replicas $(REPLICAS) --port $(PORT) --results out/results
 
 # Benchmark, one process: fvrt engines bf16 and FP8, presets distilled and realtime, 1088x1920x121 from full-size
 # random weights (engines built once into engines/bench, then reused), per-stage times, peak memory, FP8-vs-bf16

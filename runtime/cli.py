@@ -28,6 +28,7 @@ from typing import Any, NamedTuple, NoReturn
 import click
 import torch
 
+from fvrt.runtime.bundle import engine_source
 from fvrt.runtime.manifest import json_object, read_manifest
 from fvrt.runtime.media import Mp4Writer, OutputError, check_writable, save_raw, write_atomic
 from fvrt.runtime.pipeline import (
@@ -415,7 +416,8 @@ def main(
     cuda_graphs: bool,
     memory: str | None,
 ) -> None:
-    """Generate a video with audio from ENGINE_DIR (built by `fvrt-build` / `make engines`)."""
+    """Generate a video with audio from ENGINE_DIR (built by `fvrt-build` / `make engines`, or a bundle file
+    written by `fvrt-pack`)."""
     start = time.perf_counter()
     defaults = {"image": image, "image_strength": image_strength, "seed": seed, "preset": preset}
     defaults.update({"height": height, "width": width, "frames": frames, "fps": fps})
@@ -446,6 +448,7 @@ def _run(
         if prompt is not None and batch is not None:
             raise ValueError("--prompt and --batch: give one of them")
         check_device(device)
+        engine_dir = engine_source(engine_dir)  # a bundle file: unpacked once (fvrt.runtime.bundle)
         manifest = read_manifest(engine_dir)
         stream = batch is not None and str(batch) == "-"
         jobs = plan_jobs(manifest.profiles, batch, prompt, output, raw, timings, defaults)

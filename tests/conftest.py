@@ -45,3 +45,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(params=[ModelVersion.LTX2, ModelVersion.LTX23], ids=["ltx2", "ltx23"])
 def version(request: pytest.FixtureRequest) -> ModelVersion:
     return request.param
+
+
+@pytest.fixture(scope="session")
+def tiny_engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """`make engines`' build (tiny random LTX-2.3, torch-aot, CPU) once per session, for the serving tests
+    (compiled after tests/test_aoti.py's identical build, it finds Inductor's cache warm)."""
+    from fvrt.builder.build import BuildRequest, build_engines
+
+    root = tmp_path_factory.mktemp("tiny-engines")
+    build_engines(BuildRequest(out_dir=root / "engines", random="tiny"), log=lambda _: None)
+    yield root / "engines"
+    shutil.rmtree(root, ignore_errors=True)
