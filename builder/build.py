@@ -57,6 +57,8 @@ from fvrt.runtime.manifest import (
     verify,
     write_manifest,
 )
+from fvrt.runtime.precision import PRECISIONS as PRECISION_TABLE
+from fvrt.runtime.precision import QUANTIZED, TEXT_PRECISIONS
 
 logger = logging.getLogger(__name__)
 
@@ -83,10 +85,10 @@ ATTENTION_CHOICES = ("default", "cudnn", *fp8_attention.MODES)  # torch-aot on C
 # module's ATTENTION_MODES); only TensorRT-RTX takes --target-cc (full TensorRT builds for the GPU it runs on).
 TENSORRT_BACKENDS = ("tensorrt", "tensorrt-rtx")
 TARGET_CC_BACKENDS = ("tensorrt-rtx",)
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16, "nvfp4": torch.bfloat16}
-QUANTIZED = ("fp8", "nvfp4")  # DiT Linears quantised after calibration; every other tensor in bf16
+# --precision (runtime/precision.py): the torch dtype of the engines; QUANTIZED ones quantise the DiT Linears after
+# calibration and keep every other tensor in that dtype
+PRECISIONS = {name: getattr(torch, p.dtype) for name, p in PRECISION_TABLE.items()}
 DEFAULT_CALIB_PROMPTS = Path("calib_data/prompts.txt")  # relative to the working directory (the repo root)
-TEXT_PRECISIONS = ("bf16", "fp8")  # the Gemma decoder layers (--text-precision)
 CALIB_METHODS = ("modelopt", "hooks")  # hooks: the same max statistic without ModelOpt (tests/test_quant.py)
 DEVICES = ("cpu", "cuda")
 # Tokenizer files copied from the Gemma folder into <engine dir>/tokenizer/ (the runtime tokenizes prompts).
@@ -610,8 +612,8 @@ def low_bit_kind(spec: EngineSpec) -> str | None:
     else:
         stacks = {"transformer_blocks", "layers"}
         mods = [m for n, m in spec.module.named_modules() if not stacks & set(n.split("."))]
-    kinds = {type(m).__name__ for m in mods}
-    return "nvfp4" if "NVFP4Linear" in kinds else "fp8" if "FP8Linear" in kinds else None
+    kinds = {getattr(m, "PRECISION", None) for m in mods}
+    return next((p for p in reversed(PRECISION_TABLE) if p in kinds), None)
 
 
 def stage_precision(plan: Plan, spec: EngineSpec) -> str:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,58 +36,16 @@ from torch import nn
 from fvrt.builder.checkpoint import CheckpointError, LTXCheckpoint
 from fvrt.builder.models import dit as D
 from fvrt.builder.quant.layers import layer_groups
-
-TEXT_TOKENS = 1024  # the official tokenizer pads/truncates every prompt to 1024 tokens
-VIDEO_TIME_STRIDE = 8  # latent frame = 8 frames (F' = 1 + (F - 1) / 8)
-VIDEO_SPACE_STRIDE = 32  # latent pixel = 32 x 32 pixels
-TWO_STAGE_MULTIPLE = 64  # two-stage pipelines need H, W divisible by 64 (ltx_pipelines helpers.assert_resolution)
-AUDIO_LATENTS_PER_SECOND = 25  # audio latent rate (16 kHz, hop 160, x4 time downsampling)
-VIDEO_TIMESTEP_VALUES = 2  # K: sigma and (1 - strength) * sigma
-AUDIO_TIMESTEP_VALUES = 1
-
-
-class Profile(NamedTuple):
-    """One output resolution of the two-stage pipeline; stage 1 runs at half height and width."""
-
-    name: str
-    height: int
-    width: int
-    frames: int
-    fps: float = 24.0
-
-    def validate(self) -> None:
-        if self.height <= 0 or self.width <= 0 or self.height % TWO_STAGE_MULTIPLE or self.width % TWO_STAGE_MULTIPLE:
-            raise ValueError(
-                f"profile {self.name}: height and width must be positive multiples of {TWO_STAGE_MULTIPLE}, "
-                f"got {self.height}x{self.width}"
-            )
-        if self.frames < 1 or (self.frames - 1) % VIDEO_TIME_STRIDE:
-            raise ValueError(f"profile {self.name}: frames must be 8k+1 (9, 17, ..., 121), got {self.frames}")
-        if self.fps <= 0:
-            raise ValueError(f"profile {self.name}: fps must be positive, got {self.fps}")
-
-    def latent(self, stage: int) -> tuple[int, int, int]:
-        """(F', H', W') of the video latent at pipeline stage 1 (half resolution) or 2 (full)."""
-        div = VIDEO_SPACE_STRIDE * (2 if stage == 1 else 1)
-        return 1 + (self.frames - 1) // VIDEO_TIME_STRIDE, self.height // div, self.width // div
-
-    def video_tokens(self, stage: int) -> int:
-        f, h, w = self.latent(stage)
-        return f * h * w
-
-    @property
-    def audio_latents(self) -> int:
-        """round(duration * 25), duration = frames / fps (ltx_core AudioLatentShape.from_video_pixel_shape)."""
-        return round(self.frames / self.fps * AUDIO_LATENTS_PER_SECOND)
-
-
-PRESET_PROFILES: dict[str, Profile] = {
-    "1080p": Profile("1080p", 1088, 1920, 121),
-    "720p": Profile("720p", 704, 1280, 121),
-    "1024x1536": Profile("1024x1536", 1024, 1536, 121),
-    "512x768": Profile("512x768", 512, 768, 49),
-    "tiny": Profile("tiny", 128, 192, 17),
-}
+from fvrt.runtime.shapes import (
+    AUDIO_CHANNELS,
+    AUDIO_MEL_BINS,
+    LATENT_CHANNELS,
+    PIPELINE_STAGES,
+    PRESET_PROFILES,
+    TEXT_KEY,
+    TEXT_TOKENS,
+    Profile,
+)
 
 
 @dataclass
@@ -352,10 +310,6 @@ def _stats(ckpt: LTXCheckpoint) -> tuple[torch.Tensor, torch.Tensor]:
     return getattr(stats, "mean-of-means"), getattr(stats, "std-of-means")
 
 
-def shape_key(profile: Profile, stage: int | None = None) -> str:
-    return profile.name if stage is None else f"{profile.name}/s{stage}"
-
-
 def engine_specs(
     ckpt: LTXCheckpoint, profiles: Sequence[Profile], *, device: torch.device | str = "cpu", seed: int = 0
 ) -> list[EngineSpec]:
@@ -383,7 +337,7 @@ def engine_specs(
     dtype = dit.patchify_proj.weight.dtype
     gen = torch.Generator(device=device).manual_seed(seed)
     has_prompt = dit.cfg.cross_attention_adaln
-    by_key = {shape_key(p, s): (p, s) for p in profiles for s in (1, 2)}
+    by_key = {p.key(s): (p, s) for p in profiles for s in PIPELINE_STAGES}
     dit_keys = list(by_key)
     prep_modules = {k: DiTPrepEngine(dit, *p.latent(s), p.audio_latents, p.fps) for k, (p, s) in by_key.items()}
     ctx_widths = (dit.cfg.caption_channels or dit.cfg.dim, dit.cfg.caption_channels or dit.cfg.audio_dim)
@@ -400,8 +354,8 @@ def engine_specs(
     def in_inputs(key: str) -> tuple[torch.Tensor, ...]:
         p, s = by_key[key]
         return (
-            _rand((1, p.video_tokens(s), D.LATENT_CHANNELS), dtype, device, gen),
-            _rand((1, p.audio_latents, D.LATENT_CHANNELS), dtype, device, gen),
+            _rand((1, p.video_tokens(s), LATENT_CHANNELS), dtype, device, gen),
+            _rand((1, p.audio_latents, LATENT_CHANNELS), dtype, device, gen),
             _rand((1, TEXT_TOKENS, ctx_widths[0]), dtype, device, gen),
             _rand((1, TEXT_TOKENS, ctx_widths[1]), dtype, device, gen),
         )
@@ -456,7 +410,7 @@ def engine_specs(
             TextInEngine(gemma),
             ["input_ids", "attention_mask"],
             ["embeddings", *kind_names],
-            ["any"],
+            [TEXT_KEY],
             text_in_inputs,
             notes=text_kinds,
         ),
@@ -465,7 +419,7 @@ def engine_specs(
             TextBlockEngine(gemma.model.layers[0]),
             ["hidden", "mask", "cos", "sin"],
             ["hidden_out"],
-            ["any"],
+            [TEXT_KEY],
             text_block_inputs,
             per_layer=list(gemma.model.layers),
             layers=list(range(len(gemma.model.layers))),
@@ -477,7 +431,7 @@ def engine_specs(
             TextOutEngine(gemma, ckpt.text_projection),
             ["states", "attention_mask"],
             ["video_context", "audio_context"],
-            ["any"],
+            [TEXT_KEY],
             text_out_inputs,
         ),
         EngineSpec(
@@ -539,7 +493,7 @@ def engine_specs(
             ["latent"],
             ["latent_up"],
             list(full),
-            lambda k: (_rand((1, D.LATENT_CHANNELS, *full[k].latent(1)), dtype, device, gen),),
+            lambda k: (_rand((1, LATENT_CHANNELS, *full[k].latent(1)), dtype, device, gen),),
         ),
         EngineSpec(
             "video_decoder",
@@ -547,7 +501,7 @@ def engine_specs(
             ["latent"],
             ["video"],
             list(full),
-            lambda k: (_rand((1, D.LATENT_CHANNELS, *full[k].latent(2)), dtype, device, gen),),
+            lambda k: (_rand((1, LATENT_CHANNELS, *full[k].latent(2)), dtype, device, gen),),
         ),
         EngineSpec(
             "audio_decoder",
@@ -555,7 +509,7 @@ def engine_specs(
             ["latent"],
             ["waveform"],
             list(full),
-            lambda k: (_rand((1, 8, full[k].audio_latents, 16), dtype, device, gen),),
+            lambda k: (_rand((1, AUDIO_CHANNELS, full[k].audio_latents, AUDIO_MEL_BINS), dtype, device, gen),),
         ),
     ]
 
@@ -594,3 +548,15 @@ def dit_reference(
     the reference the prep -> in -> block x N -> out split is checked against."""
     with torch.no_grad():
         return dit(**dit_forward_kwargs(profile, stage, prep_inputs, in_inputs))
+
+
+__all__ = [
+    "PRESET_PROFILES",
+    "EngineSpec",
+    "Profile",
+    "block_engine_name",
+    "dit_forward_kwargs",
+    "dit_reference",
+    "engine_specs",
+    "is_block_engine",
+]

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from fvrt.runtime.precision import FP8_MIN_CC
+
 E4M3_MAX = 448.0
 P_SCALE = 448.0  # probabilities in [0, 1] -> [0, 448] before the E4M3 cast
 LOG2E = 1.4426950408889634
@@ -85,7 +87,7 @@ def for_stage(attention: str, stage: str) -> str:
 
 def supported(device: torch.device) -> bool:
     """FP8 tensor-core MMA: Ada (8.9) and Hopper (9.0) and later, with Triton importable."""
-    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < FP8_MIN_CC:
         return False
     try:
         import triton  # noqa: F401

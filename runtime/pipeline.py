@@ -38,13 +38,18 @@ from fvrt.runtime.sampler import (
     schedule,
     token_timesteps,
 )
+from fvrt.runtime.shapes import (
+    AUDIO_CHANNELS,
+    AUDIO_MEL_BINS,
+    LATENT_CHANNELS,
+    TEXT_KEY,
+    TWO_STAGE_MULTIPLE,
+    VIDEO_SPACE_STRIDE,
+    VIDEO_TIME_STRIDE,
+    Profile,
+)
 
 DEFAULT_SEED = 10  # ltx_pipelines/utils/constants.py PipelineParams.seed
-LATENT_CHANNELS = 128  # video latent channels = DiT token width (video and audio)
-AUDIO_CHANNELS, AUDIO_MEL_BINS = 8, 16  # audio latent [1, 8, T, 16] (AudioLatentShape defaults)
-AUDIO_LATENTS_PER_SECOND = 16000 / 160 / 4  # 16 kHz, hop 160, x4 time downsampling (AudioLatentShape)
-VIDEO_TIME_STRIDE, VIDEO_SPACE_STRIDE = 8, 32  # VAE scale factors: frames 8k+1 -> k+1 latent frames, 32 px
-TWO_STAGE_MULTIPLE = 64  # helpers.assert_resolution(is_two_stage=True): stage 1 runs at half size
 # `dit_prep` outputs the video fields then the audio fields, each in `StreamInputs` order (adaln, timestep_index,
 # embedded, ...): the output head needs each stream's embedded timestep and per-token index.
 FIELD_INDEX, FIELD_EMBEDDED = 1, 2
@@ -195,12 +200,12 @@ def run_text_encoder(
 ) -> tuple[torch.Tensor, ...]:
     """Prompt tokens -> (video_context, audio_context): text_in -> text_block x Gemma layers (each with the mask
     and rotary tables of its attention kind) -> text_out (all hidden states stacked)."""
-    h, *tables = engines.run("text_in", "any", input_ids, attention_mask)
+    h, *tables = engines.run("text_in", TEXT_KEY, input_ids, attention_mask)
     states = [h]
     for i, k in enumerate(engines.text_layer_kinds):
         h = engines.run_text_layer(i, h, *tables[3 * k : 3 * k + 3])
         states.append(h)
-    return engines.run("text_out", "any", torch.stack(states), attention_mask)
+    return engines.run("text_out", TEXT_KEY, torch.stack(states), attention_mask)
 
 
 class Pipeline:
@@ -253,22 +258,20 @@ class Pipeline:
         spent_before = (*self._engine_seconds(), self.graphs.capture_seconds)
         dev, dtype = self.engines.device, self.engines.dtype
         preset, clock = PRESETS[req.preset], _Clock(dev)
-        latent_frames = 1 + (req.frames - 1) // VIDEO_TIME_STRIDE
-        shape_1 = (latent_frames, req.height // (2 * VIDEO_SPACE_STRIDE), req.width // (2 * VIDEO_SPACE_STRIDE))
-        shape_2 = (latent_frames, req.height // VIDEO_SPACE_STRIDE, req.width // VIDEO_SPACE_STRIDE)
-        audio_tokens = round(float(req.frames) / float(req.fps) * AUDIO_LATENTS_PER_SECOND)
+        profile = Profile(name, req.height, req.width, req.frames, float(req.fps))
+        shape_1, shape_2, audio_tokens = profile.latent(1), profile.latent(2), profile.audio_latents
 
         # Prompt -> 1024 tokens -> video and audio contexts (no negative prompt: the distilled model runs CFG 1)
         ids, mask = self.tokenizer(req.prompt)
         encode = partial(run_text_encoder, self.engines)
-        context = tuple(t.clone() for t in self.graphs(("text_encoder", "any"), encode, ids.to(dev), mask.to(dev)))
+        context = tuple(t.clone() for t in self.graphs(("text_encoder", TEXT_KEY), encode, ids.to(dev), mask.to(dev)))
         self._release("text_encoder")
         clock.lap("text_encode")
         progress("text encode", 1, 1)
 
         # Stage 1 at half resolution; noise: video, then audio, from one generator (official draw order)
         generator = torch.Generator(device=dev).manual_seed(req.seed)
-        key = f"{name}/s1"
+        key = profile.key(1)
         video = initial_state(
             torch.zeros(1, int(np.prod(shape_1)), LATENT_CHANNELS, device=dev, dtype=dtype),
             self._image_tokens(req, key, shape_1),
@@ -289,7 +292,7 @@ class Pipeline:
         progress("upsample", 1, 1)
 
         # Stage 2 at full resolution: image re-encoded at full size; video and audio re-noised at sigma_0
-        key, sched = f"{name}/s2", schedule(preset.stage_2, dev)
+        key, sched = profile.key(2), schedule(preset.stage_2, dev)
         video = initial_state(upsampled, self._image_tokens(req, key, shape_2), req.image_strength)
         video = add_noise(video, draw_noise(video, generator), sched.sigma[0])  # official noise_scale=sigmas[0]
         audio = initial_state(audio.latent)

@@ -50,11 +50,12 @@ from fvrt.builder.checkpoint import (
     require,
 )
 from fvrt.builder.models.common import Attention, FeedForward, RopeTables, rms_norm, rope_tables
+from fvrt.runtime import shapes
 
 # --------------------------------------------------------------------------------------------------------------
 # constants
 
-LATENT_CHANNELS = 128
+LATENT_CHANNELS = shapes.LATENT_CHANNELS
 """Token width of both modalities: 128 video latent channels (patch 1x1x1), 8 audio channels x 16 mel bins
 (`audio_in_channels` is absent from the released configs; the official configurator defaults it to 128)."""
 
@@ -77,7 +78,7 @@ PROMPT_ADALN_ROWS = 2
 FFN_MULT = 4
 """Feed-forward expansion (feed_forward.py FeedForward(mult=4))."""
 
-VIDEO_SCALE_FACTORS = (8, 32, 32)
+VIDEO_SCALE_FACTORS = (shapes.VIDEO_TIME_STRIDE, shapes.VIDEO_SPACE_STRIDE, shapes.VIDEO_SPACE_STRIDE)
 """Pixels per latent voxel along (time, height, width) (types.py SpatioTemporalScaleFactors.default())."""
 AUDIO_SAMPLE_RATE = 16000
 AUDIO_HOP_LENGTH = 160
