@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from fvrt.runtime.backends import load_engine
+from fvrt.runtime.backends import check_runnable, load_engine
 from fvrt.runtime.manifest import EngineError, Manifest, read_manifest, verify
 from fvrt.runtime.precision import min_compute_capability
 from fvrt.runtime.shapes import TEXT_KEY
@@ -103,6 +103,7 @@ class EngineDir:
         dev = torch.device(device if device is not None else manifest.build.device)
         if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
             dev = torch.device("cuda", torch.cuda.current_device())
+        check_runnable(root, manifest, list(stages) if stages is not None else None)
         check_environment(root, manifest, dev)
         verify(
             root,

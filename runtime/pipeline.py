@@ -56,6 +56,7 @@ FIELD_INDEX, FIELD_EMBEDDED = 1, 2
 LTX2_OUTPUT_SAMPLING_RATE = 24000  # ltx-core `_vocoder_from_config` default; the 19B metadata does not carry it
 
 Progress = Callable[[str, int, int], None]  # (stage, steps done, steps in the stage)
+DiTPassHook = Callable[..., None]  # (shape key, *the DiT pass's inputs): see `Pipeline.__init__`
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ class Request:
 
 class Output(NamedTuple):
     frames: np.ndarray | None  # [F, H, W, 3] uint8 (None when the call asked for no frames)
-    audio: np.ndarray  # [2, S] float32 in about [-1, 1]
+    audio: np.ndarray | None  # [2, S] float32 in about [-1, 1] (None when the call asked for no decode)
     sample_rate: int
     fps: float
     timings: dict[str, float]  # seconds per stage
@@ -219,6 +220,7 @@ class Pipeline:
         cuda_graphs: bool = True,
         memory: str = "keep",
         prefetch_text: bool = False,
+        on_dit_pass: DiTPassHook | None = None,
     ) -> None:
         """memory: "keep" leaves every engine loaded (repeated generations, benchmarks); "phase" releases each
         engine after its last use in a generation (text encoder after encoding, the DiT, upsampler and video
@@ -231,10 +233,14 @@ class Pipeline:
         (asynchronous, on the stream), so that the copy overlaps whatever the caller does next (muxing the MP4,
         waiting for the next prompt) instead of opening the next generation; the device then holds the text
         encoder between prompts, never during the DiT or the decoders. For a process serving prompts one after
-        another; a one-shot run gains nothing."""
+        another; a one-shot run gains nothing.
+        on_dit_pass(key, video, audio, video_context, audio_context, video_t, video_index, sigma): called with the
+        inputs of every DiT pass before it runs (shape key, latents, contexts, [1, 2] timestep values, per-token
+        index, sigma [1]); the pipeline reuses these buffers, so a caller keeping them clones them (the builder's
+        calibration records the passes of real pipeline runs this way)."""
         if memory not in MEMORY_POLICIES:
             raise ValueError(f"memory must be one of {', '.join(MEMORY_POLICIES)}, got {memory!r}")
-        self.memory, self.prefetch_text = memory, prefetch_text
+        self.memory, self.prefetch_text, self.on_dit_pass = memory, prefetch_text, on_dit_pass
         self.engines, self.tokenizer = engines, tokenizer
         self.graphs = GraphRunner(engines.device, enabled=cuda_graphs)
         self.sample_rate = audio_sample_rate(engines.config)
@@ -247,12 +253,14 @@ class Pipeline:
         progress: Progress | None = None,
         on_video: Callable[[np.ndarray], None] | None = None,
         frames: bool = True,
+        decode: bool = True,
     ) -> Output:
         """Generate. `progress(stage, done, total)` is called per stage and per step; `on_video(planes)` gets
         the decoded frames as yuv420p planes [F, 3H/2, W] uint8 (`media.rgb_to_yuv420p`, converted on the
         device) before the audio is decoded, so the caller can start encoding them. frames=False: no RGB frames
         in the output (`Output.frames` None), which skips their host copy (0.76 GB at 1080p): an MP4 needs only
-        the planes."""
+        the planes. decode=False: stop after the last DiT pass, decoding nothing (`Output.frames` and `audio`
+        None)."""
         name = validate_request(req, self.engines.profiles)
         progress = progress or (lambda *_: None)
         spent_before = (*self._engine_seconds(), self.graphs.capture_seconds)
@@ -300,6 +308,8 @@ class Pipeline:
         video, audio = self._denoise("stage 2", key, sched, video, audio, context, req, progress, shape_2)
         self._release("dit", "upsampler", "video_encoder")
         clock.lap("stage_2")
+        if not decode:
+            return Output(None, None, self.sample_rate, float(req.fps), clock.times)
 
         # Decode: frames to uint8 (handed to the caller at once), then the waveform at the vocoder's rate
         (decoded,) = self._run("video_decoder", name, unpatchify_video(video.latent, shape_2))
@@ -321,32 +331,27 @@ class Pipeline:
         clock.times["pipeline_total"] = time.perf_counter() - clock.start
         spent = (*self._engine_seconds(), self.graphs.capture_seconds)
         clock.times.update({k: a - b for k, a, b in zip(COLD_TIMINGS, spent, spent_before, strict=True)})
-        onload = getattr(self.engines, "onload", None)
-        if self.prefetch_text and self.memory == "offload" and onload is not None:
-            onload(["text_encoder"])  # queued copies: the next prompt's first kernels wait for them on the stream
+        if self.prefetch_text and self.memory == "offload":  # queued copies: the next prompt's kernels wait for them
+            self.engines.onload(["text_encoder"])
         return Output(pixels, samples, self.sample_rate, float(req.fps), clock.times)
 
     # ---- helpers --------------------------------------------------------------------------------------------
 
     def _engine_seconds(self) -> tuple[float, float]:
-        """(loading, parking) seconds the engine set has spent so far (0 for sets that do not count them)."""
-        seconds = getattr(self.engines, "seconds", {})
-        return seconds.get("load", 0.0), seconds.get("park", 0.0)
+        """(loading, parking) seconds the engine set has spent so far."""
+        return self.engines.seconds["load"], self.engines.seconds["park"]
 
     def _release(self, *names: str) -> None:
         """memory="phase": drop these engines ("dit" = all DiT engines) and the graphs that call them;
         memory="offload": move the text encoder to host memory (and drop its graph)."""
         if self.memory == "offload" and "text_encoder" in names:
-            offload = getattr(self.engines, "offload", None)
-            if offload is not None:
-                self.graphs.drop({"text_encoder"})  # a graph replays raw device addresses of the weights
-                offload(["text_encoder"])
+            self.graphs.drop({"text_encoder"})  # a graph replays raw device addresses of the weights
+            self.engines.offload(["text_encoder"])
             return
-        release = getattr(self.engines, "release", None)
-        if self.memory != "phase" or release is None:
+        if self.memory != "phase":
             return
         self.graphs.drop(set(names))  # DiT engines run only inside the ("dit", key) graphs
-        release(names)
+        self.engines.release(names)
 
     def _run(self, engine: str, key: str, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """One engine call (captured and replayed on CUDA, except UNGRAPHED). Compiled engines read their inputs
@@ -384,6 +389,8 @@ class Pipeline:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One DiT pass of a denoising step (see `run_dit`). Returns velocities [1, Nv, 128], [1, Na, 128]."""
         prep = (video_t, video_index, sigma.view(1, 1), sigma, sigma)
+        if self.on_dit_pass is not None:
+            self.on_dit_pass(key, video, audio, video_context, audio_context, video_t, video_index, sigma)
         return run_dit(self.engines, key, prep, (video, audio, video_context, audio_context))
 
     def _denoise(

@@ -157,3 +157,15 @@ def test_shape_contract() -> None:
     assert p.latent(1) == (16, 17, 30) and p.latent(2) == (16, 34, 60) and p.audio_latents == 126
     assert p.key(1) == shape_key("1080p", 1) == "1080p/s1" and p.key() == "1080p" and key_stage("x/s2") == 2
     assert Profile.from_json(p.name, json.loads(json.dumps(p.to_json()))) == p
+
+
+def test_runtime_refuses_formats_it_cannot_execute(tmp_path: Path) -> None:
+    """A TensorRT-RTX engine directory is a valid manifest, but fvrt-run executes torch-aot engines only: it says so
+    when the directory is opened, before loading anything."""
+    from fvrt.runtime.engine import EngineDir
+
+    root, manifest = _engine_dir(tmp_path)
+    rtx = dataclasses.replace(manifest.stages["dit"], backend="tensorrt-rtx")
+    write_manifest(root, dataclasses.replace(manifest, stages={"dit": rtx}))
+    with pytest.raises(EngineError, match="stage 'dit' is a tensorrt-rtx engine; fvrt-run executes torch-aot engines"):
+        EngineDir.open(root)

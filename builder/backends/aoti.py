@@ -42,8 +42,10 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
+from fvrt.builder import stages
 from fvrt.builder.backends import cxx as cxx_select
-from fvrt.builder.engines import EngineSpec
+from fvrt.builder.backends.base import BackendOptions, OptionError, check_attention
+from fvrt.builder.stages.base import EngineSpec
 from fvrt.plugins import fp8_attention
 from fvrt.runtime.manifest import StageEntry, TensorSpec, sha256_file
 
@@ -60,7 +62,7 @@ Log = Callable[[str], None]
 # "ndhwc" permuted to [O, kD, kH, kW, I]. "auto": ndhwc for the video VAE engines on CUDA, ncdhw elsewhere.
 CONV_LAYOUTS = ("ncdhw", "ndhwc")
 CONV_LAYOUT_CHOICES = ("auto", *CONV_LAYOUTS)
-CONV_LAYOUT_STAGES = ("video_encoder", "video_decoder")
+CONV_LAYOUT_STAGES = tuple(e.name for e in stages.ENGINES if e.conv_layout)  # the video VAE's engines
 
 
 def stage_conv_layout(choice: str, stage: str, device: torch.device) -> str:
@@ -178,7 +180,7 @@ def module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def stage_attention(attention: str, stage: str, device: torch.device) -> str:
     """The attention an engine of `stage` gets: CPU engines always "default"; FP8 modes reach only the DiT."""
-    return fp8_attention.for_stage(attention, stage) if device.type == "cuda" else "default"
+    return stages.stage_attention(attention, stage) if device.type == "cuda" else "default"
 
 
 @contextlib.contextmanager
@@ -327,6 +329,9 @@ class TorchAOTBackend:
     """The `torch-aot` backend object (see fvrt.builder.backends)."""
 
     name = "torch-aot"
+    attention_choices = ATTENTION_CHOICES
+    rebinds = True  # the code depends on the architecture only: a new checkpoint gets a new weights file
+    errors: tuple[type[Exception], ...] = ()
 
     def __init__(self, attention: str = "default", cxx: str | None = None, conv_layout: str = "auto") -> None:
         if attention not in ATTENTION_CHOICES:
@@ -337,6 +342,7 @@ class TorchAOTBackend:
         self.conv_layout = conv_layout  # CONV_LAYOUT_CHOICES, resolved per stage by `stage_conv_layout`
         self.cxx = cxx  # explicit compiler (--cxx); None: $FVRT_CXX or the first candidate that works
         self._compiler: cxx_select.Compiler | None = None
+        self.device = torch.device("cpu")  # where the build runs (`configure`): resolves conv_layout "auto"
 
     @property
     def compiler(self) -> cxx_select.Compiler:
@@ -354,6 +360,20 @@ class TorchAOTBackend:
         except cxx_select.CompilerError as e:
             return str(e)
         return None
+
+    def refuse_precision(self, precision: str) -> str | None:
+        return None  # every precision of the table: low-bit layers compile through their torch ops
+
+    def recipe(self) -> dict[str, Any]:
+        return {"cxx": self.compiler.version or self.compiler.path}  # the wrapper library depends on its compiler
+
+    def environment(self) -> dict[str, str | None]:
+        return {}  # the build machine's compute capability; no TensorRT
+
+    def engine_recipe(self, name: str) -> dict[str, Any]:
+        """The conv layout of engine `name` when it is not the checkpoint's (the code reads it)."""
+        layout = stage_conv_layout(self.conv_layout, name, self.device)
+        return {"conv_layout": layout} if layout != "ncdhw" else {}
 
     def compile_key(
         self,
@@ -526,11 +546,21 @@ def weight_file_tensors(spec: EngineSpec, names: Sequence[str], conv_layout: str
     return {n: to_file_layout(tensors[n], conv_layout) for n in names}
 
 
-def backend(name: str) -> TorchAOTBackend:
-    """Backend factory used by `fvrt.builder.backends.get_backend`."""
-    if name != "torch-aot":
+def configure(name: str, options: BackendOptions) -> TorchAOTBackend:
+    """The `torch-aot` backend with the request's options (`fvrt.builder.backends.configure`); OptionError (one
+    line) for a value it refuses."""
+    if name != TorchAOTBackend.name:
         raise ValueError(f"fvrt.builder.backends.aoti serves 'torch-aot', not '{name}'")
-    return TorchAOTBackend()
-
-
-BACKEND = TorchAOTBackend()
+    check_attention(name, ATTENTION_CHOICES, options.attention)
+    if options.conv_layout not in CONV_LAYOUT_CHOICES:
+        raise OptionError(f"--conv-layout: choose one of {', '.join(CONV_LAYOUT_CHOICES)}, got '{options.conv_layout}'")
+    if options.attention in fp8_attention.MODES and not (
+        options.device.type == "cuda" and fp8_attention.supported(options.device)
+    ):  # the DiT's attention in FP8: a Triton kernel compiled for the local GPU
+        raise OptionError(
+            f"--attention {options.attention}: FP8 attention compiles a Triton kernel for the local GPU and needs "
+            "--device cuda with compute capability 8.9 or newer and Triton installed"
+        )
+    backend = TorchAOTBackend(options.attention, options.cxx, options.conv_layout)
+    backend.device = options.device
+    return backend

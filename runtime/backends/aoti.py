@@ -34,8 +34,8 @@ def _load_models(root: Path, files: dict[str, str], device: torch.device) -> dic
 
 class AOTIEngine:
     """One compiled engine. `run(key, *inputs)` binds the weights and the inputs (checked against the manifest's
-    shapes and dtypes), runs on the current CUDA stream (or the CPU) and returns the outputs; `out=` copies them
-    into preallocated tensors. dit_block: `layer=i` selects the i-th weight set."""
+    shapes and dtypes), runs on the current CUDA stream (or the CPU) and returns the outputs. dit_block:
+    `layer=i` selects the i-th weight set."""
 
     def __init__(
         self, root: Path, entry: StageEntry, device: torch.device, tensors: dict[str, torch.Tensor] | None = None
@@ -119,10 +119,9 @@ class AOTIEngine:
         key: str,
         *inputs: torch.Tensor,
         layer: int | None = None,
-        out: Sequence[torch.Tensor] | None = None,
         check: bool = True,
     ) -> tuple[torch.Tensor, ...]:
-        """Run shape key `key`. Returns the outputs ([shapes as in the manifest]); with `out`, copies into it."""
+        """Run shape key `key`. Returns the outputs ([shapes as in the manifest])."""
         if check:
             self.check_inputs(key, inputs)
         if self._parked:
@@ -134,12 +133,7 @@ class AOTIEngine:
         else:
             weights = self.weights
         result = self._models[key](*weights, *inputs)
-        outs = tuple(result) if isinstance(result, (tuple, list)) else (result,)
-        if out is None:
-            return outs
-        for dst, src in zip(out, outs, strict=True):
-            dst.copy_(src)
-        return tuple(out)
+        return tuple(result) if isinstance(result, (tuple, list)) else (result,)
 
 
 def load(root: Path, entry: StageEntry, device: torch.device) -> AOTIEngine:
