@@ -175,8 +175,9 @@ def test_low_bit_engines_refused_on_older_gpus(fp8_build: Path, monkeypatch: pyt
 
 
 def _fp32_quantised_block_spec(tmp_path: Path) -> object:
+    from helpers import CalibShape, random_dit_inputs, two_stage_passes
+
     from fvrt.builder.engines import engine_specs
-    from fvrt.builder.quant.calibrate import CalibShape, random_dit_inputs, two_stage_passes
 
     write_tiny_release(tmp_path, ModelVersion.LTX23, seed=1)
     ck = load_tiny_release(tmp_path, torch.float32, "cpu")
@@ -327,11 +328,11 @@ def test_nvfp4_block_exports_fp4_qdq_that_the_onnx_reference_matches(tmp_path: P
     import numpy as np
     import onnx
     import onnx.numpy_helper
+    from helpers import CalibShape, random_dit_inputs, two_stage_passes
     from onnx.reference import ReferenceEvaluator
 
     from fvrt.builder.backends.onnx_export import export_onnx
     from fvrt.builder.engines import engine_specs
-    from fvrt.builder.quant.calibrate import CalibShape, random_dit_inputs, two_stage_passes
     from fvrt.builder.quant.nvfp4 import e2m1_values, unpack_fp4
 
     folder = tmp_path / "release"
