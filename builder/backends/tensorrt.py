@@ -289,8 +289,9 @@ class TensorRTBackend:
                 n_attention += 1
         if small_heads and log is not None:
             sizes = ", ".join(map(str, sorted(small_heads)))
+            which = "head size {} is" if len(small_heads) == 1 else "head sizes {} are"
             log(
-                f"{what}: attention head size {sizes} is below the fused kernels' minimum ({FUSED_MIN_HEAD_DIM}): "
+                f"{what}: attention {which.format(sizes)} below the fused kernels' minimum ({FUSED_MIN_HEAD_DIM}): "
                 "that attention is decomposed into MatMul-Softmax-MatMul"
             )
 
