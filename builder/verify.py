@@ -123,7 +123,7 @@ def verify_built(
 
     t = time.perf_counter()
     layout = entry.extra.get("conv_layout", "ncdhw")
-    engine = AOTIEngine(tmp, entry, device, tensors=weight_file_tensors(spec, entry.extra["weight_names"], layout))
+    engine = AOTIEngine(tmp, entry, device, tensors=weight_file_tensors(spec, entry.weight_names, layout))
     errs = check_engine(spec, engine)
     top = worst(errs)
     log(f"{spec.name}: verified against eager, max rel err {top:.2e} ({time.perf_counter() - t:.1f} s)")
@@ -131,11 +131,11 @@ def verify_built(
     if spec.name in FP32_REFERENCED and next(spec.module.parameters()).dtype != torch.float32:
         try:
             try:
-                row = check_against_fp32(spec, engine, entry.extra["weight_names"])
+                row = check_against_fp32(spec, engine, entry.weight_names)
             except torch.OutOfMemoryError:  # e.g. text_out next to the 12B Gemma and the DiT: reference on the CPU
                 torch.cuda.empty_cache()
                 log(f"{spec.name}: no room on the GPU for the fp32 reference, computing it on the CPU")
-                row = check_against_fp32(spec, engine, entry.extra["weight_names"], on=torch.device("cpu"))
+                row = check_against_fp32(spec, engine, entry.weight_names, on=torch.device("cpu"))
         except (torch.OutOfMemoryError, RuntimeError) as e:  # information only: never fail a build over it
             log(f"{spec.name}: no fp32 reference ({type(e).__name__}: {' '.join(str(e).split())[:200]})")
         else:

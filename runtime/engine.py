@@ -75,8 +75,7 @@ class EngineDir:
         for name, entry in manifest.stages.items():
             if not name.startswith("dit_"):
                 continue
-            n = int(entry.extra.get("per_layer", 0) or 0)
-            for local, layer in enumerate(entry.extra.get("layers") or range(n)):
+            for local, layer in enumerate(entry.layers or range(entry.per_layer)):
                 if int(layer) in self._blocks:
                     raise EngineError(f"{root}: DiT block {layer} is claimed by two engines")
                 self._blocks[int(layer)] = (name, local)
@@ -84,9 +83,9 @@ class EngineDir:
         if sorted(self._blocks) != list(range(self.num_layers)):
             raise EngineError(f"{root}: the block engines do not cover DiT blocks 0..{self.num_layers - 1}")
         text = manifest.stages.get("text_block")
-        self.text_layer_kinds: list[int] = list((text.extra.get("notes") or {}).get("layer_kinds", [])) if text else []
-        if text is not None and len(self.text_layer_kinds) != int(text.extra.get("per_layer", 0) or 0):
-            raise EngineError(f"{root}: text_block: notes.layer_kinds does not give a kind for every layer")
+        self.text_layer_kinds: list[int] = list(text.layer_kinds) if text else []
+        if text is not None and len(self.text_layer_kinds) != text.per_layer:
+            raise EngineError(f"{root}: text_block: layer_kinds does not give a kind for every layer")
 
     @classmethod
     def open(

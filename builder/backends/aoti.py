@@ -2,7 +2,7 @@
 
 Every engine is exported as a pure function of (weights..., inputs...): a `torch.func.functional_call` wrapper
 whose first inputs are the parameters and buffers the engine's forward actually reads, in a fixed order
-(`StageEntry.extra["weight_names"]`). The compiled packages therefore holds no checkpoint tensor, only code and
+(`StageEntry.weight_names`). The compiled packages therefore holds no checkpoint tensor, only code and
 the few derived constants that the architecture alone fixes (RoPE frequency grids, resampling filters); the
 weights go to `<engine>.safetensors`, and one build serves every checkpoint of the same architecture.
 
@@ -44,7 +44,7 @@ from torch.utils import _pytree as pytree
 
 from fvrt.builder import stages
 from fvrt.builder.backends import cxx as cxx_select
-from fvrt.builder.backends.base import BackendOptions, OptionError, check_attention
+from fvrt.builder.backends.base import BackendOptions, OptionError, check_attention, per_layer_fields
 from fvrt.builder.stages.base import EngineSpec
 from fvrt.plugins import fp8_attention
 from fvrt.runtime.manifest import StageEntry, TensorSpec, sha256_file
@@ -485,10 +485,7 @@ class TorchAOTBackend:
             "attention": stage_attention(self.attention, spec.name, device),
             "conv_layout": conv_layout,
             "models": {k: p.name for k, p in packages.items()},
-            "weight_names": file_names,
             "weight_dtypes": weight_dtypes,
-            "per_layer": len(spec.per_layer),
-            **({"layers": spec.layers} if spec.per_layer else {}),
             "code_bytes": sum(p.stat().st_size for p in packages.values()),
             "weights_bytes": sum(t.numel() * t.element_size() for t in file_tensors.values()),
             "constants_bytes": max(c.constants_bytes for c in compiled.values()),
@@ -513,22 +510,24 @@ class TorchAOTBackend:
             weights_sha256=sha256_file(weights_file) if write_weights else None,
             extra=extra,
             files={p.name: sha256_file(p) for p in packages.values()},
+            weight_names=file_names,
+            **per_layer_fields(spec),
         )
 
     def rebind(self, spec: EngineSpec, out_dir: Path, entry: StageEntry) -> StageEntry:
         """Keep `entry`'s compiled package (already in `out_dir`) and write the weights of `spec`'s (new)
         checkpoint under the same names: the code depends on the architecture only."""
-        names = entry.extra["weight_names"]
+        names = entry.weight_names
         tensors = weight_file_tensors(spec, names, entry.extra.get("conv_layout", "ncdhw"))
         weights_file = Path(out_dir) / f"{spec.name}{WEIGHTS_SUFFIX}"
         save_weights(weights_file, tensors, {"format": "pt", "engine": spec.name})
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-        layers = {"per_layer": len(spec.per_layer), "layers": spec.layers} if spec.per_layer else {}
         return replace(
             entry,
             weights=weights_file.name,
             weights_sha256=sha256_file(weights_file),
-            extra={**entry.extra, "weights_bytes": nbytes, **layers},
+            extra={**entry.extra, "weights_bytes": nbytes},
+            **per_layer_fields(spec),
         )
 
 

@@ -103,9 +103,26 @@ def refuse_options(name: str, info: BackendInfo, options: BackendOptions, regist
             raise OptionError(f"{flag}: only --backend {takers} takes it, not --backend {name}{why}")
 
 
+def per_layer_fields(spec: EngineSpec) -> dict[str, Any]:
+    """The typed `StageEntry` fields of a per-layer engine (none for the others): how many weight sets, their
+    model layers and, for the Gemma layer, which attention kind each layer takes."""
+    if not spec.per_layer:
+        return {}
+    kinds = list(spec.notes.get("layer_kinds", []))
+    return {"per_layer": len(spec.per_layer), "layers": list(spec.layers), "layer_kinds": kinds}
+
+
 def check_attention(name: str, choices: tuple[str, ...], attention: str) -> None:
     if attention not in choices:
         raise OptionError(f"--attention: choose one of {', '.join(choices)} for --backend {name}, got '{attention}'")
 
 
-__all__ = ["OPTION_FLAGS", "Backend", "BackendInfo", "BackendOptions", "OptionError", "check_attention"]
+__all__ = [
+    "OPTION_FLAGS",
+    "Backend",
+    "BackendInfo",
+    "BackendOptions",
+    "OptionError",
+    "check_attention",
+    "per_layer_fields",
+]

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from fvrt.builder.backends import onnx_export as OX
-from fvrt.builder.backends.base import BackendOptions, OptionError, check_attention
+from fvrt.builder.backends.base import BackendOptions, OptionError, check_attention, per_layer_fields
 from fvrt.builder.stages.base import EngineSpec
 from fvrt.runtime.manifest import StageEntry, TensorSpec, sha256_file
 from fvrt.runtime.precision import QUANTIZED
@@ -419,9 +419,7 @@ class TensorRTBackend:
             **({"notes": spec.notes} if spec.notes else {}),
         }
         if spec.per_layer:
-            extra["per_layer"] = len(spec.per_layer)
-            extra["layers"] = spec.layers
-            extra["weight_inputs"] = weight_inputs
+            extra["weight_inputs"] = weight_inputs  # with their dtypes and shapes
         return StageEntry(
             name=spec.name,
             backend=self.name,
@@ -434,6 +432,8 @@ class TensorRTBackend:
             weights_sha256=weights_sha,
             extra=extra,
             files={f["file"]: f["sha256"] for f in files.values()},  # every plan, verified by the runtime
+            weight_names=[w["name"] for w in weight_inputs],
+            **per_layer_fields(spec),
         )
 
 

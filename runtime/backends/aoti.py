@@ -42,11 +42,9 @@ class AOTIEngine:
     ) -> None:
         """tensors: the weights-file tensors given in memory (shared, not copied) instead of reading the file."""
         self.name, self.entry, self.device = entry.name, entry, device
-        extra = entry.extra
+        names, self.num_layers = list(entry.weight_names), entry.per_layer
         try:
-            names: list[str] = list(extra["weight_names"])
-            self.num_layers = int(extra["per_layer"])
-            models: dict[str, str] = dict(extra["models"])
+            models: dict[str, str] = dict(entry.extra["models"])
         except (KeyError, TypeError, ValueError) as e:
             raise EngineError(f"{root}: stage '{entry.name}' manifest entry lacks {e}") from None
         if tensors is None:
