@@ -19,6 +19,7 @@ from fvrt.builder.build import (
     DEVICES,
     PRECISIONS,
     TARGET_CC_BACKENDS,
+    TEXT_PRECISIONS,
     BuildError,
     BuildRequest,
     build_engines,
@@ -88,7 +89,7 @@ EXIT_INTERNAL = 1
 )
 @click.option(
     "--text-precision",
-    type=click.Choice(["bf16", "fp8"]),
+    type=click.Choice(list(TEXT_PRECISIONS)),
     default="bf16",
     show_default=True,
     help="Precision of the Gemma decoder layers (text_block); fp8 calibrates on every prompt of --calib-prompts.",

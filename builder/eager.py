@@ -3,13 +3,16 @@ reference every compiled engine and the pipeline are checked against."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 
 from fvrt.builder.checkpoint import LTXCheckpoint
-from fvrt.builder.engines import EngineSpec, Profile, engine_specs, is_block_engine
+from fvrt.builder.stages import engine_specs
+from fvrt.builder.stages.base import EngineSpec
+from fvrt.builder.stages.dit import is_block_engine
+from fvrt.runtime.shapes import Profile
 
 
 class EagerEngineSet:
@@ -32,6 +35,18 @@ class EagerEngineSet:
         self.text_layer_kinds: list[int] = list(self.specs["text_block"].notes["layer_kinds"])
         self.config: dict[str, Any] = ckpt.config
         self.profiles = {p.name: p._asdict() for p in profiles}
+        self.seconds: dict[str, float] = {"load": 0.0, "park": 0.0}  # nothing is loaded or parked: the modules are
+
+    # The eager modules are the checkpoint's own, in memory for as long as the checkpoint is: releasing, parking
+    # and restoring them is nothing to do (the pipeline's memory policies are for compiled engines).
+    def release(self, names: Iterable[str] | None = None) -> None:
+        pass
+
+    def offload(self, names: Iterable[str]) -> None:
+        pass
+
+    def onload(self, names: Iterable[str]) -> None:
+        pass
 
     @torch.no_grad()
     def run(self, name: str, key: str, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -34,7 +34,6 @@ SENTENCES = (
 # Gemma3Processor-facing config (boi/eoi/image token indices) points at real pieces.
 SPECIAL_PIECES = ("<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>")
 SPM_VOCAB = 200
-GEMMA_VOCAB = 256  # >= SPM_VOCAB: the embedding table covers every token id
 LAYOUTS = ("official", "conditional", "causal")
 
 

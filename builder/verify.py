@@ -7,12 +7,15 @@ carry meaning where the spec says which (`EngineSpec.valid_rows`; the all-rows e
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from fvrt.builder.engines import EngineSpec
+from fvrt.builder.stages.base import EngineSpec
+from fvrt.runtime.manifest import StageEntry
 
 INFO = "info: "  # prefix of entries that are reported but not checked
 FP32_REFERENCED = ("video_encoder", "upsampler", "audio_decoder", "text_out")  # small enough for an fp32 copy
@@ -108,3 +111,36 @@ __all__ = [
     "rel_err",
     "worst",
 ]
+
+
+def verify_built(
+    spec: EngineSpec, tmp: Path, entry: StageEntry, device: torch.device, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """--verify: the new torch-aot engine in `tmp` (bound to the in-memory weights) against eager on fresh sample
+    inputs; the manifest's `verify` record."""
+    from fvrt.builder.backends.aoti import weight_file_tensors
+    from fvrt.runtime.backends.aoti import AOTIEngine
+
+    t = time.perf_counter()
+    layout = entry.extra.get("conv_layout", "ncdhw")
+    engine = AOTIEngine(tmp, entry, device, tensors=weight_file_tensors(spec, entry.weight_names, layout))
+    errs = check_engine(spec, engine)
+    top = worst(errs)
+    log(f"{spec.name}: verified against eager, max rel err {top:.2e} ({time.perf_counter() - t:.1f} s)")
+    out: dict[str, Any] = {"max_rel_err": top, "rel_err": errs}
+    if spec.name in FP32_REFERENCED and next(spec.module.parameters()).dtype != torch.float32:
+        try:
+            try:
+                row = check_against_fp32(spec, engine, entry.weight_names)
+            except torch.OutOfMemoryError:  # e.g. text_out next to the 12B Gemma and the DiT: reference on the CPU
+                torch.cuda.empty_cache()
+                log(f"{spec.name}: no room on the GPU for the fp32 reference, computing it on the CPU")
+                row = check_against_fp32(spec, engine, entry.weight_names, on=torch.device("cpu"))
+        except (torch.OutOfMemoryError, RuntimeError) as e:  # information only: never fail a build over it
+            log(f"{spec.name}: no fp32 reference ({type(e).__name__}: {' '.join(str(e).split())[:200]})")
+        else:
+            out["vs_fp32"] = row
+            e_max, b_max = fp32_maxima(row)
+            log(f"{spec.name}: against fp32 tensors: engine {e_max:.2e}, eager {b_max:.2e}")
+    del engine
+    return out

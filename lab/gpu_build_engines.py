@@ -101,8 +101,8 @@ class Run:
         sub = self.work / f"{spec.name}-{attention}"
         sub.mkdir(exist_ok=True)
         entry = backend.build(spec, sub, precision=self.args.precision, log=log, write_weights=False)
-        eng = AOTIEngine(sub, entry, self.device, tensors=weight_file_tensors(spec, entry.extra["weight_names"]))
-        self.weight_names[spec.name] = entry.extra["weight_names"]
+        eng = AOTIEngine(sub, entry, self.device, tensors=weight_file_tensors(spec, entry.weight_names))
+        self.weight_names[spec.name] = entry.weight_names
         self.results["engines"][spec.name] = {
             "attention": entry.extra["attention"],
             "build_s": entry.extra["build_seconds"],
@@ -110,7 +110,7 @@ class Run:
             "compile_s": entry.extra["compile_seconds"],
             "code_MB": round(entry.extra["code_bytes"] / 1e6, 2),
             "weights_GB": round(entry.extra["weights_bytes"] / 1e9, 3),
-            "weight_tensors": len(entry.extra["weight_names"]) * max(1, entry.extra["per_layer"]),
+            "weight_tensors": len(entry.weight_names) * max(1, entry.per_layer),
             "shape_keys": list(entry.extra["models"]),
         }
         return eng

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from fvrt.runtime.precision import FP8_MIN_CC
+
 E4M3_MAX = 448.0
 P_SCALE = 448.0  # probabilities in [0, 1] -> [0, 448] before the E4M3 cast
 LOG2E = 1.4426950408889634
@@ -77,15 +79,9 @@ def attention_fp32(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     return torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
 
 
-def for_stage(attention: str, stage: str) -> str:
-    """The --attention an engine of `stage` is built with: FP8 attention reaches the DiT's engines only; the other
-    stages keep bf16 cuDNN attention (and the build keys of a cudnn build, so they are shared with it)."""
-    return "cudnn" if attention in MODES and not stage.startswith("dit") else attention
-
-
 def supported(device: torch.device) -> bool:
     """FP8 tensor-core MMA: Ada (8.9) and Hopper (9.0) and later, with Triton importable."""
-    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < FP8_MIN_CC:
         return False
     try:
         import triton  # noqa: F401

@@ -10,6 +10,7 @@ the tokens of latent frame 0 with denoise mask 1 - strength (see `sampler.initia
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from pathlib import Path
@@ -29,8 +30,32 @@ class ImageError(ValueError):
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """The image's pixels [H, W, 3] uint8 (official `decode_image`: `np.array(Image.open(path))[..., :3]`;
-    grey and palette images, which the official code cannot take, are converted to RGB first)."""
+    """The image's pixels [H, W, 3] uint8, read-only (official `decode_image`: `np.array(Image.open(path))[..., :3]`;
+    grey and palette images, which the official code cannot take, are converted to RGB first). A file is decoded
+    once per process while it is unchanged (same size and modification time): validating a request and encoding
+    its image at both pipeline stages read it once."""
+    return _decoded(str(path), _stamp(path), None)
+
+
+def _stamp(path: str | Path) -> tuple[int, int]:
+    """(modification time, size) of the file: what keys `_decoded`'s cache to its contents."""
+    try:
+        stat = Path(path).stat()
+    except OSError as e:
+        raise ImageError(f"--image {path}: cannot read the image ({e})") from None
+    return stat.st_mtime_ns, stat.st_size
+
+
+@functools.lru_cache(maxsize=8)
+def _decoded(path: str, stamp: tuple[int, int], crf: int | None) -> np.ndarray:
+    """`path` decoded (crf None) or decoded and through `h264_round_trip(.., crf)`, read-only; `stamp` (mtime,
+    size) keys the cache to the file's contents."""
+    pixels = _decode(path) if crf is None else h264_round_trip(_decoded(path, stamp, None), crf)
+    pixels.setflags(write=False)
+    return pixels
+
+
+def _decode(path: str) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img.load()
@@ -77,5 +102,5 @@ def image_input(
     path: str | Path, height: int, width: int, *, dtype: torch.dtype, device: torch.device, crf: int = IMAGE_CRF
 ) -> torch.Tensor:
     """The video encoder's input for the image at `path`: [1, 3, 1, height, width] in [-1, 1], `dtype`."""
-    pixels = torch.tensor(h264_round_trip(read_image(path), crf), dtype=torch.float32, device=device)
+    pixels = torch.tensor(_decoded(str(path), _stamp(path), crf), dtype=torch.float32, device=device)
     return (resize_and_center_crop(pixels, height, width) / 127.5 - 1.0).to(dtype)

@@ -14,8 +14,10 @@ from typing import Any
 
 import torch
 
-from fvrt.runtime.backends import load_engine
+from fvrt.runtime.backends import check_runnable, load_engine
 from fvrt.runtime.manifest import EngineError, Manifest, read_manifest, verify
+from fvrt.runtime.precision import min_compute_capability
+from fvrt.runtime.shapes import TEXT_KEY
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -28,12 +30,6 @@ def machine_compute_capability(device: torch.device) -> str | None:
     return f"{major}.{minor}"
 
 
-# Low-bit engines need the tensor-core formats: FP8 from Ada/Hopper (8.9), NVFP4 from Blackwell (10.0). On the
-# CPU both run through their exact emulation (FP8Linear / NVFP4Linear), which is how the tiny tests run them.
-LOW_BIT_MIN_CC = {"fp8": (8, 9), "nvfp4": (10, 0)}
-LOW_BIT_ATTENTION = ("fp8",)  # engines whose attention is FP8 (manifest extra "attention") need 8.9 too
-
-
 def check_environment(root: Path, manifest: Manifest, device: torch.device) -> None:
     """Refuse engines built for another device kind, GPU or torch (AOTInductor code is tied to all three)."""
     built = manifest.build.device
@@ -43,12 +39,13 @@ def check_environment(root: Path, manifest: Manifest, device: torch.device) -> N
         raise EngineError(f"{root}: engines were built for CUDA and this machine has no usable CUDA GPU")
     if device.type == "cuda":
         cc = torch.cuda.get_device_capability(device)
-        for name, entry in manifest.stages.items():
-            need = LOW_BIT_MIN_CC.get(entry.precision)
-            what = entry.precision
-            if entry.extra.get("attention") in LOW_BIT_ATTENTION:
-                need, what = max(need or (0, 0), LOW_BIT_MIN_CC["fp8"]), f"{what} with FP8 attention"
-            if need is not None and cc < need:
+        for name, entry in manifest.stages.items():  # low-bit engines need their tensor-core formats
+            attention = entry.extra.get("attention")
+            required = min_compute_capability(entry.precision, attention if isinstance(attention, str) else None)
+            if required is None:
+                continue
+            need, what = required
+            if cc < need:
                 raise EngineError(
                     f"{root}: engine {name} is {what}, which needs a GPU of compute capability "
                     f"{need[0]}.{need[1]} or newer; this GPU is {cc[0]}.{cc[1]}"
@@ -78,8 +75,7 @@ class EngineDir:
         for name, entry in manifest.stages.items():
             if not name.startswith("dit_"):
                 continue
-            n = int(entry.extra.get("per_layer", 0) or 0)
-            for local, layer in enumerate(entry.extra.get("layers") or range(n)):
+            for local, layer in enumerate(entry.layers or range(entry.per_layer)):
                 if int(layer) in self._blocks:
                     raise EngineError(f"{root}: DiT block {layer} is claimed by two engines")
                 self._blocks[int(layer)] = (name, local)
@@ -87,9 +83,9 @@ class EngineDir:
         if sorted(self._blocks) != list(range(self.num_layers)):
             raise EngineError(f"{root}: the block engines do not cover DiT blocks 0..{self.num_layers - 1}")
         text = manifest.stages.get("text_block")
-        self.text_layer_kinds: list[int] = list((text.extra.get("notes") or {}).get("layer_kinds", [])) if text else []
-        if text is not None and len(self.text_layer_kinds) != int(text.extra.get("per_layer", 0) or 0):
-            raise EngineError(f"{root}: text_block: notes.layer_kinds does not give a kind for every layer")
+        self.text_layer_kinds: list[int] = list(text.layer_kinds) if text else []
+        if text is not None and len(self.text_layer_kinds) != text.per_layer:
+            raise EngineError(f"{root}: text_block: layer_kinds does not give a kind for every layer")
 
     @classmethod
     def open(
@@ -106,6 +102,7 @@ class EngineDir:
         dev = torch.device(device if device is not None else manifest.build.device)
         if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
             dev = torch.device("cuda", torch.cuda.current_device())
+        check_runnable(root, manifest, list(stages) if stages is not None else None)
         check_environment(root, manifest, dev)
         verify(
             root,
@@ -139,7 +136,7 @@ class EngineDir:
 
     def run_text_layer(self, layer: int, *inputs: torch.Tensor) -> torch.Tensor:
         """Apply `text_block` with Gemma layer `layer`'s weights: (hidden, mask, cos, sin) -> hidden."""
-        (h,) = self.engine("text_block").run("any", *inputs, layer=layer)
+        (h,) = self.engine("text_block").run(TEXT_KEY, *inputs, layer=layer)
         return h
 
     def _group(self, names: Iterable[str]) -> set[str]:

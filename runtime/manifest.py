@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: what the runtime reads of per-layer engines is typed `StageEntry` fields, not `extra`
 MANIFEST_NAME = "manifest.json"
 BACKENDS = ("torch-aot", "tensorrt", "tensorrt-rtx")
 _HASH_CHUNK = 1 << 24
@@ -64,6 +64,12 @@ class StageEntry:
     weights_sha256: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)  # every engine file (e.g. one per shape key) -> sha256
+    # the engine's weight inputs in order (torch-aot: their names in the weights file; per-layer engines: the names
+    # after the `layers.{i}.` prefix)
+    weight_names: list[str] = field(default_factory=list)
+    per_layer: int = 0  # weight sets a per-layer engine (DiT block, Gemma layer) is applied to; 0 = not per-layer
+    layers: list[int] = field(default_factory=list)  # per-layer engines: the model layer of each weight set
+    layer_kinds: list[int] = field(default_factory=list)  # text_block: per layer, which of text_in's tables it takes
 
 
 @dataclass(frozen=True)

@@ -38,22 +38,28 @@ from fvrt.runtime.sampler import (
     schedule,
     token_timesteps,
 )
+from fvrt.runtime.shapes import (
+    AUDIO_CHANNELS,
+    AUDIO_MEL_BINS,
+    LATENT_CHANNELS,
+    TEXT_KEY,
+    TWO_STAGE_MULTIPLE,
+    VIDEO_SPACE_STRIDE,
+    VIDEO_TIME_STRIDE,
+    Profile,
+)
 
 DEFAULT_SEED = 10  # ltx_pipelines/utils/constants.py PipelineParams.seed
 # the seeds torch.Generator.manual_seed accepts (negative ones wrap modulo 2**64), which is how the official
 # pipeline seeds its generator: the official range
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
-LATENT_CHANNELS = 128  # video latent channels = DiT token width (video and audio)
-AUDIO_CHANNELS, AUDIO_MEL_BINS = 8, 16  # audio latent [1, 8, T, 16] (AudioLatentShape defaults)
-AUDIO_LATENTS_PER_SECOND = 16000 / 160 / 4  # 16 kHz, hop 160, x4 time downsampling (AudioLatentShape)
-VIDEO_TIME_STRIDE, VIDEO_SPACE_STRIDE = 8, 32  # VAE scale factors: frames 8k+1 -> k+1 latent frames, 32 px
-TWO_STAGE_MULTIPLE = 64  # helpers.assert_resolution(is_two_stage=True): stage 1 runs at half size
 # `dit_prep` outputs the video fields then the audio fields, each in `StreamInputs` order (adaln, timestep_index,
 # embedded, ...): the output head needs each stream's embedded timestep and per-token index.
 FIELD_INDEX, FIELD_EMBEDDED = 1, 2
 LTX2_OUTPUT_SAMPLING_RATE = 24000  # ltx-core `_vocoder_from_config` default; the 19B metadata does not carry it
 
 Progress = Callable[[str, int, int], None]  # (stage, steps done, steps in the stage)
+DiTPassHook = Callable[..., None]  # (shape key, *the DiT pass's inputs): see `Pipeline.__init__`
 
 
 @dataclass(frozen=True)
@@ -73,7 +79,7 @@ class Request:
 
 class Output(NamedTuple):
     frames: np.ndarray | None  # [F, H, W, 3] uint8 (None when the call asked for no frames)
-    audio: np.ndarray  # [2, S] float32 in about [-1, 1]
+    audio: np.ndarray | None  # [2, S] float32 in about [-1, 1] (None when the call asked for no decode)
     sample_rate: int
     fps: float
     timings: dict[str, float]  # seconds per stage
@@ -223,12 +229,12 @@ def run_text_encoder(
 ) -> tuple[torch.Tensor, ...]:
     """Prompt tokens -> (video_context, audio_context): text_in -> text_block x Gemma layers (each with the mask
     and rotary tables of its attention kind) -> text_out (all hidden states stacked)."""
-    h, *tables = engines.run("text_in", "any", input_ids, attention_mask)
+    h, *tables = engines.run("text_in", TEXT_KEY, input_ids, attention_mask)
     states = [h]
     for i, k in enumerate(engines.text_layer_kinds):
         h = engines.run_text_layer(i, h, *tables[3 * k : 3 * k + 3])
         states.append(h)
-    return engines.run("text_out", "any", torch.stack(states), attention_mask)
+    return engines.run("text_out", TEXT_KEY, torch.stack(states), attention_mask)
 
 
 class Pipeline:
@@ -242,6 +248,7 @@ class Pipeline:
         cuda_graphs: bool = True,
         memory: str = "keep",
         prefetch_text: bool = False,
+        on_dit_pass: DiTPassHook | None = None,
     ) -> None:
         """memory: "keep" leaves every engine loaded (repeated generations, benchmarks); "phase" releases each
         engine after its last use in a generation (text encoder after encoding, the DiT, upsampler and video
@@ -254,10 +261,14 @@ class Pipeline:
         (asynchronous, on the stream), so that the copy overlaps whatever the caller does next (muxing the MP4,
         waiting for the next prompt) instead of opening the next generation; the device then holds the text
         encoder between prompts, never during the DiT or the decoders. For a process serving prompts one after
-        another; a one-shot run gains nothing."""
+        another; a one-shot run gains nothing.
+        on_dit_pass(key, video, audio, video_context, audio_context, video_t, video_index, sigma): called with the
+        inputs of every DiT pass before it runs (shape key, latents, contexts, [1, 2] timestep values, per-token
+        index, sigma [1]); the pipeline reuses these buffers, so a caller keeping them clones them (the builder's
+        calibration records the passes of real pipeline runs this way)."""
         if memory not in MEMORY_POLICIES:
             raise ValueError(f"memory must be one of {', '.join(MEMORY_POLICIES)}, got {memory!r}")
-        self.memory, self.prefetch_text = memory, prefetch_text
+        self.memory, self.prefetch_text, self.on_dit_pass = memory, prefetch_text, on_dit_pass
         self.engines, self.tokenizer = engines, tokenizer
         self.graphs = GraphRunner(engines.device, enabled=cuda_graphs)
         self.sample_rate = audio_sample_rate(engines.config)
@@ -270,33 +281,33 @@ class Pipeline:
         progress: Progress | None = None,
         on_video: Callable[[np.ndarray], None] | None = None,
         frames: bool = True,
+        decode: bool = True,
     ) -> Output:
         """Generate. `progress(stage, done, total)` is called per stage and per step; `on_video(planes)` gets
         the decoded frames as yuv420p planes [F, 3H/2, W] uint8 (`media.rgb_to_yuv420p`, converted on the
         device) before the audio is decoded, so the caller can start encoding them. frames=False: no RGB frames
         in the output (`Output.frames` None), which skips their host copy (0.76 GB at 1080p): an MP4 needs only
-        the planes."""
+        the planes. decode=False: stop after the last DiT pass, decoding nothing (`Output.frames` and `audio`
+        None)."""
         name = validate_request(req, self.engines.profiles)
         progress = progress or (lambda *_: None)
         spent_before = (*self._engine_seconds(), self.graphs.capture_seconds)
         dev, dtype = self.engines.device, self.engines.dtype
         preset, clock = PRESETS[req.preset], _Clock(dev)
-        latent_frames = 1 + (req.frames - 1) // VIDEO_TIME_STRIDE
-        shape_1 = (latent_frames, req.height // (2 * VIDEO_SPACE_STRIDE), req.width // (2 * VIDEO_SPACE_STRIDE))
-        shape_2 = (latent_frames, req.height // VIDEO_SPACE_STRIDE, req.width // VIDEO_SPACE_STRIDE)
-        audio_tokens = round(float(req.frames) / float(req.fps) * AUDIO_LATENTS_PER_SECOND)
+        profile = Profile(name, req.height, req.width, req.frames, float(req.fps))
+        shape_1, shape_2, audio_tokens = profile.latent(1), profile.latent(2), profile.audio_latents
 
         # Prompt -> 1024 tokens -> video and audio contexts (no negative prompt: the distilled model runs CFG 1)
         ids, mask = self.tokenizer(req.prompt)
         encode = partial(run_text_encoder, self.engines)
-        context = tuple(t.clone() for t in self.graphs(("text_encoder", "any"), encode, ids.to(dev), mask.to(dev)))
+        context = tuple(t.clone() for t in self.graphs(("text_encoder", TEXT_KEY), encode, ids.to(dev), mask.to(dev)))
         self._release("text_encoder")
         clock.lap("text_encode")
         progress("text encode", 1, 1)
 
         # Stage 1 at half resolution; noise: video, then audio, from one generator (official draw order)
         generator = torch.Generator(device=dev).manual_seed(req.seed)
-        key = f"{name}/s1"
+        key = profile.key(1)
         video = initial_state(
             torch.zeros(1, int(np.prod(shape_1)), LATENT_CHANNELS, device=dev, dtype=dtype),
             self._image_tokens(req, key, shape_1),
@@ -317,7 +328,7 @@ class Pipeline:
         progress("upsample", 1, 1)
 
         # Stage 2 at full resolution: image re-encoded at full size; video and audio re-noised at sigma_0
-        key, sched = f"{name}/s2", schedule(preset.stage_2, dev)
+        key, sched = profile.key(2), schedule(preset.stage_2, dev)
         video = initial_state(upsampled, self._image_tokens(req, key, shape_2), req.image_strength)
         video = add_noise(video, draw_noise(video, generator), sched.sigma[0])  # official noise_scale=sigmas[0]
         audio = initial_state(audio.latent)
@@ -325,6 +336,8 @@ class Pipeline:
         video, audio = self._denoise("stage 2", key, sched, video, audio, context, req, progress, shape_2)
         self._release("dit", "upsampler", "video_encoder")
         clock.lap("stage_2")
+        if not decode:
+            return Output(None, None, self.sample_rate, float(req.fps), clock.times)
 
         # Decode: frames to uint8 (handed to the caller at once), then the waveform at the vocoder's rate
         (decoded,) = self._run("video_decoder", name, unpatchify_video(video.latent, shape_2))
@@ -346,32 +359,27 @@ class Pipeline:
         clock.times["pipeline_total"] = time.perf_counter() - clock.start
         spent = (*self._engine_seconds(), self.graphs.capture_seconds)
         clock.times.update({k: a - b for k, a, b in zip(COLD_TIMINGS, spent, spent_before, strict=True)})
-        onload = getattr(self.engines, "onload", None)
-        if self.prefetch_text and self.memory == "offload" and onload is not None:
-            onload(["text_encoder"])  # queued copies: the next prompt's first kernels wait for them on the stream
+        if self.prefetch_text and self.memory == "offload":  # queued copies: the next prompt's kernels wait for them
+            self.engines.onload(["text_encoder"])
         return Output(pixels, samples, self.sample_rate, float(req.fps), clock.times)
 
     # ---- helpers --------------------------------------------------------------------------------------------
 
     def _engine_seconds(self) -> tuple[float, float]:
-        """(loading, parking) seconds the engine set has spent so far (0 for sets that do not count them)."""
-        seconds = getattr(self.engines, "seconds", {})
-        return seconds.get("load", 0.0), seconds.get("park", 0.0)
+        """(loading, parking) seconds the engine set has spent so far."""
+        return self.engines.seconds["load"], self.engines.seconds["park"]
 
     def _release(self, *names: str) -> None:
         """memory="phase": drop these engines ("dit" = all DiT engines) and the graphs that call them;
         memory="offload": move the text encoder to host memory (and drop its graph)."""
         if self.memory == "offload" and "text_encoder" in names:
-            offload = getattr(self.engines, "offload", None)
-            if offload is not None:
-                self.graphs.drop({"text_encoder"})  # a graph replays raw device addresses of the weights
-                offload(["text_encoder"])
+            self.graphs.drop({"text_encoder"})  # a graph replays raw device addresses of the weights
+            self.engines.offload(["text_encoder"])
             return
-        release = getattr(self.engines, "release", None)
-        if self.memory != "phase" or release is None:
+        if self.memory != "phase":
             return
         self.graphs.drop(set(names))  # DiT engines run only inside the ("dit", key) graphs
-        release(names)
+        self.engines.release(names)
 
     def _run(self, engine: str, key: str, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """One engine call (captured and replayed on CUDA, except UNGRAPHED). Compiled engines read their inputs
@@ -409,6 +417,8 @@ class Pipeline:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One DiT pass of a denoising step (see `run_dit`). Returns velocities [1, Nv, 128], [1, Na, 128]."""
         prep = (video_t, video_index, sigma.view(1, 1), sigma, sigma)
+        if self.on_dit_pass is not None:
+            self.on_dit_pass(key, video, audio, video_context, audio_context, video_t, video_index, sigma)
         return run_dit(self.engines, key, prep, (video, audio, video_context, audio_context))
 
     def _denoise(

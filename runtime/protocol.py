@@ -7,6 +7,7 @@ check) implement this protocol, so the pipeline code is the same for both.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 import torch
@@ -33,6 +34,17 @@ class EngineSet(Protocol):
         """Apply `text_block` (one Gemma decoder layer) with layer `layer`'s weights."""
         ...
 
-    # Optional: `release(names)` drops loaded engines ("dit" = every DiT engine, "text_encoder" = the three text
-    # engines) to free device memory; the pipeline calls it between phases with memory="phase" when the engine set
-    # has it. `offload(names)` parks engines' weights in host memory (memory="offload"; the next run copies back).
+    seconds: dict[str, float]  # wall seconds spent loading engines ("load") and parking weights ("park"), summed
+
+    def release(self, names: Iterable[str] | None = None) -> None:
+        """Drop loaded engines (all, or `names`; "dit" = every DiT engine, "text_encoder" = the three text engines)
+        to free device memory; a later call loads them again (the pipeline's memory="phase")."""
+        ...
+
+    def offload(self, names: Iterable[str]) -> None:
+        """Park the loaded engines `names` in host memory; the next use copies them back (memory="offload")."""
+        ...
+
+    def onload(self, names: Iterable[str]) -> None:
+        """Start copying offloaded engines `names` back to the device (asynchronous, on the current stream)."""
+        ...

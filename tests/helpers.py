@@ -1,8 +1,15 @@
-"""Shared test utilities: one tolerance helper for every parity check."""
+"""Shared test utilities: one tolerance helper for every parity check, and random DiT calibration inputs."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import NamedTuple
+
 import torch
+from torch import nn
+
+from fvrt.builder.models import dit as D
+from fvrt.runtime.shapes import LATENT_CHANNELS
 
 
 def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -27,3 +34,76 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, w
             f"{what}: relative error {err:.3e} > {tol:.1e}; max |diff| {diff.max().item():.3e} at {idx} "
             f"(actual {actual[idx].item():.6g}, expected {expected[idx].item():.6g})"
         )
+
+
+# ---- random DiT calibration inputs (the build calibrates on real pipeline runs; the quantisation tests on these)
+
+STAGE1_SIGMAS: tuple[float, ...] = (1.0, 0.99375, 0.9875, 0.98125, 0.975, 0.909375, 0.725, 0.421875)
+"""Distilled stage-1 sigmas at which the DiT runs (ltx_pipelines/utils/constants.py DISTILLED_SIGMA_VALUES[:-1])."""
+STAGE2_SIGMAS: tuple[float, ...] = (0.909375, 0.725, 0.421875)
+"""Distilled stage-2 sigmas (STAGE_2_DISTILLED_SIGMA_VALUES[:-1])."""
+CALIB_FPS = 24.0
+
+
+class CalibShape(NamedTuple):
+    """Latent sizes of one calibration pass: video (frames, height, width) latents, audio latents."""
+
+    frames: int
+    height: int
+    width: int
+    audio: int
+
+
+def random_dit_inputs(
+    dit: nn.Module,
+    passes: Sequence[tuple[CalibShape, float]],
+    *,
+    text_tokens: int,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> list[dict[str, torch.Tensor]]:
+    """`LTXDiT.forward` kwargs for each (shape, sigma): latents `(1 - sigma) * x0 + sigma * noise` (x0, noise
+    ~ N(0, 1)), the first latent frame image-conditioned (timestep 0), random text contexts of the widths the
+    DiT expects (caption width for LTX-2, DiT widths for 2.3)."""
+    cfg = dit.cfg
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, device=device)
+
+    ctx_v = cfg.caption_channels or cfg.dim
+    ctx_a = cfg.caption_channels or cfg.audio_dim
+    out = []
+    for shape, sigma in passes:
+        nv = shape.frames * shape.height * shape.width
+        s = torch.tensor(sigma, device=device)
+        vmask = torch.ones(1, nv, device=device)
+        vmask[:, : shape.height * shape.width] = 0.0  # image-conditioned first latent frame
+        out.append(
+            {
+                "video_latent": ((1 - s) * randn(1, nv, LATENT_CHANNELS) + s * randn(1, nv, LATENT_CHANNELS)).to(dtype),
+                "audio_latent": (
+                    (1 - s) * randn(1, shape.audio, LATENT_CHANNELS) + s * randn(1, shape.audio, LATENT_CHANNELS)
+                ).to(dtype),
+                "video_timesteps": (vmask * s).to(dtype),
+                "audio_timesteps": torch.full((1, shape.audio), sigma, device=device).to(dtype),
+                "video_sigma": s,
+                "audio_sigma": s,
+                "video_positions": D.video_positions(*shape[:3], CALIB_FPS, dtype=dtype, device=device),
+                "audio_positions": D.audio_positions(shape.audio, device=device),
+                "video_context": randn(1, text_tokens, ctx_v).to(dtype),
+                "audio_context": randn(1, text_tokens, ctx_a).to(dtype),
+            }
+        )
+    return out
+
+
+def two_stage_passes(
+    stage1: CalibShape,
+    stage2: CalibShape,
+    sigmas1: Sequence[float] = STAGE1_SIGMAS,
+    sigmas2: Sequence[float] = STAGE2_SIGMAS,
+) -> list[tuple[CalibShape, float]]:
+    """(shape, sigma) of every DiT pass of the distilled two-stage pipeline."""
+    return [(stage1, s) for s in sigmas1] + [(stage2, s) for s in sigmas2]

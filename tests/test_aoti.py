@@ -62,10 +62,10 @@ def test_manifest_describes_every_engine(built: Built) -> None:
     assert "tokenizer/tokenizer.json" in manifest.assets
     block = manifest.stages["dit_block"]
     n = len(built.ckpt.dit.transformer_blocks)
-    assert block.extra["per_layer"] == n
+    assert block.per_layer == n
     with safe_open(str(built.path / block.weights), "pt") as f:
         keys = set(f.keys())
-    assert keys == {f"layers.{i}.{w}" for i in range(n) for w in block.extra["weight_names"]}
+    assert keys == {f"layers.{i}.{w}" for i in range(n) for w in block.weight_names}
     for entry in manifest.stages.values():
         assert entry.backend == "torch-aot" and entry.precision == "fp32"
         assert entry.extra["code_bytes"] > 0 and entry.extra["build_seconds"] > 0
@@ -73,7 +73,7 @@ def test_manifest_describes_every_engine(built: Built) -> None:
         assert set(entry.files) == set(entry.extra["models"].values()) and entry.file in entry.files
     assert set(manifest.stages["dit_in"].inputs[0].shapes) == {"tiny/s1", "tiny/s2"}
     # the prep engine reads only the DiT's AdaLN tables, not the blocks: its weights file stays small
-    assert not any(w.startswith("dit.transformer_blocks") for w in manifest.stages["dit_prep"].extra["weight_names"])
+    assert not any(w.startswith("dit.transformer_blocks") for w in manifest.stages["dit_prep"].weight_names)
 
 
 def test_every_engine_matches_eager(built: Built) -> None:

@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from fvrt.builder import build as B
+from fvrt.builder import keys as K
 from fvrt.builder.backends import aoti
-from fvrt.builder.build import BuildRequest, parse_profile, resolve_stages
+from fvrt.builder.build import BuildRequest
 from fvrt.builder.cli import main
+from fvrt.builder.request import parse_profile, resolve_stages
 
 
 def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
@@ -197,11 +199,11 @@ def test_build_keys_ignore_paths_but_not_recipe(tmp_path: Path) -> None:
     a = B.validate(BuildRequest(out_dir=tmp_path / "a", random="tiny"))
     b = B.validate(BuildRequest(out_dir=tmp_path / "b", random="tiny"))
     c = B.validate(BuildRequest(out_dir=tmp_path / "a", random="tiny", precision="bf16"))
-    assert B.recipe(a) == B.recipe(b) != B.recipe(c)
-    ids = B.checkpoint_identity(a)
-    assert B.stage_keys(a, "dit_block", {"x": 1}, ids) == B.stage_keys(b, "dit_block", {"x": 1}, ids)
-    code, stage = B.stage_keys(a, "dit_block", {"x": 1}, ids)
-    code2, stage2 = B.stage_keys(a, "dit_block", {"x": 1}, {"main": "other"})
+    assert K.recipe(a) == K.recipe(b) != K.recipe(c)
+    ids = K.checkpoint_identity(a)
+    assert K.stage_keys(a, "dit_block", {"x": 1}, ids) == K.stage_keys(b, "dit_block", {"x": 1}, ids)
+    code, stage = K.stage_keys(a, "dit_block", {"x": 1}, ids)
+    code2, stage2 = K.stage_keys(a, "dit_block", {"x": 1}, {"main": "other"})
     assert code == code2 and stage != stage2  # another checkpoint: same code, new weights
 
 
@@ -259,12 +261,12 @@ def test_tensorrt_options_reach_the_backend(tmp_path: Path) -> None:
     assert plan.backend.target_ccs == ("8.9", "12.0", "8.6")
     default = B.validate(BuildRequest(out_dir=tmp_path / "e", random="tiny", backend="tensorrt-rtx"))
     assert default.backend.attention == "default" and default.backend.target_ccs == ("8.9", "12.0")
-    r = B.recipe(plan)
+    r = K.recipe(plan)
     assert r["compute_capabilities"] == ["8.9", "12.0", "8.6"] and r["tensorrt"] == plan.backend.version()
-    assert B.recipe(default)["compute_capabilities"] == ["8.9", "12.0"]
-    ids = B.checkpoint_identity(plan)
-    assert B.stage_keys(plan, "dit_prep", {}, ids)[0] != B.stage_keys(default, "dit_prep", {}, ids)[0]
-    assert "tensorrt" not in B.recipe(B.validate(BuildRequest(out_dir=tmp_path / "e", random="tiny")))
+    assert K.recipe(default)["compute_capabilities"] == ["8.9", "12.0"]
+    ids = K.checkpoint_identity(plan)
+    assert K.stage_keys(plan, "dit_prep", {}, ids)[0] != K.stage_keys(default, "dit_prep", {}, ids)[0]
+    assert "tensorrt" not in K.recipe(B.validate(BuildRequest(out_dir=tmp_path / "e", random="tiny")))
 
 
 def test_conv_layout_reaches_the_vae_engines_only() -> None:

@@ -26,7 +26,7 @@ import torch
 
 from fvrt.builder.build import ENGINE_NAMES
 from fvrt.builder.engines import PRESET_PROFILES
-from fvrt.runtime.manifest import BuildEnv, Manifest, StageEntry, read_manifest, write_manifest
+from fvrt.runtime.manifest import FORMAT_VERSION, BuildEnv, Manifest, StageEntry, read_manifest, write_manifest
 from fvrt.runtime.pipeline import BLOCK_PREFIX, IMAGE_ENGINES, PIPELINE_ENGINES
 from fvrt.runtime.scratch import HOST
 
@@ -41,7 +41,7 @@ def _manifest(names: tuple[str, ...] | list[str]) -> Manifest:
     env = BuildEnv("0.1.0", torch.__version__, None, None, None, "2.3", None)
     stages = {n: StageEntry(n, "torch-aot", f"{n}.pt2", "0" * 64, "fp32", [], []) for n in names}
     profile = {k: v for k, v in TINY._asdict().items() if k != "name"}
-    return Manifest(format_version=1, profiles={TINY.name: profile}, stages=stages, build=env, config={})
+    return Manifest(format_version=FORMAT_VERSION, profiles={TINY.name: profile}, stages=stages, build=env, config={})
 
 
 @pytest.fixture(scope="module")

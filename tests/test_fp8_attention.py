@@ -12,6 +12,7 @@ import torch
 
 from fvrt.builder.build import BuildError, BuildRequest, build_engines
 from fvrt.builder.models.common import fp8_attention, sdpa
+from fvrt.builder.stages import stage_attention
 from fvrt.plugins import fp8_attention as fa
 
 
@@ -89,13 +90,13 @@ def test_triton_kernel_matches_its_emulation_and_fp32() -> None:
 
 
 def test_fp8_attention_reaches_the_dit_engines_only() -> None:
-    assert [fa.for_stage("fp8", s) for s in ("dit_block", "dit_block_1", "text_out", "video_decoder")] == [
+    assert [stage_attention("fp8", s) for s in ("dit_block", "dit_block_1", "text_out", "video_decoder")] == [
         "fp8",
         "fp8",
         "cudnn",
         "cudnn",
     ]
-    assert fa.for_stage("cudnn", "dit_block") == "cudnn" and fa.for_stage("default", "upsampler") == "default"
+    assert stage_attention("cudnn", "dit_block") == "cudnn" and stage_attention("default", "upsampler") == "default"
 
 
 def test_emulation_of_the_first_rows_keeps_the_whole_tensors_scales() -> None:

@@ -129,3 +129,43 @@ def test_json_object_names_what_it_read() -> None:
         json_object("nope", "cfg", EngineError)
     with pytest.raises(ValueError, match=r"^cfg: expected a JSON object, got list$"):
         json_object("[1]", "cfg")
+
+
+def test_precision_table_is_what_builder_and_runtime_read() -> None:
+    """One table: the builder's --precision / --text-precision choices, the low-bit layer classes and the runtime's
+    compute-capability requirements all come from `fvrt.runtime.precision`."""
+    import torch
+
+    from fvrt.builder.build import PRECISIONS as BUILD_DTYPES
+    from fvrt.builder.quant.fp8 import FP8Linear
+    from fvrt.builder.quant.nvfp4 import NVFP4Linear
+    from fvrt.runtime.precision import PRECISIONS, QUANTIZED, TEXT_PRECISIONS, min_compute_capability
+
+    assert list(BUILD_DTYPES) == list(PRECISIONS) == ["fp32", "bf16", "fp8", "nvfp4"]
+    assert BUILD_DTYPES["fp8"] is torch.bfloat16 and BUILD_DTYPES["fp32"] is torch.float32
+    assert QUANTIZED == ("fp8", "nvfp4") and TEXT_PRECISIONS == ("bf16", "fp8")
+    assert {FP8Linear.PRECISION, NVFP4Linear.PRECISION} == set(QUANTIZED)
+    assert min_compute_capability("bf16") is None and min_compute_capability("nvfp4") == ((10, 0), "nvfp4")
+    assert min_compute_capability("bf16", "fp8") == ((8, 9), "bf16 with FP8 attention")
+
+
+def test_shape_contract() -> None:
+    """Profiles and shape keys: the same arithmetic for the builder's engine shapes and the runtime's latents."""
+    from fvrt.runtime.shapes import PRESET_PROFILES, Profile, key_stage, shape_key
+
+    p = PRESET_PROFILES["1080p"]
+    assert p.latent(1) == (16, 17, 30) and p.latent(2) == (16, 34, 60) and p.audio_latents == 126
+    assert p.key(1) == shape_key("1080p", 1) == "1080p/s1" and p.key() == "1080p" and key_stage("x/s2") == 2
+    assert Profile.from_json(p.name, json.loads(json.dumps(p.to_json()))) == p
+
+
+def test_runtime_refuses_formats_it_cannot_execute(tmp_path: Path) -> None:
+    """A TensorRT-RTX engine directory is a valid manifest, but fvrt-run executes torch-aot engines only: it says so
+    when the directory is opened, before loading anything."""
+    from fvrt.runtime.engine import EngineDir
+
+    root, manifest = _engine_dir(tmp_path)
+    rtx = dataclasses.replace(manifest.stages["dit"], backend="tensorrt-rtx")
+    write_manifest(root, dataclasses.replace(manifest, stages={"dit": rtx}))
+    with pytest.raises(EngineError, match="stage 'dit' is a tensorrt-rtx engine; fvrt-run executes torch-aot engines"):
+        EngineDir.open(root)

@@ -55,6 +55,16 @@ class ContiguousInputs:
         self.engines = engines
         self.device, self.dtype, self.num_layers = engines.device, engines.dtype, engines.num_layers
         self.config, self.profiles, self.text_layer_kinds = engines.config, engines.profiles, engines.text_layer_kinds
+        self.seconds = engines.seconds
+
+    def release(self, names: object = None) -> None:
+        self.engines.release(names)  # type: ignore[arg-type]
+
+    def offload(self, names: object) -> None:
+        self.engines.offload(names)  # type: ignore[arg-type]
+
+    def onload(self, names: object) -> None:
+        self.engines.onload(names)  # type: ignore[arg-type]
 
     @staticmethod
     def _check(what: str, inputs: tuple[torch.Tensor, ...]) -> None:
@@ -339,6 +349,25 @@ def test_image_input_matches_official(tmp_path: Path, kind: str) -> None:
         ours = image_input(path, h, w, dtype=torch.float32, device=torch.device("cpu"))
         ref = load_image_conditioning(str(path), h, w, torch.float32, torch.device("cpu"))
         assert ours.shape == (1, 3, 1, h, w) and torch.equal(ours, ref), (kind, h, w)
+
+
+def test_image_is_decoded_once_per_video(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Validating a request and encoding its image at both stages' sizes decode the file once; a changed file is
+    decoded again."""
+    from fvrt.runtime import conditioning
+
+    decoded: list[str] = []
+    decode = conditioning._decode
+    monkeypatch.setattr(conditioning, "_decode", lambda p: decoded.append(p) or decode(p))
+    conditioning._decoded.cache_clear()
+    path = write_test_image(tmp_path / "img.png", 100, 150)
+    validate_request(Request(PROMPT, 128, 192, 17, 24.0, image=path), {"tiny": TINY._asdict()})
+    for h, w in ((64, 96), (128, 192)):
+        image_input(path, h, w, dtype=torch.float32, device=torch.device("cpu"))
+    assert decoded == [str(path)]
+    write_test_image(path, 80, 150)
+    assert image_input(path, 64, 96, dtype=torch.float32, device=torch.device("cpu")).shape == (1, 3, 1, 64, 96)
+    assert decoded == [str(path), str(path)]
 
 
 def test_request_validation(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_rel_close, rel_error
+from helpers import CalibShape, assert_rel_close, random_dit_inputs, rel_error, two_stage_passes
 from torch import nn
 
 from fvrt import load_checkpoint
@@ -23,15 +23,12 @@ from fvrt.builder.checkpoint import ModelVersion, SafetensorsFile, build_random,
 from fvrt.builder.configs import full_config, tiny_config
 from fvrt.builder.models import dit as D
 from fvrt.builder.quant import (
-    CalibShape,
     FP8Linear,
     NVFP4Linear,
     Precision,
     QuantRecipe,
     layer_groups,
     quantize_model,
-    random_dit_inputs,
-    two_stage_passes,
 )
 from fvrt.builder.quant import nvfp4 as Q4
 from fvrt.builder.quant.calibrate import collect_amax_hooks, collect_amax_modelopt, convert_linears
@@ -146,9 +143,6 @@ def test_recipe_validation() -> None:
     assert QuantRecipe.named("nvfp4").precision is Precision.NVFP4
     with pytest.raises(ValueError, match="--precision"):
         QuantRecipe.named("int8")
-    with pytest.raises(NotImplementedError, match="video_vae"):
-        QuantRecipe(video_vae=Precision.FP8).validate()
-    QuantRecipe(text_encoder=Precision.FP8).validate()
 
 
 # ---- calibration ----------------------------------------------------------------------------------------------

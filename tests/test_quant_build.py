@@ -81,9 +81,9 @@ def test_calibration_runs_stop_before_decoding(models: tuple) -> None:
 
 def test_manifest_describes_the_layer_groups_and_calibration(fp8_build: Path) -> None:
     m = read_manifest(fp8_build)
-    blocks = {n: e for n, e in m.stages.items() if e.extra.get("per_layer")}
+    blocks = {n: e for n, e in m.stages.items() if e.per_layer}
     assert sorted(blocks) == ["dit_block", "dit_block_1"]
-    assert blocks["dit_block"].precision == "bf16" and blocks["dit_block"].extra["layers"] == [0]
+    assert blocks["dit_block"].precision == "bf16" and blocks["dit_block"].layers == [0]
     assert blocks["dit_block_1"].precision == "fp8"
     q = blocks["dit_block_1"].extra["quantization"]
     steps = 8 + 3  # distilled: 8 stage-1 and 3 stage-2 DiT passes per run
@@ -127,7 +127,7 @@ def test_fp8_build_next_to_bf16_compiles_only_the_fp8_blocks(tmp_path: Path, mod
     assert result.built == ["dit_block_1"] and result.rebound == ["dit_block"]
     assert sorted(result.reused) == ["dit_in", "dit_out", "dit_prep"]
     m = read_manifest(fp8)
-    assert m.stages["dit_block"].extra["layers"] == [0] and m.stages["dit_block"].extra["per_layer"] == 1
+    assert m.stages["dit_block"].layers == [0] and m.stages["dit_block"].per_layer == 1
     assert m.stages["dit_block"].precision == "bf16" and m.stages["dit_block_1"].precision == "fp8"
     assert m.stages["dit_block_1"].extra["quantization"]["passes"] == len(inputs)
     assert_blocks_match(EngineDir.open(fp8), quant)
@@ -175,8 +175,9 @@ def test_low_bit_engines_refused_on_older_gpus(fp8_build: Path, monkeypatch: pyt
 
 
 def _fp32_quantised_block_spec(tmp_path: Path) -> object:
+    from helpers import CalibShape, random_dit_inputs, two_stage_passes
+
     from fvrt.builder.engines import engine_specs
-    from fvrt.builder.quant.calibrate import CalibShape, random_dit_inputs, two_stage_passes
 
     write_tiny_release(tmp_path, ModelVersion.LTX23, seed=1)
     ck = load_tiny_release(tmp_path, torch.float32, "cpu")
@@ -268,7 +269,7 @@ def test_fp8_text_encoder_next_to_bf16(tmp_path: Path) -> None:
     m = read_manifest(fp8)
     assert (m.stages["text_block"].precision, m.stages["text_in"].precision) == ("fp8", "bf16")
     q = m.stages["text_block"].extra["quantization"]
-    assert q["prompts"] == len(read_prompts(PROMPTS)) and q["layers"] == 7 * len(m.stages["text_block"].extra["layers"])
+    assert q["prompts"] == len(read_prompts(PROMPTS)) and q["layers"] == 7 * len(m.stages["text_block"].layers)
 
     # the eager reference quantised the same way (hooks, every prompt, the same tokenizer)
     folder = tmp_path / "release"
@@ -327,11 +328,11 @@ def test_nvfp4_block_exports_fp4_qdq_that_the_onnx_reference_matches(tmp_path: P
     import numpy as np
     import onnx
     import onnx.numpy_helper
+    from helpers import CalibShape, random_dit_inputs, two_stage_passes
     from onnx.reference import ReferenceEvaluator
 
     from fvrt.builder.backends.onnx_export import export_onnx
     from fvrt.builder.engines import engine_specs
-    from fvrt.builder.quant.calibrate import CalibShape, random_dit_inputs, two_stage_passes
     from fvrt.builder.quant.nvfp4 import e2m1_values, unpack_fp4
 
     folder = tmp_path / "release"

@@ -27,7 +27,7 @@ from fvrt.builder.checkpoint import ModelVersion
 from fvrt.builder.eager import EagerEngineSet
 from fvrt.builder.engines import PRESET_PROFILES
 from fvrt.runtime import cli
-from fvrt.runtime.manifest import BuildEnv, Manifest, StageEntry, write_manifest
+from fvrt.runtime.manifest import FORMAT_VERSION, BuildEnv, Manifest, StageEntry, write_manifest
 from fvrt.runtime.pipeline import BLOCK_PREFIX, IMAGE_ENGINES, PIPELINE_ENGINES, Pipeline, Request
 from fvrt.runtime.tokenizer import PromptTokenizer
 
@@ -51,7 +51,9 @@ def _manifest(config: dict, stages: dict[str, StageEntry] | None = None) -> Mani
         model_version="2.0",
         checkpoint_sha256=None,
     )
-    return Manifest(format_version=1, profiles={TINY.name: profile}, stages=stages or {}, build=env, config=config)
+    return Manifest(
+        format_version=FORMAT_VERSION, profiles={TINY.name: profile}, stages=stages or {}, build=env, config=config
+    )
 
 
 # every engine the pipeline runs (the block engine under its plain name), as a manifest lists them

@@ -121,6 +121,27 @@ def test_rtx_bf16_attention_uses_fused_kernel(tmp_path: Path, dim_head: int) -> 
 
 
 @needs_rtx
+def test_rtx_small_head_attention_is_decomposed_and_logged(tmp_path: Path) -> None:
+    """The tiny models' head size 8 has no fused kernel: bf16 attention at --attention default is decomposed (not
+    a failed build) and the build log says why."""
+    torch.manual_seed(0)
+    module = _AttentionBlock(2, 8).to(torch.bfloat16).eval()
+    x, ctx = torch.randn(1, 64, 16, dtype=torch.bfloat16), torch.randn(1, 77, 96, dtype=torch.bfloat16)
+    with torch.no_grad():
+        program = torch.onnx.export(
+            module, (x, ctx), dynamo=True, opset_version=OX.OPSET, custom_translation_table=OX.translation_table(),
+            verbose=False,
+        )  # fmt: skip
+    path = tmp_path / "attn.onnx"
+    program.save(path)
+    lines: list[str] = []
+    rtx = TB.backend("tensorrt-rtx", target_ccs=TARGETS)
+    built = rtx.build_plan(path, precision="bf16", what="attention", log=lines.append)
+    assert built.attention_layers == 2 and built.attention_decomposable and len(built.plan) > 10_000
+    assert any("head size 8 is below the fused kernels' minimum (16)" in line for line in lines), lines
+
+
+@needs_rtx
 def test_backend_build_writes_stage_entry(tmp_path: Path) -> None:
     """backend.build(): one plan per shape key, sha256 recorded, per-layer weights apart, I/O per key."""
     specs = tiny_specs(ModelVersion.LTX23, "fp32")

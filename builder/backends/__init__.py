@@ -1,28 +1,40 @@
-"""Engine backends: one stage contract (`fvrt.builder.engines.EngineSpec`), several compilers.
+"""Engine backends: one stage contract (`fvrt.builder.stages.base.EngineSpec`), several compilers, one protocol
+(`fvrt.builder.backends.base.Backend`).
 
-Each backend module defines `BACKEND`, an object with:
-- `name`: "torch-aot" | "tensorrt" | "tensorrt-rtx" (the manifest's `backend` field);
-- `available() -> str | None`: None when usable here, else the one-line reason (missing library, no GPU...);
-- `build(spec, out_dir, *, precision, log) -> fvrt.runtime.manifest.StageEntry`: compile every shape key of
-  `spec` into files under `out_dir` (engine files, and weights kept apart where the backend allows) and
-  describe them. `out_dir` is the temporary build directory; the caller renames it into place at the end.
+`BACKENDS` registers each backend once: the module defining it (imported only when it is used, so a machine
+without a backend's library can build with the others) and the request options it takes. `configure(name,
+options)` refuses an option the backend does not take (one-line `OptionError`), imports its module and returns the
+configured backend object; the build loop talks to that object only.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
 
-BACKEND_MODULES = {
-    "torch-aot": "fvrt.builder.backends.aoti",
-    "tensorrt": "fvrt.builder.backends.tensorrt",
-    "tensorrt-rtx": "fvrt.builder.backends.tensorrt",
+from fvrt.builder.backends.base import Backend, BackendInfo, BackendOptions, refuse_options
+
+BACKENDS: dict[str, BackendInfo] = {
+    "torch-aot": BackendInfo("fvrt.builder.backends.aoti", frozenset({"cxx", "conv_layout"}), verifies=True),
+    "tensorrt": BackendInfo(
+        "fvrt.builder.backends.tensorrt", refusals={"target_ccs": "full TensorRT builds for the GPU it runs on"}
+    ),
+    "tensorrt-rtx": BackendInfo("fvrt.builder.backends.tensorrt", frozenset({"target_ccs"})),
 }
 
 
-def get_backend(name: str) -> Any:
-    """The backend object for `name`; ValueError (one line) for an unknown name."""
-    if name not in BACKEND_MODULES:
-        raise ValueError(f"unknown backend '{name}'; choose one of: {', '.join(BACKEND_MODULES)}")
-    mod = importlib.import_module(BACKEND_MODULES[name])
-    return mod.backend(name) if hasattr(mod, "backend") else mod.BACKEND
+def configure(name: str, options: BackendOptions) -> Backend:
+    """The backend object for `name` with `options`: ValueError (one line) for an unknown name, OptionError for an
+    option it does not take or a value it refuses, ImportError when its builder module cannot be imported."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend '{name}'; choose one of: {', '.join(BACKENDS)}")
+    info = BACKENDS[name]
+    refuse_options(name, info, options, BACKENDS)
+    return importlib.import_module(info.module).configure(name, options)
+
+
+def get_backend(name: str) -> Backend:
+    """The backend object for `name` with default options."""
+    return configure(name, BackendOptions())
+
+
+__all__ = ["BACKENDS", "configure", "get_backend"]

@@ -2,7 +2,7 @@
 
 Every engine is exported as a pure function of (weights..., inputs...): a `torch.func.functional_call` wrapper
 whose first inputs are the parameters and buffers the engine's forward actually reads, in a fixed order
-(`StageEntry.extra["weight_names"]`). The compiled packages therefore holds no checkpoint tensor, only code and
+(`StageEntry.weight_names`). The compiled packages therefore holds no checkpoint tensor, only code and
 the few derived constants that the architecture alone fixes (RoPE frequency grids, resampling filters); the
 weights go to `<engine>.safetensors`, and one build serves every checkpoint of the same architecture.
 
@@ -42,8 +42,10 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
+from fvrt.builder import stages
 from fvrt.builder.backends import cxx as cxx_select
-from fvrt.builder.engines import EngineSpec
+from fvrt.builder.backends.base import BackendOptions, OptionError, check_attention, per_layer_fields
+from fvrt.builder.stages.base import EngineSpec
 from fvrt.plugins import fp8_attention
 from fvrt.runtime.manifest import StageEntry, TensorSpec, sha256_file
 
@@ -60,7 +62,7 @@ Log = Callable[[str], None]
 # "ndhwc" permuted to [O, kD, kH, kW, I]. "auto": ndhwc for the video VAE engines on CUDA, ncdhw elsewhere.
 CONV_LAYOUTS = ("ncdhw", "ndhwc")
 CONV_LAYOUT_CHOICES = ("auto", *CONV_LAYOUTS)
-CONV_LAYOUT_STAGES = ("video_encoder", "video_decoder")
+CONV_LAYOUT_STAGES = tuple(e.name for e in stages.ENGINES if e.conv_layout)  # the video VAE's engines
 
 
 def stage_conv_layout(choice: str, stage: str, device: torch.device) -> str:
@@ -178,7 +180,7 @@ def module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def stage_attention(attention: str, stage: str, device: torch.device) -> str:
     """The attention an engine of `stage` gets: CPU engines always "default"; FP8 modes reach only the DiT."""
-    return fp8_attention.for_stage(attention, stage) if device.type == "cuda" else "default"
+    return stages.stage_attention(attention, stage) if device.type == "cuda" else "default"
 
 
 @contextlib.contextmanager
@@ -327,6 +329,9 @@ class TorchAOTBackend:
     """The `torch-aot` backend object (see fvrt.builder.backends)."""
 
     name = "torch-aot"
+    attention_choices = ATTENTION_CHOICES
+    rebinds = True  # the code depends on the architecture only: a new checkpoint gets a new weights file
+    errors: tuple[type[Exception], ...] = ()
 
     def __init__(self, attention: str = "default", cxx: str | None = None, conv_layout: str = "auto") -> None:
         if attention not in ATTENTION_CHOICES:
@@ -337,6 +342,7 @@ class TorchAOTBackend:
         self.conv_layout = conv_layout  # CONV_LAYOUT_CHOICES, resolved per stage by `stage_conv_layout`
         self.cxx = cxx  # explicit compiler (--cxx); None: $FVRT_CXX or the first candidate that works
         self._compiler: cxx_select.Compiler | None = None
+        self.device = torch.device("cpu")  # where the build runs (`configure`): resolves conv_layout "auto"
 
     @property
     def compiler(self) -> cxx_select.Compiler:
@@ -354,6 +360,20 @@ class TorchAOTBackend:
         except cxx_select.CompilerError as e:
             return str(e)
         return None
+
+    def refuse_precision(self, precision: str) -> str | None:
+        return None  # every precision of the table: low-bit layers compile through their torch ops
+
+    def recipe(self) -> dict[str, Any]:
+        return {"cxx": self.compiler.version or self.compiler.path}  # the wrapper library depends on its compiler
+
+    def environment(self) -> dict[str, str | None]:
+        return {}  # the build machine's compute capability; no TensorRT
+
+    def engine_recipe(self, name: str) -> dict[str, Any]:
+        """The conv layout of engine `name` when it is not the checkpoint's (the code reads it)."""
+        layout = stage_conv_layout(self.conv_layout, name, self.device)
+        return {"conv_layout": layout} if layout != "ncdhw" else {}
 
     def compile_key(
         self,
@@ -465,10 +485,7 @@ class TorchAOTBackend:
             "attention": stage_attention(self.attention, spec.name, device),
             "conv_layout": conv_layout,
             "models": {k: p.name for k, p in packages.items()},
-            "weight_names": file_names,
             "weight_dtypes": weight_dtypes,
-            "per_layer": len(spec.per_layer),
-            **({"layers": spec.layers} if spec.per_layer else {}),
             "code_bytes": sum(p.stat().st_size for p in packages.values()),
             "weights_bytes": sum(t.numel() * t.element_size() for t in file_tensors.values()),
             "constants_bytes": max(c.constants_bytes for c in compiled.values()),
@@ -493,22 +510,24 @@ class TorchAOTBackend:
             weights_sha256=sha256_file(weights_file) if write_weights else None,
             extra=extra,
             files={p.name: sha256_file(p) for p in packages.values()},
+            weight_names=file_names,
+            **per_layer_fields(spec),
         )
 
     def rebind(self, spec: EngineSpec, out_dir: Path, entry: StageEntry) -> StageEntry:
         """Keep `entry`'s compiled package (already in `out_dir`) and write the weights of `spec`'s (new)
         checkpoint under the same names: the code depends on the architecture only."""
-        names = entry.extra["weight_names"]
+        names = entry.weight_names
         tensors = weight_file_tensors(spec, names, entry.extra.get("conv_layout", "ncdhw"))
         weights_file = Path(out_dir) / f"{spec.name}{WEIGHTS_SUFFIX}"
         save_weights(weights_file, tensors, {"format": "pt", "engine": spec.name})
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-        layers = {"per_layer": len(spec.per_layer), "layers": spec.layers} if spec.per_layer else {}
         return replace(
             entry,
             weights=weights_file.name,
             weights_sha256=sha256_file(weights_file),
-            extra={**entry.extra, "weights_bytes": nbytes, **layers},
+            extra={**entry.extra, "weights_bytes": nbytes},
+            **per_layer_fields(spec),
         )
 
 
@@ -526,11 +545,21 @@ def weight_file_tensors(spec: EngineSpec, names: Sequence[str], conv_layout: str
     return {n: to_file_layout(tensors[n], conv_layout) for n in names}
 
 
-def backend(name: str) -> TorchAOTBackend:
-    """Backend factory used by `fvrt.builder.backends.get_backend`."""
-    if name != "torch-aot":
+def configure(name: str, options: BackendOptions) -> TorchAOTBackend:
+    """The `torch-aot` backend with the request's options (`fvrt.builder.backends.configure`); OptionError (one
+    line) for a value it refuses."""
+    if name != TorchAOTBackend.name:
         raise ValueError(f"fvrt.builder.backends.aoti serves 'torch-aot', not '{name}'")
-    return TorchAOTBackend()
-
-
-BACKEND = TorchAOTBackend()
+    check_attention(name, ATTENTION_CHOICES, options.attention)
+    if options.conv_layout not in CONV_LAYOUT_CHOICES:
+        raise OptionError(f"--conv-layout: choose one of {', '.join(CONV_LAYOUT_CHOICES)}, got '{options.conv_layout}'")
+    if options.attention in fp8_attention.MODES and not (
+        options.device.type == "cuda" and fp8_attention.supported(options.device)
+    ):  # the DiT's attention in FP8: a Triton kernel compiled for the local GPU
+        raise OptionError(
+            f"--attention {options.attention}: FP8 attention compiles a Triton kernel for the local GPU and needs "
+            "--device cuda with compute capability 8.9 or newer and Triton installed"
+        )
+    backend = TorchAOTBackend(options.attention, options.cxx, options.conv_layout)
+    backend.device = options.device
+    return backend

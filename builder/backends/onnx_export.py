@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fvrt.builder.engines import EngineSpec
+from fvrt.builder.stages.base import EngineSpec
 
 OPSET = 23  # first opset with `Attention` and `RMSNormalization`
 EXTERNAL_DATA_BYTES = 1 << 30  # above 1 GiB of weights the initializers go to a side file (protobuf caps at 2 GiB)

@@ -19,8 +19,9 @@ takes every dtype from the ONNX graph.
 Attention: each ONNX `Attention` node becomes an IAttention, which by default must map to a fused kernel or the
 build fails. Fused kernels exist for fp16/bf16 with head_dim >= 16 (measured on TensorRT-RTX 1.7: 16..256 build,
 8 does not) and never for fp32, so fp32 graphs always mark attention decomposable (TensorRT then lowers it to
-MatMul-Softmax-MatMul); bf16 graphs do so only with `attention="decomposable"` (`fvrt-build --attention`). The
-choice is recorded per engine.
+MatMul-Softmax-MatMul), and so does any graph whose head size is below 16 (the tiny models: the build log says
+so); other bf16 graphs do so only with `attention="decomposable"` (`fvrt-build --attention`). The choice is
+recorded per engine.
 """
 
 from __future__ import annotations
@@ -38,8 +39,10 @@ from typing import Any
 import torch
 
 from fvrt.builder.backends import onnx_export as OX
-from fvrt.builder.engines import EngineSpec
+from fvrt.builder.backends.base import BackendOptions, OptionError, check_attention, per_layer_fields
+from fvrt.builder.stages.base import EngineSpec
 from fvrt.runtime.manifest import StageEntry, TensorSpec, sha256_file
+from fvrt.runtime.precision import QUANTIZED
 
 Log = Callable[[str], None]
 
@@ -62,6 +65,9 @@ RTX_COMPUTE_CAPABILITIES = {
 DEFAULT_TARGET_CCS = ("8.9", "12.0")  # Ada (RTX 4090 / L40) and consumer / RTX PRO Blackwell
 WEIGHTS_SUFFIX = ".weights.safetensors"
 ATTENTION_MODES = ("default", "decomposable")  # see the module docstring
+# The smallest attention head size with a fused kernel (measured on TensorRT-RTX 1.7: 16..256 build, 8 does not);
+# below it attention is always marked decomposable, whatever --attention says (the tiny models' head size is 8)
+FUSED_MIN_HEAD_DIM = 16
 NO_FUSED_KERNEL = "Attention operation was not supported by a dedicated kernel"  # TensorRT's build error text
 PRECISION_ALIASES = {
     "fp32": "fp32",
@@ -207,6 +213,35 @@ class TensorRTBackend:
     def version(self) -> str:
         return str(self.trt().__version__)
 
+    # ----------------------------------------------------------------------------------------------------------
+    # the build loop's protocol (fvrt.builder.backends.base.Backend)
+
+    attention_choices = ATTENTION_MODES
+    rebinds = False  # plans embed their weights (all but the per-layer ones): a new checkpoint is a new build
+    errors = (TensorRTBuildError,)  # TensorRT refused a graph: bad input, not an internal bug
+
+    def refuse_precision(self, precision: str) -> str | None:
+        if self.is_rtx and precision == "nvfp4" and any(float(cc) < 12.0 for cc in self.target_ccs):
+            return (
+                f"--precision nvfp4: TensorRT-RTX builds FP4 for compute capability 12.0 (Blackwell GeForce) only, "
+                f"got --target-cc {','.join(self.target_ccs)}; pass --target-cc 12.0"
+            )
+        return None
+
+    def recipe(self) -> dict[str, Any]:
+        """The plans depend on the library version and the target GPUs."""
+        return {"tensorrt": self.version(), "compute_capabilities": list(self.compute_capabilities())}
+
+    def environment(self) -> dict[str, str | None]:
+        """RTX: the AOT target list; full TensorRT: the build GPU."""
+        return {"tensorrt_version": self.version(), "compute_capability": ",".join(self.compute_capabilities())}
+
+    def engine_recipe(self, name: str) -> dict[str, Any]:
+        return {}  # every engine of a build is configured alike
+
+    def rebind(self, spec: EngineSpec, out_dir: Path, entry: StageEntry) -> StageEntry:
+        raise NotImplementedError(f"{self.name}: plans embed their weights; a new checkpoint is built anew")
+
     def compute_capabilities(self) -> list[str]:
         """What the plans can run on: the RTX target list, or the build GPU's compute capability."""
         if self.is_rtx:
@@ -242,13 +277,23 @@ class TensorRTBackend:
             raise TensorRTBuildError(f"{what}: the {self.module_name} ONNX parser refused the graph: {errs}")
 
         decomposable = precision == "fp32" or self.attention == "decomposable"
-        n_attention = 0
+        n_attention, small_heads = 0, set()
         for i in range(network.num_layers):
             layer = network.get_layer(i)
             if layer.type == trt.LayerType.ATTENTION_OUTPUT:
                 layer.__class__ = trt.IAttentionOutputLayer  # the Python API hands out the ILayer base class
-                layer.attention.decomposable = decomposable
+                head = int(layer.attention.get_input(0).shape[-1])  # query [B, H, T, head size], static
+                if not decomposable and head < FUSED_MIN_HEAD_DIM:
+                    small_heads.add(head)  # no fused kernel exists: decompose it rather than fail the build
+                layer.attention.decomposable = decomposable or head < FUSED_MIN_HEAD_DIM
                 n_attention += 1
+        if small_heads and log is not None:
+            sizes = ", ".join(map(str, sorted(small_heads)))
+            which = "head size {} is" if len(small_heads) == 1 else "head sizes {} are"
+            log(
+                f"{what}: attention {which.format(sizes)} below the fused kernels' minimum ({FUSED_MIN_HEAD_DIM}): "
+                "that attention is decomposed into MatMul-Softmax-MatMul"
+            )
 
         config = builder.create_builder_config()
         profile = builder.create_optimization_profile()
@@ -271,7 +316,8 @@ class TensorRTBackend:
                 )
             errs = "; ".join(logger.errors[-3:]) or "no error message"
             raise TensorRTBuildError(f"{what}: {self.module_name} build failed: {errs}")
-        return PlanResult(bytes(plan), n_attention, decomposable and n_attention > 0, time.perf_counter() - t0)
+        decomposed = (decomposable or bool(small_heads)) and n_attention > 0
+        return PlanResult(bytes(plan), n_attention, decomposed, time.perf_counter() - t0)
 
     # ----------------------------------------------------------------------------------------------------------
     # one engine
@@ -293,7 +339,7 @@ class TensorRTBackend:
         t_start = time.perf_counter()
         # FP8Linear layers export as QuantizeLinear / DequantizeLinear pairs, NVFP4Linear as ModelOpt's NVFP4 form
         # (trt::TRT_FP4DynamicQuantize + DequantizeLinear chains, FLOAT4E2M1 weights)
-        quantized = precision in ("fp8", "nvfp4")
+        quantized = precision in QUANTIZED
         want = OX.module_precision(spec.module) if quantized else _precision_name(precision)
         have = OX.module_precision(spec.module)
         if have != want:
@@ -373,9 +419,7 @@ class TensorRTBackend:
             **({"notes": spec.notes} if spec.notes else {}),
         }
         if spec.per_layer:
-            extra["per_layer"] = len(spec.per_layer)
-            extra["layers"] = spec.layers
-            extra["weight_inputs"] = weight_inputs
+            extra["weight_inputs"] = weight_inputs  # with their dtypes and shapes
         return StageEntry(
             name=spec.name,
             backend=self.name,
@@ -388,6 +432,8 @@ class TensorRTBackend:
             weights_sha256=weights_sha,
             extra=extra,
             files={f["file"]: f["sha256"] for f in files.values()},  # every plan, verified by the runtime
+            weight_names=[w["name"] for w in weight_inputs],
+            **per_layer_fields(spec),
         )
 
 
@@ -437,6 +483,21 @@ def write_per_layer_weights(spec: EngineSpec, path: Path, names: Sequence[str]) 
     tmp = path.with_name(path.name + ".partial")
     save_file(tensors, str(tmp), metadata={"engine": spec.name, "layers": str(len(spec.per_layer))})
     tmp.replace(path)
+
+
+def configure(name: str, options: BackendOptions) -> TensorRTBackend:
+    """The backend for `name` with the request's options (`fvrt.builder.backends.configure`); OptionError (one
+    line) for a value it refuses."""
+    check_attention(name, ATTENTION_MODES, options.attention)
+    kwargs: dict[str, Any] = {"attention": options.attention}
+    if options.target_ccs:
+        try:
+            kwargs["target_ccs"] = parse_compute_capabilities(
+                [cc for value in options.target_ccs for cc in value.split(",") if cc.strip()]
+            )
+        except ValueError as e:
+            raise OptionError(" ".join(str(e).split())) from None
+    return TensorRTBackend(name, **kwargs)
 
 
 def backend(name: str, **options: Any) -> TensorRTBackend:

@@ -33,7 +33,7 @@ float32 frequency grid (configs selecting them are refused).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -50,11 +50,12 @@ from fvrt.builder.checkpoint import (
     require,
 )
 from fvrt.builder.models.common import Attention, FeedForward, RopeTables, rms_norm, rope_tables
+from fvrt.runtime import shapes
 
 # --------------------------------------------------------------------------------------------------------------
 # constants
 
-LATENT_CHANNELS = 128
+LATENT_CHANNELS = shapes.LATENT_CHANNELS
 """Token width of both modalities: 128 video latent channels (patch 1x1x1), 8 audio channels x 16 mel bins
 (`audio_in_channels` is absent from the released configs; the official configurator defaults it to 128)."""
 
@@ -77,7 +78,7 @@ PROMPT_ADALN_ROWS = 2
 FFN_MULT = 4
 """Feed-forward expansion (feed_forward.py FeedForward(mult=4))."""
 
-VIDEO_SCALE_FACTORS = (8, 32, 32)
+VIDEO_SCALE_FACTORS = (shapes.VIDEO_TIME_STRIDE, shapes.VIDEO_SPACE_STRIDE, shapes.VIDEO_SPACE_STRIDE)
 """Pixels per latent voxel along (time, height, width) (types.py SpatioTemporalScaleFactors.default())."""
 AUDIO_SAMPLE_RATE = 16000
 AUDIO_HOP_LENGTH = 160
@@ -363,6 +364,19 @@ class StreamInputs(NamedTuple):
     cross_pe_cos: torch.Tensor  # [B, H, T, Dc/2] A<->V RoPE (time only)
     cross_pe_sin: torch.Tensor
 
+    @classmethod
+    def field_names(cls, has_prompt: bool) -> tuple[str, ...]:
+        """The fields a model with (`cfg.cross_attention_adaln`, LTX-2.3) or without a prompt AdaLN fills."""
+        return tuple(n for n in cls._fields if has_prompt or n != "prompt")
+
+    @classmethod
+    def from_fields(cls, tensors: Sequence[torch.Tensor], has_prompt: bool) -> StreamInputs:
+        """The inverse of taking `field_names(has_prompt)` in order: `prompt` is None without a prompt AdaLN."""
+        t: list[torch.Tensor | None] = list(tensors)
+        if not has_prompt:
+            t.insert(cls._fields.index("prompt"), None)
+        return cls(*t)
+
 
 def _token_rows(table: torch.Tensor, adaln: torch.Tensor, index: torch.Tensor, row: int) -> torch.Tensor:
     """Row `row` of `table[None, None] + adaln.view(B, K, rows, d)`, gathered per token: [B, T, d].
@@ -557,6 +571,29 @@ class LTXDiT(nn.Module):
         g, _ = gate(t * (self.cfg.av_timestep_scale / self.cfg.timestep_scale), dtype)
         return ss.view(b, 1, -1), g.view(b, 1, -1)
 
+    def stream_modulation(
+        self, stream: str, values: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`prepare_modulation` with the AdaLN of stream `stream` ("video" | "audio")."""
+        adaln = self.adaln_single if stream == "video" else self.audio_adaln_single
+        return self.prepare_modulation(adaln, values, dtype)
+
+    def cross_modulation(
+        self, stream: str, other_sigma: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The A<->V AdaLN fields of stream `stream` ("video" | "audio") from the OTHER modality's sigma [B]:
+        (cross_scale_shift [B, 1, 4d], cross_gate [B, 1, d])."""
+        if stream == "video":
+            pair = self.av_ca_video_scale_shift_adaln_single, self.av_ca_a2v_gate_adaln_single
+        else:
+            pair = self.av_ca_audio_scale_shift_adaln_single, self.av_ca_v2a_gate_adaln_single
+        return self._cross_adaln(other_sigma, *pair, dtype)
+
+    def prompt_modulation(self, stream: str, sigma: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """LTX-2.3 prompt AdaLN of stream `stream` from its own sigma [B]: [B, 1, 2d] (`cfg.cross_attention_adaln`)."""
+        adaln = self.prompt_adaln_single if stream == "video" else self.audio_prompt_adaln_single
+        return adaln(sigma * self.cfg.timestep_scale, dtype)[0].view(sigma.shape[0], 1, -1)
+
     def prepare_modulation(
         self,
         adaln: AdaLayerNormSingle,
@@ -636,15 +673,26 @@ class LTXDiT(nn.Module):
 
     # ---- (b) the hot forward ----------------------------------------------------------------------------------
 
-    def _output_head(self, x: torch.Tensor, table: torch.Tensor, proj: nn.Linear, s: StreamInputs) -> torch.Tensor:
+    def _head(
+        self, x: torch.Tensor, table: torch.Tensor, proj: nn.Linear, embedded: torch.Tensor, index: torch.Tensor
+    ) -> torch.Tensor:
         """LayerNorm(no affine) -> x * (1 + scale) + shift (from the embedded timestep) -> Linear(d, 128)."""
-        d = s.embedded.shape[-1]
-        rows = table[None, None] + s.embedded[:, :, None]  # [B, K, 2, d]: shift, scale
-        index = s.timestep_index.unsqueeze(-1).expand(-1, -1, d)
+        d = embedded.shape[-1]
+        rows = table[None, None] + embedded[:, :, None]  # [B, K, 2, d]: shift, scale
+        index = index.unsqueeze(-1).expand(-1, -1, d)
         shift = torch.gather(rows[:, :, 0], 1, index)
         scale = torch.gather(rows[:, :, 1], 1, index)
         x = F.layer_norm(x, (d,), eps=self.cfg.norm_eps)
         return proj(_modulate(x, scale, shift))
+
+    def output_head(
+        self, stream: str, x: torch.Tensor, embedded: torch.Tensor, timestep_index: torch.Tensor
+    ) -> torch.Tensor:
+        """The output head of stream `stream` ("video" | "audio") on token states `x` [B, T, d], from the
+        embedded timesteps [B, K, d] and the per-token index [B, T] of its `StreamInputs`: velocities [B, T, 128]."""
+        if stream == "video":
+            return self._head(x, self.scale_shift_table, self.proj_out, embedded, timestep_index)
+        return self._head(x, self.audio_scale_shift_table, self.audio_proj_out, embedded, timestep_index)
 
     def forward_prepared(
         self,
@@ -662,8 +710,8 @@ class LTXDiT(nn.Module):
         for block in self.transformer_blocks:
             vx, ax = block(vx, ax, video_context, audio_context, video, audio)
         return (
-            self._output_head(vx, self.scale_shift_table, self.proj_out, video),
-            self._output_head(ax, self.audio_scale_shift_table, self.audio_proj_out, audio),
+            self.output_head("video", vx, video.embedded, video.timestep_index),
+            self.output_head("audio", ax, audio.embedded, audio.timestep_index),
         )
 
     def forward(

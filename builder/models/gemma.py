@@ -39,7 +39,7 @@ from torch import nn
 from transformers import AutoTokenizer, Gemma3Config, Gemma3TextConfig
 from transformers.models.gemma3.modeling_gemma3 import Gemma3RotaryEmbedding, Gemma3TextModel
 
-from fvrt.builder.checkpoint import CheckpointError, KeyRule, SafetensorsFile
+from fvrt.builder.safetensors_io import CheckpointError, KeyRule, SafetensorsFile
 from fvrt.runtime.manifest import json_object
 
 logger = logging.getLogger(__name__)

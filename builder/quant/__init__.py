@@ -2,13 +2,10 @@
 calibration, and loading of pre-quantised checkpoints. See docs/quantization.md."""
 
 from fvrt.builder.quant.calibrate import (
-    CalibShape,
     QuantReport,
     collect_amax_hooks,
     collect_amax_modelopt,
     quantize_model,
-    random_dit_inputs,
-    two_stage_passes,
 )
 from fvrt.builder.quant.fp8 import FP8Linear
 from fvrt.builder.quant.layers import block_signature, layer_groups, prepare_prequantized
@@ -17,7 +14,6 @@ from fvrt.builder.quant.recipe import DIT_DEFAULT_EXCLUDE, Precision, QuantRecip
 
 __all__ = [
     "DIT_DEFAULT_EXCLUDE",
-    "CalibShape",
     "FP8Linear",
     "NVFP4Linear",
     "Precision",
@@ -29,6 +25,4 @@ __all__ = [
     "layer_groups",
     "prepare_prequantized",
     "quantize_model",
-    "random_dit_inputs",
-    "two_stage_passes",
 ]

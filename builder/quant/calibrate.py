@@ -12,8 +12,8 @@ never wrapped by ModelOpt. Max calibration runs the unquantised forward, so both
 
 NVFP4 uses the same per-tensor amax (its activation global scale); its block scales are dynamic.
 
-DiT calibration inputs are `LTXDiT.forward` keyword dicts; `random_dit_inputs` makes random ones at the
-pipeline's sigmas of both stages (the build feeds real prompt contexts from calib_data/ instead).
+DiT calibration inputs are `LTXDiT.forward` keyword dicts, recorded from real pipeline runs over the calibration
+prompts (`fvrt.builder.quant.pipeline_calib`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,84 +34,10 @@ from fvrt.builder.quant.recipe import Precision, QuantRecipe
 Inputs = Mapping[str, Any]
 Runner = Callable[[nn.Module, Inputs], Any]
 
-STAGE1_SIGMAS: tuple[float, ...] = (1.0, 0.99375, 0.9875, 0.98125, 0.975, 0.909375, 0.725, 0.421875)
-"""Distilled stage-1 sigmas at which the DiT runs (ltx_pipelines/utils/constants.py DISTILLED_SIGMA_VALUES[:-1])."""
-STAGE2_SIGMAS: tuple[float, ...] = (0.909375, 0.725, 0.421875)
-"""Distilled stage-2 sigmas (STAGE_2_DISTILLED_SIGMA_VALUES[:-1])."""
-CALIB_FPS = 24.0
-
 
 def run_dit(model: nn.Module, inputs: Inputs) -> Any:
-    """One DiT pass on a `random_dit_inputs`-style dict (keyword arguments of `LTXDiT.forward`)."""
+    """One DiT pass on a dict of `LTXDiT.forward` keyword arguments."""
     return model(**inputs)
-
-
-class CalibShape(NamedTuple):
-    """Latent sizes of one calibration pass: video (frames, height, width) latents, audio latents."""
-
-    frames: int
-    height: int
-    width: int
-    audio: int
-
-
-def random_dit_inputs(
-    dit: nn.Module,
-    passes: Sequence[tuple[CalibShape, float]],
-    *,
-    text_tokens: int,
-    seed: int = 0,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu",
-) -> list[dict[str, torch.Tensor]]:
-    """`LTXDiT.forward` kwargs for each (shape, sigma): latents `(1 - sigma) * x0 + sigma * noise` (x0, noise
-    ~ N(0, 1)), the first latent frame image-conditioned (timestep 0), random text contexts of the widths the
-    DiT expects (caption width for LTX-2, DiT widths for 2.3)."""
-    from fvrt.builder.models import dit as D
-
-    cfg = dit.cfg
-    gen = torch.Generator(device=device).manual_seed(seed)
-
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen, device=device)
-
-    ctx_v = cfg.caption_channels or cfg.dim
-    ctx_a = cfg.caption_channels or cfg.audio_dim
-    out = []
-    for shape, sigma in passes:
-        nv = shape.frames * shape.height * shape.width
-        s = torch.tensor(sigma, device=device)
-        vmask = torch.ones(1, nv, device=device)
-        vmask[:, : shape.height * shape.width] = 0.0  # image-conditioned first latent frame
-        out.append(
-            {
-                "video_latent": ((1 - s) * randn(1, nv, D.LATENT_CHANNELS) + s * randn(1, nv, D.LATENT_CHANNELS)).to(
-                    dtype
-                ),
-                "audio_latent": (
-                    (1 - s) * randn(1, shape.audio, D.LATENT_CHANNELS) + s * randn(1, shape.audio, D.LATENT_CHANNELS)
-                ).to(dtype),
-                "video_timesteps": (vmask * s).to(dtype),
-                "audio_timesteps": torch.full((1, shape.audio), sigma, device=device).to(dtype),
-                "video_sigma": s,
-                "audio_sigma": s,
-                "video_positions": D.video_positions(*shape[:3], CALIB_FPS, dtype=dtype, device=device),
-                "audio_positions": D.audio_positions(shape.audio, device=device),
-                "video_context": randn(1, text_tokens, ctx_v).to(dtype),
-                "audio_context": randn(1, text_tokens, ctx_a).to(dtype),
-            }
-        )
-    return out
-
-
-def two_stage_passes(
-    stage1: CalibShape,
-    stage2: CalibShape,
-    sigmas1: Sequence[float] = STAGE1_SIGMAS,
-    sigmas2: Sequence[float] = STAGE2_SIGMAS,
-) -> list[tuple[CalibShape, float]]:
-    """(shape, sigma) of every DiT pass of the distilled two-stage pipeline."""
-    return [(stage1, s) for s in sigmas1] + [(stage2, s) for s in sigmas2]
 
 
 # ---- amax collection ------------------------------------------------------------------------------------------
@@ -280,7 +206,6 @@ def quantize_model(
     method: "modelopt" (nvidia-modelopt max calibration) or "hooks" (the same statistic without ModelOpt).
     exclude: override of `recipe.exclude` (e.g. the text encoder's list). bf16 recipes change nothing.
     """
-    recipe.validate()
     if recipe.precision is Precision.BF16:
         return QuantReport(recipe.precision, method, [])
     items = list(inputs)
@@ -298,17 +223,12 @@ def quantize_model(
 
 
 __all__ = [
-    "STAGE1_SIGMAS",
-    "STAGE2_SIGMAS",
-    "CalibShape",
     "QuantReport",
     "collect_amax_hooks",
     "collect_amax_modelopt",
     "convert_linears",
     "modelopt_config",
     "quantize_model",
-    "random_dit_inputs",
     "replace_module",
     "run_dit",
-    "two_stage_passes",
 ]

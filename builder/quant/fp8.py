@@ -131,6 +131,8 @@ class FP8Linear(StorageDtypeModule):
     devices but never change their dtypes (the weight stays float8, the scales float32); the bias follows.
     """
 
+    PRECISION = "fp8"  # its name in the precision table (fvrt.runtime.precision)
+
     _FIXED_DTYPE = ("weight", "weight_scale", "input_scale")
 
     def __init__(

@@ -21,9 +21,9 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from fvrt.builder.checkpoint import CheckpointError
 from fvrt.builder.quant.fp8 import FP8Linear
 from fvrt.builder.quant.nvfp4 import NVFP4Linear
+from fvrt.builder.safetensors_io import CheckpointError
 
 WEIGHT_SCALE_SUFFIX = ".weight_scale"
 INPUT_SCALE_SUFFIX = ".input_scale"

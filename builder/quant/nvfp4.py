@@ -160,6 +160,8 @@ class NVFP4Linear(StorageDtypeModule):
     """NVFP4 weights (packed) and NVFP4 activations (dynamic 16-blocks, static global scale), emulated in
     float32: y = fq(x) @ dq(W).T + bias. A Blackwell engine runs the same math with FP4 tensor cores."""
 
+    PRECISION = "nvfp4"  # its name in the precision table (fvrt.runtime.precision)
+
     def __init__(
         self, in_features: int, out_features: int, bias: bool = True, *, bias_dtype: torch.dtype | None = None
     ) -> None:

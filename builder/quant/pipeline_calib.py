@@ -12,7 +12,6 @@ The prompts file is `calib_data/prompts.txt` (one prompt per line, '#' comments)
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,16 +20,10 @@ import torch
 
 from fvrt.builder.checkpoint import LTXCheckpoint
 from fvrt.builder.eager import EagerEngineSet
-from fvrt.builder.engines import Profile, dit_forward_kwargs
+from fvrt.builder.stages.dit import dit_forward_kwargs
+from fvrt.runtime.shapes import Profile, key_stage
 
 Log = Callable[[str], None]
-# Calibration stops each run before these: the eager 1080p video decode needs ~27 GB more, on top of the whole
-# unquantised checkpoint on the GPU (text encoder included): an 80 GB H100 ran out of memory there (2026-11-26)
-DECODERS = frozenset({"video_decoder", "audio_decoder"})
-
-
-class _Denoised(Exception):
-    """Raised by the recording pipeline at its first decoder call: both stages' DiT passes are recorded."""
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -47,10 +40,11 @@ def spread(items: Sequence[Any], count: int) -> list[Any]:
 
 
 def dit_call_kwargs(profile: Profile, key: str, *call: torch.Tensor) -> dict[str, torch.Tensor]:
-    """One pipeline DiT call (`Pipeline._dit(key, video, audio, video_context, audio_context, video_t, index,
-    sigma)`, the runtime's order) as `LTXDiT.forward` keyword inputs of the profile's stage-1 or stage-2 shape."""
+    """One pipeline DiT call (`Pipeline(on_dit_pass=...)`'s arguments: key, video, audio, video_context,
+    audio_context, video_t, index, sigma) as `LTXDiT.forward` keyword inputs of the profile's stage-1 or stage-2
+    shape."""
     video, audio, vctx, actx, video_t, index, sigma = call
-    stage = 1 if key.endswith("/s1") else 2
+    stage = key_stage(key)
     prep = (video_t, index, sigma.view(1, 1), sigma, sigma)
     return dit_forward_kwargs(profile, stage, prep, (video, audio, vctx, actx), positions_dtype=video.dtype)
 
@@ -75,18 +69,13 @@ def pipeline_dit_inputs(
     engines = EagerEngineSet(ckpt, [profile], device=device)
     recorded: list[dict[str, torch.Tensor]] = []
 
-    class Recording(Pipeline):
-        def _dit(self, key: str, *call: torch.Tensor) -> Any:
-            kw = dit_call_kwargs(profile, key, *call)
-            recorded.append({k: t.clone() for k, t in kw.items()})  # the pipeline reuses its buffers
-            return super()._dit(key, *call)
+    def record(key: str, *call: torch.Tensor) -> None:
+        kw = dit_call_kwargs(profile, key, *call)
+        recorded.append({k: t.clone() for k, t in kw.items()})  # the pipeline reuses its buffers
 
-        def _run(self, engine: str, key: str, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            if engine in DECODERS:
-                raise _Denoised  # every DiT pass is recorded: the decodes would only cost time and memory
-            return super()._run(engine, key, *inputs)
-
-    pipe = Recording(engines, PromptTokenizer(tokenizer_dir), cuda_graphs=False)
+    # every run stops after its last DiT pass: the eager 1080p video decode needs ~27 GB more, on top of the whole
+    # unquantised checkpoint on the GPU (text encoder included), which ran an 80 GB H100 out of memory
+    pipe = Pipeline(engines, PromptTokenizer(tokenizer_dir), cuda_graphs=False, on_dit_pass=record)
     for i, prompt in enumerate(prompts):
         image = images[(i // 2) % len(images)] if images and i % 2 == 1 else None
         req = Request(
@@ -99,8 +88,7 @@ def pipeline_dit_inputs(
             preset=preset,
             image=image,
         )
-        with contextlib.suppress(_Denoised):
-            pipe(req)
+        pipe(req, decode=False)
         log(f"calibration: prompt {i + 1}/{len(prompts)} ({'image' if image else 'text'}-to-video) done")
     return recorded
 

@@ -59,16 +59,12 @@ class QuantRecipe:
 
     precision: the DiT Linear layers' format. include / exclude: globs over DiT module names (see module doc).
     FP8 attention is not a recipe switch: it is the backend's `--attention fp8` (fvrt.plugins.fp8_attention).
-    text_encoder: precision of the text encoder's Linear layers (bf16 or fp8, same FP8Linear path, globs
-        `text_encoder_exclude`). video_vae: precision of the VAEs (bf16 only: they are convolutions).
+    The text encoder's FP8 (`--text-precision fp8`) uses the same recipe with `TEXT_ENCODER_DEFAULT_EXCLUDE`.
     """
 
     precision: Precision = Precision.FP8
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = DIT_DEFAULT_EXCLUDE
-    text_encoder: Precision = Precision.BF16
-    text_encoder_exclude: tuple[str, ...] = TEXT_ENCODER_DEFAULT_EXCLUDE
-    video_vae: Precision = Precision.BF16
 
     @classmethod
     def named(cls, precision: str | Precision) -> QuantRecipe:
@@ -79,13 +75,6 @@ class QuantRecipe:
             names = ", ".join(x.value for x in Precision)
             raise ValueError(f"--precision must be one of {names}, got {precision!r}") from None
         return cls(precision=p)
-
-    def validate(self) -> None:
-        """Refuse switch combinations fvrt does not implement, naming the switch."""
-        if self.text_encoder is Precision.NVFP4:
-            raise NotImplementedError("text_encoder=nvfp4 is not implemented (bf16 or fp8)")
-        if self.video_vae is not Precision.BF16:
-            raise NotImplementedError(f"video_vae={self.video_vae.value}: the VAEs are convolutional; only bf16")
 
     def selects(self, name: str, *, exclude: Iterable[str] | None = None, include: Iterable[str] | None = None) -> bool:
         """Whether the layer called `name` is quantised (include match and no exclude match)."""
@@ -106,9 +95,6 @@ class QuantRecipe:
             "precision": self.precision.value,
             "include": list(self.include),
             "exclude": list(self.exclude),
-            "text_encoder": self.text_encoder.value,
-            "text_encoder_exclude": list(self.text_encoder_exclude),
-            "video_vae": self.video_vae.value,
         }
 
 

@@ -48,19 +48,17 @@ def _load_package(path: Path, device_index: int) -> Any:
 
 class AOTIEngine:
     """One compiled engine. `run(key, *inputs)` binds the weights and the inputs (checked against the manifest's
-    shapes and dtypes), runs on the current CUDA stream (or the CPU) and returns the outputs; `out=` copies them
-    into preallocated tensors. dit_block: `layer=i` selects the i-th weight set."""
+    shapes and dtypes), runs on the current CUDA stream (or the CPU) and returns the outputs. dit_block:
+    `layer=i` selects the i-th weight set."""
 
     def __init__(
         self, root: Path, entry: StageEntry, device: torch.device, tensors: dict[str, torch.Tensor] | None = None
     ) -> None:
         """tensors: the weights-file tensors given in memory (shared, not copied) instead of reading the file."""
         self.name, self.entry, self.device = entry.name, entry, device
-        extra = entry.extra
+        names, self.num_layers = list(entry.weight_names), entry.per_layer
         try:
-            names: list[str] = list(extra["weight_names"])
-            self.num_layers = int(extra["per_layer"])
-            models: dict[str, str] = dict(extra["models"])
+            models: dict[str, str] = dict(entry.extra["models"])
         except (KeyError, TypeError, ValueError) as e:
             raise EngineError(f"{root}: stage '{entry.name}' manifest entry lacks {e}") from None
         if tensors is None:
@@ -133,10 +131,9 @@ class AOTIEngine:
         key: str,
         *inputs: torch.Tensor,
         layer: int | None = None,
-        out: Sequence[torch.Tensor] | None = None,
         check: bool = True,
     ) -> tuple[torch.Tensor, ...]:
-        """Run shape key `key`. Returns the outputs ([shapes as in the manifest]); with `out`, copies into it."""
+        """Run shape key `key`. Returns the outputs ([shapes as in the manifest])."""
         if check:
             self.check_inputs(key, inputs)
         if self._parked:
@@ -148,12 +145,7 @@ class AOTIEngine:
         else:
             weights = self.weights
         result = self._models[key](*weights, *inputs)
-        outs = tuple(result) if isinstance(result, (tuple, list)) else (result,)
-        if out is None:
-            return outs
-        for dst, src in zip(out, outs, strict=True):
-            dst.copy_(src)
-        return tuple(out)
+        return tuple(result) if isinstance(result, (tuple, list)) else (result,)
 
 
 def load(root: Path, entry: StageEntry, device: torch.device) -> AOTIEngine:
