@@ -11,6 +11,16 @@ Algorithm (forward only, unmasked, scale 1/sqrt(D), what `fvrt.builder.models.co
   the end O * (scale_v / 448) / l, written in bf16 as [B, T, H, D] (the layout the output projection reads, so
   no transpose follows).
 
+The "fp8s" mode (issue 18: accurate 8-bit attention, the recipe of SageAttention 2 and FlashAttention-3's FP8):
+- K is smoothed: its mean over tokens is subtracted before quantizing (softmax-invariant: it shifts every score
+  of a query row by the same amount), which removes the per-channel offsets trained models put in K.
+- Q and K get one scale per token (amax over the head dim), in E4M3 or INT8 (`qk="int8"`: 8 bits of mantissa
+  against E4M3's 4, Hopper's INT8 MMA runs at the FP8 rate); the kernel multiplies S by the outer product of the
+  two scale vectors.
+- V is smoothed too (its token mean is added back to the output: rows of P sum to l) and scaled per channel.
+- P V accumulates each key block in a fresh fp32 accumulator that is then added to the running one ("two-level
+  accumulation": the FP8 MMA's own accumulator keeps fewer than 32 bits).
+
 `reference` is the same arithmetic in torch (quantize, fp32 matmuls, P rounded to E4M3): it runs on the CPU and is
 what the tiny tests check the kernel and the engines against; `attention_fp32` is the exact reference.
 The module imports without Triton (CPU-only installs); the op is defined on first CUDA use (`register`).
@@ -19,7 +29,7 @@ The module imports without Triton (CPU-only installs); the op is defined on firs
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -29,9 +39,13 @@ E4M3_MAX = 448.0
 P_SCALE = 448.0  # probabilities in [0, 1] -> [0, 448] before the E4M3 cast
 LOG2E = 1.4426950408889634
 OP_NAME = "fvrt::fp8_attention"
+OP_NAME_S = "fvrt::fp8s_attention"
 # Q K^T and P V both in E4M3. A variant with P V in bf16 ("fp8qk") measured no faster than cuDNN bf16 on the H100
 # (26.6 vs 27.2 ms at 32,640 tokens) and was removed; see docs/results/2026-11-26-h100-fp8-attention-mp4.md.
-MODES = ("fp8",)
+MODES = ("fp8", "fp8s")
+QK_FORMATS = ("fp8", "int8")  # "fp8s": how Q and K are stored
+PV_FORMATS = ("fp8", "bf16")  # "fp8s": P and V in E4M3 (the mode), or bf16 (a lab variant)
+INT8_MAX = 127.0
 # Tiles per (padded) head dim: the fastest of 8 at 32,640 tokens x 32 heads x 128 on the H100
 # (lab/gpu_fp8_attention.py --sweep, 2026-11-26: 22.7 ms = 768 TFLOP/s; 128x128 w8: 24.0 ms)
 CONFIGS: dict[int, dict[str, int]] = {
@@ -74,6 +88,74 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: int | Non
     return (out / p.sum(dim=-1, keepdim=True)).to(q.dtype)
 
 
+class Smoothed(NamedTuple):
+    """`quantize_smooth`'s outputs, what the "fp8s" kernel reads. q8 / k8 [B, H, T, D] E4M3 or INT8, vt8
+    [B, H, D, Tk] E4M3; q_scale [B, H, Tq] (times log2(e) / sqrt(D)), k_scale [B, H, Tk], v_scale [B, H, D] (over
+    P_SCALE), v_mean [B, H, D]: all fp32 and contiguous."""
+
+    q8: torch.Tensor
+    k8: torch.Tensor
+    vt8: torch.Tensor
+    q_scale: torch.Tensor
+    k_scale: torch.Tensor
+    v_scale: torch.Tensor
+    v_mean: torch.Tensor
+
+
+def _per_row(t: torch.Tensor, top: float, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """amax-over-`dim` scale (never 0) and the scaled tensor, fp32."""
+    t = t.float()
+    scale = (t.abs().amax(dim=dim, keepdim=True) / top).clamp_min(torch.finfo(torch.float32).tiny)
+    return scale, t / scale
+
+
+def _quantize_rows(t: torch.Tensor, qk: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, H, T, D] -> (per-token scale [B, H, T], E4M3 or INT8 values)."""
+    if qk == "int8":
+        scale, x = _per_row(t, INT8_MAX, -1)
+        return scale.squeeze(-1), x.round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8).contiguous()
+    scale, x = _per_row(t, E4M3_MAX, -1)
+    return scale.squeeze(-1), x.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).contiguous()
+
+
+def quantize_smooth(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int | None = None, qk: str = "fp8", pv: str = "fp8"
+) -> Smoothed:
+    """The "fp8s" recipe's quantization (module doc), plain torch ops (Inductor fuses them into the producers of
+    Q, K, V in an engine). head_dim: the unpadded D (default q's). pv="bf16" (a lab variant: 8-bit Q K^T only)
+    keeps the smoothed V in bf16 with unit scales, for the kernel's PV_BF16 path."""
+    if qk not in QK_FORMATS or pv not in PV_FORMATS:
+        raise ValueError(f"qk must be one of {QK_FORMATS} and pv one of {PV_FORMATS}, got {qk!r}, {pv!r}")
+    k = k.float() - k.float().mean(dim=2, keepdim=True)
+    q_scale, q8 = _quantize_rows(q, qk)
+    k_scale, k8 = _quantize_rows(k, qk)
+    v_mean = v.float().mean(dim=2, keepdim=True)
+    if pv == "bf16":
+        vt8 = (v.float() - v_mean).to(torch.bfloat16).transpose(-1, -2).contiguous()
+        v_scale = torch.full_like(v_mean, P_SCALE)  # the kernel skips P's 448: unit scale after the / P_SCALE
+    else:
+        v_scale, vs = _per_row(v.float() - v_mean, E4M3_MAX, 2)
+        vt8 = vs.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).transpose(-1, -2).contiguous()
+    q_scale = (q_scale * (LOG2E / math.sqrt(head_dim or q.shape[-1]))).contiguous()
+    return Smoothed(q8, k8, vt8, q_scale, k_scale.contiguous(), (v_scale.squeeze(2) / P_SCALE).contiguous(),
+                    v_mean.squeeze(2).contiguous())  # fmt: skip
+
+
+def reference_smooth(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: int | None = None, qk: str = "fp8", pv: str = "fp8"
+) -> torch.Tensor:
+    """The "fp8s" kernel's arithmetic in torch (P rounded against the final row maximum), [B, H, T, D] -> same,
+    in q's dtype; only the first `rows` queries when given (scales and means still from the whole tensors)."""
+    z = quantize_smooth(q, k, v, qk=qk, pv=pv)
+    s = (z.q8[..., :rows, :].float() @ z.k8.float().transpose(-1, -2)) * z.q_scale[..., :rows, None]
+    s = s * z.k_scale[..., None, :]
+    p = torch.exp2(s - s.amax(dim=-1, keepdim=True))
+    p8 = p.to(torch.bfloat16) if pv == "bf16" else (p * P_SCALE).to(torch.float8_e4m3fn)
+    out = (p8.float() @ z.vt8.float().transpose(-1, -2)) * z.v_scale[..., None, :] / p.sum(dim=-1, keepdim=True)
+    out = out + z.v_mean[..., None, :]
+    return out.to(q.dtype)
+
+
 def attention_fp32(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Exact attention in fp32 (the higher-precision reference)."""
     return torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
@@ -97,6 +179,7 @@ except ImportError:  # CPU-only installs: `reference` still works
     triton = None
 
 _OP: Any = None
+_OP_S: Any = None
 
 if triton is not None:
 
@@ -153,6 +236,71 @@ if triton is not None:
         o_ptrs = Out + b * so_b + h * so_h + offs_m[:, None] * so_t + offs_d[None, :]
         tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=rows)
 
+    @triton.jit
+    def _inner_s(acc, l_i, m_i, q, q_scale, kt_ptrs, v_ptrs, ks_ptrs, stride_kt, stride_vt, lo, hi, n_kv,
+                 BLOCK_N: tl.constexpr, MASK: tl.constexpr, SPLIT_ACC: tl.constexpr,
+                 PV_BF16: tl.constexpr):  # fmt: skip
+        offs_n = tl.arange(0, BLOCK_N)
+        for start_n in tl.range(lo, hi, BLOCK_N):
+            if MASK:
+                valid = (start_n + offs_n) < n_kv
+                kt = tl.load(kt_ptrs + start_n * stride_kt, mask=valid[None, :], other=0)
+                v = tl.load(v_ptrs + start_n * stride_vt, mask=valid[:, None], other=0.0)
+                ks = tl.load(ks_ptrs + start_n + offs_n, mask=valid, other=0.0)
+            else:
+                kt = tl.load(kt_ptrs + start_n * stride_kt)
+                v = tl.load(v_ptrs + start_n * stride_vt)
+                ks = tl.load(ks_ptrs + start_n + offs_n)
+            s = tl.dot(q, kt).to(tl.float32) * q_scale[:, None] * ks[None, :]  # INT8: int32 products
+            if MASK:
+                s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if PV_BF16:  # noqa: SIM108 (constexpr branch)
+                p8 = p.to(tl.bfloat16)
+            else:
+                p8 = (p * 448.0).to(tl.float8e4nv)  # 448 = P_SCALE
+            if SPLIT_ACC:  # noqa: SIM108 (constexpr branch) this block's P V in its own fp32 accumulator
+                acc = acc * alpha[:, None] + tl.dot(p8, v)
+            else:
+                acc = tl.dot(p8, v, acc * alpha[:, None])
+            m_i = m_new
+        return acc, l_i, m_i
+
+    @triton.jit
+    def _fwd_s(Q, K, Vt, Out, QS, KS, VS, VM,
+               sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sv_d, so_b, so_h, so_t,
+               H, n_q, n_kv, n_full, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               SPLIT_ACC: tl.constexpr, PV_BF16: tl.constexpr):  # fmt: skip
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        offs_n = tl.arange(0, BLOCK_N)
+        in_q = offs_m < n_q
+        q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_t + offs_d[None, :], mask=in_q[:, None], other=0)
+        q_scale = tl.load(QS + bh * n_q + offs_m, mask=in_q, other=0.0)
+        kt_ptrs = K + b * sk_b + h * sk_h + offs_n[None, :] * sk_t + offs_d[:, None]  # [D, BLOCK_N]
+        v_ptrs = Vt + b * sv_b + h * sv_h + offs_n[:, None] * sv_t + offs_d[None, :] * sv_d  # [BLOCK_N, D]
+        ks_ptrs = KS + bh * n_kv
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        acc, l_i, m_i = _inner_s(acc, l_i, m_i, q, q_scale, kt_ptrs, v_ptrs, ks_ptrs, sk_t, sv_t, 0, n_full, n_kv,
+                                 BLOCK_N, False, SPLIT_ACC, PV_BF16)  # fmt: skip
+        if n_full < n_kv:
+            acc, l_i, m_i = _inner_s(acc, l_i, m_i, q, q_scale, kt_ptrs, v_ptrs, ks_ptrs, sk_t, sv_t, n_full, n_kv,
+                                     n_kv, BLOCK_N, True, SPLIT_ACC, PV_BF16)  # fmt: skip
+        v_scale = tl.load(VS + bh * HEAD_DIM + offs_d)
+        v_mean = tl.load(VM + bh * HEAD_DIM + offs_d)
+        acc = acc / l_i[:, None] * v_scale[None, :] + v_mean[None, :]
+        o_ptrs = Out + b * so_b + h * so_h + offs_m[:, None] * so_t + offs_d[None, :]
+        tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=in_q[:, None])
+
 
 def launch(q8: torch.Tensor, k8: torch.Tensor, vt8: torch.Tensor, scales: torch.Tensor, out: torch.Tensor,
            run: Any = None) -> torch.Tensor:  # fmt: skip
@@ -178,9 +326,36 @@ def launch(q8: torch.Tensor, k8: torch.Tensor, vt8: torch.Tensor, scales: torch.
     return out
 
 
+def launch_smooth(z: Smoothed, out: torch.Tensor, run: Any = None, split_acc: bool = True,
+                  config: dict[str, int] | None = None) -> torch.Tensor:  # fmt: skip
+    """Run the "fp8s" kernel into `out` [B, Tq, H, D] on `quantize_smooth`'s outputs. `split_acc`: two-level P V
+    accumulation; `config`: tile override (lab sweeps)."""
+    if triton is None:
+        raise RuntimeError("fp8 attention needs Triton (not installed)")
+    b, h, n_q, d = z.q8.shape
+    n_kv = z.k8.shape[2]
+    cfg = dict(config or CONFIGS[d])
+    block_m = cfg["BLOCK_M"]
+
+    def grid(meta: dict[str, int]) -> tuple[int, int]:
+        return (triton.cdiv(n_q, block_m), b * h)
+
+    fwd = _fwd_s if run is None else run(_fwd_s)
+    q8, k8, vt8 = z.q8, z.k8, z.vt8
+    fwd[grid](
+        q8, k8, vt8, out, z.q_scale, z.k_scale, z.v_scale, z.v_mean,
+        q8.stride(0), q8.stride(1), q8.stride(2), k8.stride(0), k8.stride(1), k8.stride(2),
+        vt8.stride(0), vt8.stride(1), vt8.stride(3), vt8.stride(2), out.stride(0), out.stride(2), out.stride(1),
+        h, n_q, n_kv, n_kv // cfg["BLOCK_N"] * cfg["BLOCK_N"], HEAD_DIM=d, SPLIT_ACC=split_acc,
+        PV_BF16=vt8.dtype == torch.bfloat16, **cfg,
+    )  # fmt: skip
+    return out
+
+
 def register() -> Any:
-    """Define the `fvrt::fp8_attention` op (once) and return it. Needs Triton."""
-    global _OP
+    """Define the `fvrt::fp8_attention` and `fvrt::fp8s_attention` ops (once) and return the first. Needs
+    Triton."""
+    global _OP, _OP_S
     if _OP is not None:
         return _OP
     if triton is None:
@@ -194,15 +369,26 @@ def register() -> Any:
         out = torch.empty((b, n_q, h, d), device=q8.device, dtype=torch.bfloat16)
         return launch(q8, k8, vt8, scales, out, run=wrap_triton)
 
-    _OP = fp8_attention
+    @triton_op(OP_NAME_S, mutates_args={})
+    def fp8s_attention(q8: torch.Tensor, k8: torch.Tensor, vt8: torch.Tensor, q_scale: torch.Tensor,
+                       k_scale: torch.Tensor, v_scale: torch.Tensor, v_mean: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """`quantize_smooth`'s outputs -> out [B, Tq, H, D] bf16."""
+        b, h, n_q, d = q8.shape
+        out = torch.empty((b, n_q, h, d), device=q8.device, dtype=torch.bfloat16)
+        z = Smoothed(q8, k8, vt8, q_scale, k_scale, v_scale, v_mean)
+        return launch_smooth(z, out, run=wrap_triton)
+
+    _OP, _OP_S = fp8_attention, fp8s_attention
     return _OP
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str = "fp8") -> torch.Tensor:
     """FP8 attention on [B, H, T, D] bf16 -> [B, H, T, D] (a transposed view of the kernel's [B, T, H, D]).
-    CUDA runs the Triton kernel; other devices run `reference` (same arithmetic)."""
+    mode: one of MODES. CUDA runs the Triton kernel; other devices run the mode's reference (same arithmetic)."""
+    if mode not in MODES:
+        raise ValueError(f"fp8 attention mode must be one of {MODES}, got {mode!r}")
     if q.device.type != "cuda":
-        return reference(q, k, v)
+        return reference(q, k, v) if mode == "fp8" else reference_smooth(q, k, v)
     d = q.shape[-1]
     padded = next((p for p in sorted(CONFIGS) if p >= d), None)
     if padded is None:
@@ -210,4 +396,5 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     if padded != d:  # zero channels change neither Q K^T nor the amax scales; their output columns are dropped
         q, k, v = (torch.nn.functional.pad(t, (0, padded - d)) for t in (q, k, v))
     op = register()
-    return op(*quantize_qkv(q, k, v, head_dim=d)).transpose(1, 2)[..., :d].to(q.dtype)
+    out = _OP_S(*quantize_smooth(q, k, v, head_dim=d)) if mode == "fp8s" else op(*quantize_qkv(q, k, v, head_dim=d))
+    return out.transpose(1, 2)[..., :d].to(q.dtype)

@@ -10,7 +10,7 @@ DiT inputs replayed through the FP8 engines) and the decoded-video PSNR / audio 
 With `--official` (default on), the official implementation runs last in the same process: ltx-pipelines 1.0.0's
 distilled 8+3 pipeline, stage by stage, over ltx-core modules holding the same random weights (regenerated from
 the build's seed; scripts/official_distilled.py), eager, PyTorch SDPA, in the reference precision's dtype (bf16
-for bf16 / fp8 / nvfp4 with any +fa8 / +ft8); its per-stage compute times (model building timed apart), its MP4
+for bf16 / fp8 / nvfp4 with any +fa8 or +fa8s / +ft8); its per-stage compute times (model building timed apart), its MP4
 encode (ltx-pipelines' own `encode_video`, PyAV), peak memory, and two same-run ratios per fvrt distilled run:
 "compute" (both sides without the MP4) and "end to end" (both with it). No ratio is ever taken against a number
 from another run. Writes `bench.json` and `bench.md` to --out.
@@ -133,21 +133,25 @@ def run_once(
 
 SUFFIXES = {
     "fa8": "FP8 attention in the DiT (--attention fp8)",
+    "fa8s": "smoothed FP8 attention in the DiT (--attention fp8s)",
     "ft8": "FP8 Gemma decoder layers (--text-precision fp8)",
 }
 
 
 def variant(name: str) -> tuple[str, str | None, str]:
     """ "fp8" -> ("fp8", None, "bf16"); "fp8+fa8+ft8" -> ("fp8", "fp8", "fp8"): the precision, the attention
-    override (FP8 attention with "+fa8") and the text encoder's precision (FP8 with "+ft8")."""
+    override (FP8 attention with "+fa8", the smoothed one with "+fa8s") and the text encoder's precision (FP8 with
+    "+ft8")."""
     precision, *extras = name.split("+")
-    bad = [e for e in extras if e not in SUFFIXES] or len(set(extras)) != len(extras)
+    attention = [e for e in extras if e.startswith("fa8")]
+    bad = [e for e in extras if e not in SUFFIXES] or len(set(extras)) != len(extras) or len(attention) > 1
     if precision not in PRECISIONS or bad or (extras and precision not in ("fp8", "nvfp4")):
         usage_error(
             f"--precisions: '{name}' is not one of {', '.join(PRECISIONS)}; fp8 / nvfp4 may add "
             + ", ".join(f"+{k} ({v})" for k, v in SUFFIXES.items())
         )
-    return precision, ("fp8" if "fa8" in extras else None), ("fp8" if "ft8" in extras else "bf16")
+    attn = {"fa8": "fp8", "fa8s": "fp8s"}[attention[0]] if attention else None
+    return precision, attn, ("fp8" if "ft8" in extras else "bf16")
 
 
 def official_dtype(precisions: str) -> torch.dtype:
@@ -521,8 +525,8 @@ def main() -> None:
     ap.add_argument(
         "--precisions",
         default="bf16,fp8",
-        help="comma list of bf16, fp8, nvfp4; fp8 / nvfp4 optionally with +fa8 (FP8 attention in the DiT) and / or "
-        "+ft8 (FP8 text encoder), e.g. fp8+ft8; the first is the quality reference",
+        help="comma list of bf16, fp8, nvfp4; fp8 / nvfp4 optionally with +fa8 (FP8 attention in the DiT) or +fa8s "
+        "(smoothed FP8 attention) and / or +ft8 (FP8 text encoder), e.g. fp8+ft8; the first is the quality reference",
     )
     ap.add_argument("--presets", default="distilled,realtime")
     ap.add_argument("--repeats", type=int, default=2)

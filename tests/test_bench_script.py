@@ -22,6 +22,7 @@ import bench  # scripts/ is not a package
         ("fp8+ft8,bf16", torch.bfloat16),  # the spelling that raised KeyError 'fp8+ft8'
         ("fp8+fa8+ft8", torch.bfloat16),
         ("fp8+ft8+fa8,fp8", torch.bfloat16),
+        ("fp8+fa8s+ft8", torch.bfloat16),
         ("nvfp4+ft8", torch.bfloat16),
         ("fp32,bf16", torch.float32),
     ],
@@ -30,9 +31,21 @@ def test_official_dtype_follows_the_reference_precision_in_every_spelling(precis
     assert bench.official_dtype(precisions) == dtype
 
 
+def test_attention_suffixes_pick_the_fp8_attention_mode() -> None:
+    assert bench.variant("fp8+fa8") == ("fp8", "fp8", "bf16")
+    assert bench.variant("fp8+ft8+fa8s") == ("fp8", "fp8s", "fp8")
+    assert bench.variant("fp8") == ("fp8", None, "bf16")
+
+
 @pytest.mark.parametrize(
     ("name", "why"),
-    [("fp8+xx", "'fp8+xx'"), ("bf16+ft8", "'bf16+ft8'"), ("fp8+ft8+ft8", "'fp8+ft8+ft8'"), ("int8", "'int8'")],
+    [
+        ("fp8+xx", "'fp8+xx'"),
+        ("bf16+ft8", "'bf16+ft8'"),
+        ("fp8+ft8+ft8", "'fp8+ft8+ft8'"),
+        ("int8", "'int8'"),
+        ("fp8+fa8+fa8s", "'fp8+fa8+fa8s'"),
+    ],
 )
 def test_a_misspelt_precision_is_one_line_and_exit_2(name: str, why: str, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exc:

@@ -193,7 +193,7 @@ def attention_backend(attention: str, device: torch.device) -> Iterator[None]:
     if attention in fp8_attention.MODES:
         from fvrt.builder.models.common import fp8_attention as fp8_sdpa
 
-        with fp8_sdpa():
+        with fp8_sdpa(attention):
             yield
         return
     from torch.nn.attention import SDPBackend, sdpa_kernel

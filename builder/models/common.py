@@ -84,14 +84,15 @@ def apply_split_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
-_FP8_ATTENTION: list[bool] = []  # non-empty inside `fp8_attention()`
+_FP8_ATTENTION: list[str] = []  # the mode of the innermost `fp8_attention()` block
 
 
 @contextlib.contextmanager
-def fp8_attention() -> Iterator[None]:
-    """Within this block `sdpa` runs fvrt.plugins.fp8_attention (E4M3 Q, K, V and P): the builder wraps the export
-    of the DiT engines in it (--attention fp8)."""
-    _FP8_ATTENTION.append(True)
+def fp8_attention(mode: str = "fp8") -> Iterator[None]:
+    """Within this block `sdpa` runs fvrt.plugins.fp8_attention in `mode` ("fp8": per-tensor E4M3 Q, K, V and P;
+    "fp8s": smoothed, per-token Q/K and per-channel V scales): the builder wraps the export of the DiT engines in
+    it (--attention fp8 / fp8s)."""
+    _FP8_ATTENTION.append(mode)
     try:
         yield
     finally:
@@ -107,7 +108,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     if _FP8_ATTENTION:
         from fvrt.plugins.fp8_attention import attention
 
-        return attention(q, k, v)
+        return attention(q, k, v, _FP8_ATTENTION[-1])
     return F.scaled_dot_product_attention(q, k, v)
 
 
