@@ -244,7 +244,7 @@ if triton is not None:
         for start_n in tl.range(lo, hi, BLOCK_N):
             if MASK:
                 valid = (start_n + offs_n) < n_kv
-                kt = tl.load(kt_ptrs + start_n * stride_kt, mask=valid[None, :], other=0)
+                kt = tl.load(kt_ptrs + start_n * stride_kt, mask=valid[None, :], other=0.0)
                 v = tl.load(v_ptrs + start_n * stride_vt, mask=valid[:, None], other=0.0)
                 ks = tl.load(ks_ptrs + start_n + offs_n, mask=valid, other=0.0)
             else:
@@ -282,7 +282,7 @@ if triton is not None:
         offs_d = tl.arange(0, HEAD_DIM)
         offs_n = tl.arange(0, BLOCK_N)
         in_q = offs_m < n_q
-        q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_t + offs_d[None, :], mask=in_q[:, None], other=0)
+        q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_t + offs_d[None, :], mask=in_q[:, None], other=0.0)
         q_scale = tl.load(QS + bh * n_q + offs_m, mask=in_q, other=0.0)
         kt_ptrs = K + b * sk_b + h * sk_h + offs_n[None, :] * sk_t + offs_d[:, None]  # [D, BLOCK_N]
         v_ptrs = Vt + b * sv_b + h * sv_h + offs_n[:, None] * sv_t + offs_d[None, :] * sv_d  # [BLOCK_N, D]

@@ -1,0 +1,561 @@
+"""One H200 at its limit (issue 18, items 2, 3 and 5), measured in one job:
+
+- `ceil`: the card's ceilings: device-to-device copy, bf16 GEMM, FP8 GEMM (`torch._scaled_mm`, with and without
+  cuBLASLt's fast accumulation) at 8192^3.
+- `attn`: exact and 8-bit attention at the DiT's video self-attention shapes (32 heads x 128, 32,640 and 8,160
+  tokens): cuDNN and FlashAttention-2 through torch SDPA, the FP8 kernel of the engines (`fp8`, per-tensor
+  scales), the smoothed recipe (`fp8s`) and its variants (INT8 Q K^T, bf16 P V, one-level accumulation), each
+  kernel-only and with its quantization; error against fp32 on fresh random inputs AND on trained-like ones
+  (peaky clustered Q K^T, K/V channel means, outlier channels); a tile sweep of the smoothed kernel.
+- `dit`: the full-size LTX-2.3 DiT (random weights, eager, bf16) at the stage-2 and stage-1 token counts: the
+  velocity's cosine against bf16 cuDNN attention for every attention variant (all blocks, or blocks 0 and 43-47
+  kept exact like the FP8 linears), then with the FP8 linears of the engines (calibrated here on the same
+  inputs, `torch._scaled_mm`) with and without fast accumulation; also the (M, K, N) of every Linear call.
+- `gemm`: the DiT's heaviest Linear shapes (from `dit`): bf16 vs FP8 with and without fast accumulation,
+  TFLOP/s and error against fp32.
+- `fa4`: FlashAttention-4 (flash-attn-4, CuTe DSL, its SM90 forward) at the same shapes, in a subprocess with
+  `--fa4-site` on its PYTHONPATH (skipped when the folder holds no flash_attn).
+
+    PYTHONPATH=. python3 lab/gpu_attention.py --out DIR [--steps ceil,attn,dit,gemm,fa4] [--fa4-site /tmp/fa4]
+    python lab/gpu_attention.py --out DIR --tiny --device cpu      # CPU dry run of the code paths
+
+Writes DIR/attention.json after every step (a lost machine keeps what finished) and prints a table last.
+FLOPs: attention 4 * Tq * Tk * H * D; GEMM 2 * M * K * N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from fvrt.builder.models import common
+from fvrt.plugins import fp8_attention as fa
+
+ATTN_SHAPES = {"s2_video_self": (1, 32, 32640, 128), "s1_video_self": (1, 32, 8160, 128)}
+TINY_ATTN_SHAPES = {"tiny": (1, 2, 300, 64)}
+DIT_SHAPES = {"stage2": ((16, 34, 60), (0.909375, 0.421875)), "stage1": ((16, 17, 30), (1.0,))}
+TINY_DIT_SHAPES = {"tiny": ((3, 2, 3), (0.909375,))}
+KEEP_EXACT_BLOCKS = (0, 43, 44, 45, 46, 47)  # as the FP8 linears (ltx-core's exclusion list)
+ERR_ROWS = 1024
+AUDIO_TOKENS, TEXT_TOKENS, FPS = 126, 1024, 24.0
+SWEEP = [(64, 128, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]
+# name -> (mode, quantize_smooth kwargs, launch kwargs); "fp8" is the engines' kernel
+VARIANTS: dict[str, tuple[str, dict[str, str], dict[str, bool]]] = {
+    "fp8": ("fp8", {}, {}),
+    "fp8s": ("fp8s", {"qk": "fp8", "pv": "fp8"}, {"split_acc": True}),
+    "fp8s_1acc": ("fp8s", {"qk": "fp8", "pv": "fp8"}, {"split_acc": False}),
+    "fp8s_int8": ("fp8s", {"qk": "int8", "pv": "fp8"}, {"split_acc": True}),
+    "int8qk_bf16pv": ("fp8s", {"qk": "int8", "pv": "bf16"}, {"split_acc": True}),
+}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(F.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0))
+
+
+def timed(fn: Any, dev: torch.device, reps: int = 10, warm: int = 3) -> float:
+    """Median seconds of `reps` calls after `warm` (CUDA events on the GPU)."""
+    for _ in range(warm):
+        fn()
+    if dev.type != "cuda":
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - t) / reps
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return statistics.median(times)
+
+
+class Results:
+    def __init__(self, out: Path) -> None:
+        self.path = out / "attention.json"
+        out.mkdir(parents=True, exist_ok=True)
+        self.data: dict[str, Any] = {
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "torch": torch.__version__,
+        }
+
+    def put(self, step: str, value: Any) -> None:
+        self.data[step] = value
+        self.path.write_text(json.dumps(self.data, indent=1))
+
+
+# ---- ceilings --------------------------------------------------------------------------------------------------
+
+
+def fp8_pair(m: int, k: int, n: int, dev: torch.device, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """Random bf16 x [m, k], w [n, k] and their per-tensor E4M3 quantizations (w transposed: column-major)."""
+    x = torch.randn(m, k, device=dev, generator=g).to(torch.bfloat16)
+    w = (torch.randn(n, k, device=dev, generator=g) / math.sqrt(k)).to(torch.bfloat16)
+    sx, sw = x.float().abs().amax() / 448, w.float().abs().amax() / 448
+    return x, w, (x.float() / sx).to(torch.float8_e4m3fn), (w.float() / sw).to(torch.float8_e4m3fn), sx, sw
+
+
+def scaled_mm(x8: torch.Tensor, w8: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, fast: bool) -> torch.Tensor:
+    return torch._scaled_mm(x8, w8.t(), scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16, use_fast_accum=fast)
+
+
+def step_ceil(dev: torch.device, tiny: bool) -> dict[str, Any]:
+    g = torch.Generator(device=dev).manual_seed(0)
+    n = 512 if tiny else 8192
+    res: dict[str, Any] = {}
+    src = torch.empty(n * n * 16, dtype=torch.uint8, device=dev).random_(generator=g)  # 1 GiB at full size
+    dst = torch.empty_like(src)
+    res["copy_GBps"] = 2 * src.numel() / timed(lambda: dst.copy_(src), dev) / 1e9
+    x, w, x8, w8, sx, sw = fp8_pair(n, n, n, dev, g)
+    flops = 2 * n**3
+    res["bf16_gemm_TFLOPs"] = flops / timed(lambda: x @ w.t(), dev) / 1e12
+    if dev.type == "cuda":
+        for fast in (False, True):
+            res[f"fp8_gemm_TFLOPs_fast{int(fast)}"] = (
+                flops / timed(lambda f=fast: scaled_mm(x8, w8, sx, sw, f), dev) / 1e12
+            )
+    return res
+
+
+# ---- attention kernels -----------------------------------------------------------------------------------------
+
+
+def qkv_random(shape: tuple[int, ...], dev: torch.device, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+    b, h, t, d = shape
+    return tuple(torch.randn(b, h, t, d, device=dev, generator=g).to(torch.bfloat16) for _ in range(3))
+
+
+def qkv_trained_like(shape: tuple[int, ...], dev: torch.device, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """Peaky, low-rank Q K^T (tokens in 64 clusters that attend within), K channel means (softmax-invariant),
+    V channel means, and outlier channels in Q, K and V."""
+    b, h, t, d = shape
+    q, k, v = (torch.randn(b, h, t, d, device=dev, generator=g) for _ in range(3))
+    centers = torch.randn(b, h, 64, d, device=dev, generator=g)
+    cluster = torch.randint(0, 64, (t,), device=dev, generator=g)
+    q, k = q + 1.5 * centers[:, :, cluster], k + 1.5 * centers[:, :, cluster]
+    k = k + 4.0 * torch.randn(b, h, 1, d, device=dev, generator=g)
+    v = v + 3.0 * torch.randn(b, h, 1, d, device=dev, generator=g)
+    k[..., :2] *= 12.0
+    q[..., 3] *= 8.0
+    v[..., 5] *= 10.0
+    return tuple(x.to(torch.bfloat16) for x in (q, k, v))
+
+
+def sdpa_with(backend: Any) -> Any:
+    from torch.nn.attention import sdpa_kernel
+
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    return run
+
+
+def variant_fn(name: str, config: dict[str, int] | None = None) -> Any:
+    """Full call (quantization + kernel) of an 8-bit variant on [B, H, T, D] bf16 -> [B, H, T, D]."""
+    mode, qkw, lkw = VARIANTS[name]
+
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if q.device.type != "cuda":
+            return fa.reference(q, k, v) if mode == "fp8" else fa.reference_smooth(q, k, v, **qkw)
+        if mode == "fp8":
+            return fa.attention(q, k, v, "fp8")
+        z = fa.quantize_smooth(q, k, v, **qkw)
+        b, h, t, d = q.shape
+        out = torch.empty((b, t, h, d), device=q.device, dtype=torch.bfloat16)
+        return fa.launch_smooth(z, out, config=config, **lkw).transpose(1, 2)
+
+    return run
+
+
+def attention_fns(dev: torch.device) -> dict[str, Any]:
+    from torch.nn.attention import SDPBackend
+
+    fns: dict[str, Any] = {}
+    if dev.type == "cuda":
+        fns["cudnn_bf16"] = sdpa_with(SDPBackend.CUDNN_ATTENTION)
+        fns["flash2_bf16"] = sdpa_with(SDPBackend.FLASH_ATTENTION)
+    else:
+        fns["math_bf16"] = sdpa_with(SDPBackend.MATH)
+    fns.update({n: variant_fn(n) for n in VARIANTS})
+    return fns
+
+
+def kernel_only(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: Any = None) -> Any:
+    """The kernel of an 8-bit variant on inputs quantized once (what the attention costs beyond its producers'
+    fused quantization in an engine)."""
+    mode, qkw, lkw = VARIANTS[name]
+    b, h, t, d = q.shape
+    out = torch.empty((b, t, h, d), device=q.device, dtype=torch.bfloat16)
+    if mode == "fp8":
+        args = fa.quantize_qkv(q, k, v)
+        return lambda: fa.launch(*args, out)
+    z = fa.quantize_smooth(q, k, v, **qkw)
+    return lambda: fa.launch_smooth(z, out, config=config, **lkw)
+
+
+def step_attn(dev: torch.device, tiny: bool) -> dict[str, Any]:
+    g = torch.Generator(device=dev).manual_seed(1)
+    shapes = TINY_ATTN_SHAPES if tiny else ATTN_SHAPES
+    res: dict[str, Any] = {}
+    fns = attention_fns(dev)
+    for sname, shape in shapes.items():
+        _, h, t, d = shape
+        flops = 4 * t * t * h * d
+        row: dict[str, Any] = {}
+        for data, make in (("random", qkv_random), ("trained_like", qkv_trained_like)):
+            q, k, v = make(shape, dev, g)
+            rows = min(ERR_ROWS, t)
+            exact = F.scaled_dot_product_attention(q[:, :, :rows].float(), k.float(), v.float())
+            for name, fn in fns.items():
+                try:
+                    out = fn(q, k, v)[:, :, :rows]
+                    row.setdefault(name, {})[f"rel_err_{data}"] = rel(out, exact)
+                    row[name][f"nan_{data}"] = bool(out.isnan().any())
+                except Exception as e:  # a variant that fails is a result
+                    row.setdefault(name, {})[f"error_{data}"] = f"{type(e).__name__}: {e}"[:300]
+            if data == "random":
+                for name, fn in fns.items():
+                    if f"error_{data}" in row[name]:
+                        continue
+                    s = timed(lambda f=fn: f(q, k, v), dev)
+                    row[name].update(ms=s * 1e3, TFLOPs=flops / s / 1e12)
+                    if dev.type == "cuda" and name in VARIANTS:
+                        s = timed(kernel_only(name, q, k, v), dev)
+                        row[name].update(kernel_ms=s * 1e3, kernel_TFLOPs=flops / s / 1e12)
+                if dev.type == "cuda" and not tiny and sname == "s2_video_self":
+                    sweep = {}
+                    for cfg in SWEEP:
+                        c = dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), cfg, strict=True))
+                        for name in ("fp8s", "fp8s_int8"):
+                            try:
+                                s = timed(kernel_only(name, q, k, v, c), dev, reps=5, warm=2)
+                                sweep[f"{name} {cfg}"] = round(s * 1e3, 3)
+                            except Exception as e:
+                                sweep[f"{name} {cfg}"] = f"{type(e).__name__}: {e}"[:200]
+                    row["sweep_kernel_ms"] = sweep
+        res[sname] = row
+    return res
+
+
+# ---- the DiT ---------------------------------------------------------------------------------------------------
+
+
+class AttentionSwitch:
+    """Replaces `common.sdpa` (every attention call of the DiT) by a chosen function, per block: blocks in
+    `exact` keep bf16 cuDNN."""
+
+    def __init__(self, dit: torch.nn.Module, exact_fn: Any) -> None:
+        self.block = -1
+        self.fn: Any = None
+        self.exact: tuple[int, ...] = ()
+        self.exact_fn = exact_fn
+        self.original = common.sdpa
+        for i, blk in enumerate(dit.transformer_blocks):
+            blk.register_forward_pre_hook(functools.partial(self._enter, i))
+        common.sdpa = self
+
+    def _enter(self, i: int, *_: Any) -> None:
+        self.block = i
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.fn is None or self.block in self.exact:
+            return self.exact_fn(q, k, v)
+        return self.fn(q, k, v)
+
+    def set(self, fn: Any, exact: tuple[int, ...] = ()) -> None:
+        self.fn, self.exact = fn, exact
+
+
+def dit_inputs(cfg: dict[str, Any], fhw: tuple[int, int, int], sigma: float, dev: torch.device, tiny: bool) -> dict:
+    from fvrt.builder.models import dit as D
+
+    f, h, w = fhw
+    g = torch.Generator(device=dev).manual_seed(2)
+    tr = cfg["transformer"]
+    dv = tr["num_attention_heads"] * tr["attention_head_dim"]
+    da = tr["audio_num_attention_heads"] * tr["audio_attention_head_dim"]
+    nv, na = f * h * w, 12 if tiny else AUDIO_TOKENS
+    dt = torch.bfloat16
+    mask = torch.ones(1, nv, device=dev)
+    sig = torch.tensor([sigma], device=dev)
+    return {
+        "video_latent": torch.randn(1, nv, 128, device=dev, generator=g).to(dt),
+        "audio_latent": torch.randn(1, na, 128, device=dev, generator=g).to(dt),
+        "video_timesteps": mask * sig,
+        "audio_timesteps": torch.ones(1, na, device=dev) * sig,
+        "video_sigma": sig,
+        "audio_sigma": sig,
+        "video_positions": D.video_positions(f, h, w, FPS, device=dev).to(dt),
+        "audio_positions": D.audio_positions(na, device=dev),
+        "video_context": torch.randn(1, TEXT_TOKENS, dv, device=dev, generator=g).to(dt),
+        "audio_context": torch.randn(1, TEXT_TOKENS, da, device=dev, generator=g).to(dt),
+    }
+
+
+def linear_shapes(dit: torch.nn.Module, inputs: dict) -> dict[str, int]:
+    """(M, K, N) of every Linear call in one pass, with counts."""
+    seen: Counter[str] = Counter()
+
+    def hook(m: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        x = args[0]
+        seen[f"{x.numel() // x.shape[-1]}x{m.in_features}x{m.out_features}"] += 1
+
+    hs = [m.register_forward_pre_hook(hook) for m in dit.modules() if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        dit(**inputs)
+    for hd in hs:
+        hd.remove()
+    return dict(seen.most_common())
+
+
+def step_dit(dev: torch.device, tiny: bool, res: Results) -> dict[str, Any]:
+    from torch.nn.attention import SDPBackend
+
+    from fvrt.builder.checkpoint import ModelVersion, build_random
+    from fvrt.builder.configs import full_config, tiny_config
+    from fvrt.builder.quant.calibrate import quantize_model
+    from fvrt.builder.quant.recipe import QuantRecipe
+
+    version = ModelVersion("2.3")
+    cfg = tiny_config(version) if tiny else full_config(version)
+    t = time.perf_counter()
+    dit = build_random("dit", cfg, dtype=torch.bfloat16, device=dev, seed=0).eval()
+    out: dict[str, Any] = {"build_s": round(time.perf_counter() - t, 1)}
+    exact_fn = sdpa_with(SDPBackend.CUDNN_ATTENTION if dev.type == "cuda" else SDPBackend.MATH)
+    switch = AttentionSwitch(dit, exact_fn)
+    shapes = TINY_DIT_SHAPES if tiny else DIT_SHAPES
+    n_blocks = len(dit.transformer_blocks)
+    keep = tuple(i for i in KEEP_EXACT_BLOCKS if i < n_blocks) if not tiny else (0, n_blocks - 1)
+    cases = [(s, fhw, sig) for s, (fhw, sigmas) in shapes.items() for sig in sigmas]
+    first = cases[0]
+    inputs = {c: dit_inputs(cfg, c[1], c[2], dev, tiny) for c in cases}
+    out["linear_calls"] = linear_shapes(dit, inputs[first])
+    res.put("dit", out)
+    refs: dict[Any, torch.Tensor] = {}
+
+    def run_variant(label: str, fn: Any, exact: tuple[int, ...] = ()) -> None:
+        switch.set(fn, exact)
+        row: dict[str, Any] = {}
+        try:
+            with torch.no_grad():
+                for c in cases:
+                    v, _a = dit(**inputs[c])
+                    if c == first:  # warm (Triton compiles) then time one pass
+                        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+                        sync()
+                        t0 = time.perf_counter()
+                        v, _a = dit(**inputs[c])
+                        sync()
+                        row["pass_s"] = round(time.perf_counter() - t0, 3)
+                    key = f"{c[0]} sigma {c[2]}"
+                    if label == "bf16_cudnn":
+                        refs[c] = v.float().cpu()
+                    else:
+                        row[f"cos {key}"] = round(cos(v.float().cpu(), refs[c]), 5)
+                        row[f"rel {key}"] = round(rel(v.float().cpu(), refs[c]), 4)
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {e}"[:300]
+        out.setdefault("variants", {})[label] = row
+        res.put("dit", out)
+        print(f"[dit] {label}: {row}", flush=True)
+
+    fns = attention_fns(dev)
+    run_variant("bf16_cudnn", None)
+    if dev.type == "cuda":
+        run_variant("bf16_flash2", fns["flash2_bf16"])
+    for name in VARIANTS:
+        run_variant(f"attn_{name}", fns[name])
+    for name in ("fp8", "fp8s", "fp8s_int8"):
+        run_variant(f"attn_{name}_keep_ends", fns[name], keep)
+    # the FP8 linears of the engines (blocks 1-42 by ltx-core's exclusion list), calibrated on these inputs
+    t = time.perf_counter()
+    switch.set(None)
+    report = quantize_model(dit, QuantRecipe.named("fp8"), [inputs[c] for c in cases], method="hooks")
+    out["fp8_linears"] = {"layers": len(report.layers), "calibrate_s": round(time.perf_counter() - t, 1)}
+    run_variant("fp8lin", None)
+    real_scaled_mm = torch._scaled_mm
+    torch._scaled_mm = functools.partial(real_scaled_mm, use_fast_accum=True)
+    try:
+        run_variant("fp8lin_fastacc", None)
+        run_variant("fp8lin_fastacc_attn_fp8s", fns["fp8s"])
+        run_variant("fp8lin_fastacc_attn_fp8s_keep_ends", fns["fp8s"], keep)
+    finally:
+        torch._scaled_mm = real_scaled_mm
+    run_variant("fp8lin_attn_fp8", fns["fp8"])
+    run_variant("fp8lin_attn_fp8s", fns["fp8s"])
+    run_variant("fp8lin_attn_fp8s_int8", fns["fp8s_int8"])
+    common.sdpa = switch.original
+    return out
+
+
+# ---- GEMMs at the DiT's shapes ---------------------------------------------------------------------------------
+
+
+def step_gemm(dev: torch.device, tiny: bool, calls: dict[str, int]) -> dict[str, Any]:
+    g = torch.Generator(device=dev).manual_seed(3)
+    weighted = sorted(calls.items(), key=lambda kv: -math.prod(map(int, kv[0].split("x"))) * kv[1])
+    res: dict[str, Any] = {}
+    for key, count in weighted[:6]:
+        m, k, n = map(int, key.split("x"))
+        x, w, x8, w8, sx, sw = fp8_pair(m, k, n, dev, g)
+        exact = x.float() @ w.float().t()
+        deq = (x8.float() * sx) @ (w8.float() * sw).t()  # the FP8 operands, exact arithmetic
+        flops = 2 * m * k * n
+        row: dict[str, Any] = {"calls_per_pass": count}
+        s = timed(lambda: F.linear(x, w), dev)
+        row.update(bf16_ms=s * 1e3, bf16_TFLOPs=flops / s / 1e12, bf16_rel=rel(F.linear(x, w), exact))
+        if dev.type == "cuda":
+            for fast in (False, True):
+                s = timed(lambda f=fast: scaled_mm(x8, w8, sx, sw, f), dev)
+                y = scaled_mm(x8, w8, sx, sw, fast)
+                row.update(
+                    {
+                        f"fp8_fast{int(fast)}_ms": s * 1e3,
+                        f"fp8_fast{int(fast)}_TFLOPs": flops / s / 1e12,
+                        f"fp8_fast{int(fast)}_rel": rel(y, exact),
+                        f"fp8_fast{int(fast)}_rel_vs_fp8_operands": rel(y, deq),
+                    }
+                )
+        res[key] = row
+    return res
+
+
+# ---- FlashAttention-4 ------------------------------------------------------------------------------------------
+
+
+def fa4_child(tiny: bool) -> None:
+    """In the subprocess: FA4's forward vs cuDNN at the attention shapes; prints one JSON line."""
+    from flash_attn.cute import flash_attn_func  # only with --fa4-site
+    from torch.nn.attention import SDPBackend
+
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(4)
+    cudnn = sdpa_with(SDPBackend.CUDNN_ATTENTION)
+    res: dict[str, Any] = {}
+    for sname, shape in (TINY_ATTN_SHAPES if tiny else ATTN_SHAPES).items():
+        _, h, t, d = shape
+        flops = 4 * t * t * h * d
+        q, k, v = qkv_random(shape, dev, g)
+        ql, kl, vl = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # FA4 takes [B, T, H, D]
+        t0 = time.perf_counter()
+        o = flash_attn_func(ql, kl, vl)
+        o = o[0] if isinstance(o, tuple) else o
+        torch.cuda.synchronize()
+        row = {"first_call_s": round(time.perf_counter() - t0, 2)}
+        exact = F.scaled_dot_product_attention(q[:, :, :ERR_ROWS].float(), k.float(), v.float())
+        row["rel_err_random"] = rel(o.transpose(1, 2)[:, :, :ERR_ROWS], exact)
+        for name, fn in (("fa4_bf16", lambda: flash_attn_func(ql, kl, vl)), ("cudnn_bf16", lambda: cudnn(q, k, v))):
+            s = timed(fn, dev)
+            row[f"{name}_ms"], row[f"{name}_TFLOPs"] = s * 1e3, flops / s / 1e12
+        res[sname] = row
+    print("FA4_JSON " + json.dumps(res), flush=True)
+
+
+def step_fa4(site: str, tiny: bool) -> dict[str, Any]:
+    if not (Path(site) / "flash_attn").is_dir():
+        return {"skipped": f"no flash_attn under {site}"}
+    env = dict(os.environ, PYTHONPATH=f"{site}:{os.environ.get('PYTHONPATH', '')}")
+    args = [sys.executable, __file__, "--fa4-child"] + (["--tiny"] if tiny else [])
+    p = subprocess.run(args, env=env, capture_output=True, text=True, timeout=420)
+    for line in p.stdout.splitlines():
+        if line.startswith("FA4_JSON "):
+            return json.loads(line[len("FA4_JSON ") :])
+    return {"failed": f"exit {p.returncode}", "tail": (p.stdout + p.stderr)[-2000:]}
+
+
+# ---- table -----------------------------------------------------------------------------------------------------
+
+
+def table(data: dict[str, Any]) -> str:
+    lines = [f"{data['gpu']}, torch {data['torch']}, {data['date']}"]
+    if "ceil" in data:
+        lines.append("ceilings: " + ", ".join(f"{k} {v:.0f}" for k, v in data["ceil"].items()))
+    for sname, row in data.get("attn", {}).items():
+        lines.append(f"attention {sname}: name | ms (kernel ms) | TFLOP/s | rel err random / trained-like")
+        for name, r in row.items():
+            if name == "sweep_kernel_ms":
+                lines.append(f"  sweep: {r}")
+                continue
+            k = f" ({r['kernel_ms']:.2f})" if "kernel_ms" in r else ""
+            lines.append(
+                f"  {name:14s} {r.get('ms', float('nan')):7.2f}{k} {r.get('TFLOPs', float('nan')):6.0f} "
+                f"{r.get('rel_err_random', float('nan')):.4f} / {r.get('rel_err_trained_like', float('nan')):.4f}"
+                + (f" ERR {r.get('error_random', r.get('error_trained_like'))}" if "error_random" in r else "")
+            )
+    for label, r in data.get("dit", {}).get("variants", {}).items():
+        lines.append(f"  dit {label:38s} " + " ".join(f"{k}={v}" for k, v in r.items()))
+    for key, r in data.get("gemm", {}).items():
+        lines.append(
+            f"  gemm {key} x{r['calls_per_pass']}: bf16 {r.get('bf16_TFLOPs', 0):.0f}, fp8 "
+            f"{r.get('fp8_fast0_TFLOPs', 0):.0f} (rel {r.get('fp8_fast0_rel', 0):.4f}), fast-acc "
+            f"{r.get('fp8_fast1_TFLOPs', 0):.0f} (rel {r.get('fp8_fast1_rel', 0):.4f}) TFLOP/s"
+        )
+    if "fa4" in data:
+        lines.append(f"  fa4: {data['fa4']}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="/tmp/attn")
+    ap.add_argument("--steps", default="ceil,attn,dit,gemm,fa4")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes and model: a dry run of every code path")
+    ap.add_argument("--fa4-site", default="/tmp/fa4", help="a folder holding flash-attn-4 and its packages")
+    ap.add_argument("--fa4-child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.fa4_child:
+        fa4_child(args.tiny)
+        return
+    dev = torch.device(args.device)
+    res = Results(Path(args.out))
+    steps = args.steps.split(",")
+    calls: dict[str, int] = {}
+    for step in steps:
+        t = time.perf_counter()
+        print(f"=== {step}", flush=True)
+        try:
+            if step == "ceil":
+                res.put("ceil", step_ceil(dev, args.tiny))
+            elif step == "attn":
+                res.put("attn", step_attn(dev, args.tiny))
+            elif step == "dit":
+                calls = step_dit(dev, args.tiny, res)["linear_calls"]
+            elif step == "gemm":
+                res.put("gemm", step_gemm(dev, args.tiny, calls or {"8160x4096x4096": 1}))
+            elif step == "fa4" and dev.type == "cuda":
+                res.put("fa4", step_fa4(args.fa4_site, args.tiny))
+        except Exception as e:  # the next steps still run
+            res.put(f"{step}_error", f"{type(e).__name__}: {e}"[:500])
+            print(f"[{step}] {type(e).__name__}: {e}", flush=True)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        res.put(f"{step}_s", round(time.perf_counter() - t, 1))
+    print(table(res.data), flush=True)
+
+
+if __name__ == "__main__":
+    main()
