@@ -45,6 +45,7 @@ FPS = 24.0
 SAMPLE_RATE = 48000
 PAN = (2, 4)  # canvas pan in pixels per frame (rows, columns); even, so that the chroma planes pan too
 SHAPES = 6
+GLOBAL_HEADER = 1 << 22  # AV_CODEC_FLAG_GLOBAL_HEADER (SPS/PPS in extradata, as the MP4 muxer wants)
 
 
 def _texture(rng: np.random.Generator, h: int, w: int, scale: int) -> torch.Tensor:
@@ -231,7 +232,7 @@ def encoder(h: int, w: int, thread_type: str, threads: int, extra: dict[str, str
     media._setup_video(ctx, fps_fraction(FPS), w, h, threads)
     ctx.thread_type = thread_type
     ctx.options = {**ctx.options, **(extra or {})}
-    ctx.flags |= int(av.codec.context.Flags.global_header)
+    ctx.flags |= GLOBAL_HEADER
     return ctx
 
 

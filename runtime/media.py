@@ -44,8 +44,9 @@ CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.
 # copy, frame setup, hand-off) and each frame waits on its reference's rows. Independent encoders on contiguous
 # segments, each fed by its own thread, run side by side; the price is one IDR frame per segment (no larger at
 # crf 18 on the probe's content). 8 segments x 2 frame threads on 16 cores: a prediction until
-# lab/mp4_tail_probe.py has run there (docs/benchmarks.md).
-VIDEO_SEGMENTS = max(1, min(8, CPUS // 2))
+# lab/mp4_tail_probe.py has run there (docs/benchmarks.md). At least 2 segments: on 2 cores 2 x 1 thread beat
+# 1 x 2 threads (1.62 vs 1.85 s, same probe).
+VIDEO_SEGMENTS = max(2, min(8, CPUS // 2))
 VIDEO_SEGMENT_THREADS = max(1, CPUS // VIDEO_SEGMENTS)
 MIN_SEGMENT_FRAMES = 8  # shorter segments would pay an IDR frame every few frames for little time
 YUV_CHUNK = 8  # frames converted at once (bounds the fp32 temporaries: 8 x 1088 x 1920 x 3 x 4 B = 200 MB)
@@ -203,6 +204,7 @@ class Mp4Writer:
         self.segments, self.threads = segments, threads
         self.segments_used = 0  # encoders that made the video: set by the encoding thread
         self._packets: list[av.Packet] = []  # the video's, in decoding order
+        self._header_done = threading.Event()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
@@ -233,14 +235,17 @@ class Mp4Writer:
 
     def _encode_video(self, frames: np.ndarray) -> None:
         try:
-            if frames.ndim == 4:  # RGB: converted here, in chunks, with the same arithmetic as on the GPU
-                frames = rgb_to_yuv420p(torch.from_numpy(frames)).numpy()
-            bounds = segment_bounds(len(frames), self.segments)
-            encoders = self._open_encoders(len(bounds))
-            if len(encoders) == 1:
-                bounds = [(0, len(frames))]
-            self.segments_used = len(encoders)
-            self._container.start_encoding()  # the header: the partial file exists while the video encodes
+            try:
+                if frames.ndim == 4:  # RGB: converted here, in chunks, with the same arithmetic as on the GPU
+                    frames = rgb_to_yuv420p(torch.from_numpy(frames)).numpy()
+                bounds = segment_bounds(len(frames), self.segments)
+                encoders = self._open_encoders(len(bounds))
+                if len(encoders) == 1:
+                    bounds = [(0, len(frames))]
+                self.segments_used = len(encoders)
+                self._container.start_encoding()  # the header: the partial file exists while the video encodes
+            finally:
+                self._header_done.set()  # the container has read the audio context: finish() may encode with it
             parts = self._encode_segments(encoders, frames, bounds)
             packets = [p for part in parts for p in part]
             for p in packets:
@@ -301,6 +306,7 @@ class Mp4Writer:
         samples = np.ascontiguousarray(np.clip(audio, -1.0, 1.0), dtype=np.float32)
         frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout=AUDIO_LAYOUT)
         frame.sample_rate, frame.pts = self.sample_rate, 0
+        self._header_done.wait()
         audio_packets = [*self._audio.encode(frame), *self._audio.encode()]  # PyAV re-frames to the frame size
         self._thread.join()
         try:
