@@ -1,8 +1,10 @@
 """Output files: the MP4 (H.264 yuv420p + AAC stereo, through PyAV) and the raw `.npz`.
 
 Every file is written to a temporary name in its destination directory and renamed into place only when it
-is complete, so a failure never leaves a partial output. `Mp4Writer` can encode the video frames in a
-background thread while the caller is still decoding audio; the audio is encoded when `finish` gets it.
+is complete, so a failure never leaves a partial output. `Mp4Writer` encodes the video frames in a background
+thread while the caller is still decoding audio, as contiguous segments in parallel (one x264 encoder each, every
+segment starting with an IDR frame, their packets muxed in order into the one H.264 stream); the audio is encoded
+when `finish` gets it, while the video may still be encoding.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
+import itertools
+import logging
 import os
 import re
 import tempfile
@@ -33,11 +37,26 @@ BT709 = (0.2126, 0.0722)  # Kr, Kb
 # x264 threads: frame threading (PyAV's default is slice threading; a whole clip is encoded at once, so the
 # latency of frame threads costs nothing; lab/mp4_encode_probe.py compares them)
 VIDEO_THREADS = "FRAME"
+# The cores this process may run on (a container or taskset may allow fewer than os.cpu_count())
+CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+# Segment-parallel H.264 (issue 18): one x264 with frame threads took 0.45-0.57 s for 121 frames at 1080p on 16
+# cores, where one thread needs ~1.6 s (2-core CPU machine): ~3x from 16 cores, as one thread feeds it (picture
+# copy, frame setup, hand-off) and each frame waits on its reference's rows. Independent encoders on contiguous
+# segments, each fed by its own thread, run side by side; the price is one IDR frame per segment (no larger at
+# crf 18 on the probe's content). 8 segments x 2 frame threads on 16 cores: a prediction until
+# lab/mp4_tail_probe.py has run there (docs/benchmarks.md). At least 2 segments: on 2 cores 2 x 1 thread beat
+# 1 x 2 threads (1.62 vs 1.85 s, same probe).
+VIDEO_SEGMENTS = max(2, min(8, CPUS // 2))
+VIDEO_SEGMENT_THREADS = max(1, CPUS // VIDEO_SEGMENTS)
+MIN_SEGMENT_FRAMES = 8  # shorter segments would pay an IDR frame every few frames for little time
 YUV_CHUNK = 8  # frames converted at once (bounds the fp32 temporaries: 8 x 1088 x 1920 x 3 x 4 B = 200 MB)
 AUDIO_CODEC = "aac"
 AUDIO_LAYOUT = "stereo"
 MP4_OPTIONS = {"movflags": "+faststart"}  # index at the front: playback starts before the download ends
 FPS_MAX_DENOMINATOR = 1001  # 23.976 = 24000/1001, 29.97 = 30000/1001
+
+
+log = logging.getLogger(__name__)
 
 
 class OutputError(ValueError):
@@ -112,11 +131,61 @@ def fps_fraction(fps: float) -> Fraction:
     return Fraction(fps).limit_denominator(FPS_MAX_DENOMINATOR)
 
 
+def segment_bounds(frames: int, segments: int) -> list[tuple[int, int]]:
+    """Contiguous [start, end) frame ranges covering `frames`: at most `segments`, none shorter than
+    MIN_SEGMENT_FRAMES (one range for a short clip), their lengths within one frame of each other."""
+    n = max(1, min(segments, frames // MIN_SEGMENT_FRAMES))
+    cuts = [round(k * frames / n) for k in range(n + 1)]
+    return list(itertools.pairwise(cuts))
+
+
+def _setup_video(ctx: av.CodecContext, rate: Fraction, width: int, height: int, threads: int) -> None:
+    """Configure an unopened libx264 context; every segment's encoder gets exactly these settings, so that their
+    SPS/PPS (the stream's extradata) are identical."""
+    ctx.width, ctx.height, ctx.pix_fmt = width, height, VIDEO_PIX_FMT
+    ctx.framerate, ctx.time_base = rate, 1 / rate
+    # PyAV add_stream's defaults (CodecContext.create's differ): constant quality, no bitrate target
+    ctx.bit_rate, ctx.bit_rate_tolerance = 0, 128000
+    ctx.options = dict(VIDEO_OPTIONS)
+    ctx.thread_type, ctx.thread_count = VIDEO_THREADS, threads
+    ctx.colorspace, ctx.color_primaries, ctx.color_trc, ctx.color_range = 1, 1, 1, 1  # BT.709 limited range, as
+    # rgb_to_yuv420p converts (H.264 VUI, read by players)
+
+
+def _encode_segment(ctx: av.CodecContext, planes: np.ndarray, first: int) -> list[av.Packet]:
+    """Encode yuv420p planes [n, 3H/2, W] uint8 as frames first..first+n-1 with an open encoder, flushed; the
+    packets in decoding order."""
+    packets: list[av.Packet] = []
+    for i, plane in enumerate(planes):
+        frame = av.VideoFrame.from_ndarray(plane, format=VIDEO_PIX_FMT)
+        frame.pts = first + i
+        packets += ctx.encode(frame)  # PyAV releases the GIL in avcodec_send_frame / avcodec_receive_packet
+    packets += ctx.encode()
+    return packets
+
+
 class Mp4Writer:
     """One MP4 with one H.264 and one AAC stream. Call `start_video(frames)`, then `finish(audio)`; on any error
-    call `abort()` (the context manager does), which removes the temporary file."""
+    call `abort()` (the context manager does), which removes the temporary file.
 
-    def __init__(self, path: str | Path, *, fps: float, width: int, height: int, sample_rate: int) -> None:
+    The video is encoded as up to `segments` contiguous segments (default VIDEO_SEGMENTS), each by its own x264
+    with `threads` frame threads (default VIDEO_SEGMENT_THREADS), concurrently; segment 0's encoder is the stream's
+    own. Each segment starts with an IDR frame. Should the encoders' SPS/PPS differ, one encoder (segment 0's)
+    encodes the whole clip instead, with a warning; `segments_used` says which happened."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        fps: float,
+        width: int,
+        height: int,
+        sample_rate: int,
+        segments: int = VIDEO_SEGMENTS,
+        threads: int = VIDEO_SEGMENT_THREADS,
+    ) -> None:
+        if segments < 1 or threads < 1:
+            raise ValueError(f"segments and threads must be >= 1, got {segments} and {threads}")
         self.path = Path(path)
         self._tmp = _partial(self.path)
         try:
@@ -125,14 +194,17 @@ class Mp4Writer:
             self._tmp.unlink(missing_ok=True)
             raise write_error(e, self.path) or e from None
         self._closed = False
-        video = self._container.add_stream(VIDEO_CODEC, rate=fps_fraction(fps), options=dict(VIDEO_OPTIONS))
-        video.width, video.height, video.pix_fmt = width, height, VIDEO_PIX_FMT
-        ctx = video.codec_context  # BT.709 limited range, as rgb_to_yuv420p converts (H.264 VUI, read by players)
-        ctx.thread_type = VIDEO_THREADS
-        ctx.colorspace, ctx.color_primaries, ctx.color_trc, ctx.color_range = 1, 1, 1, 1
+        self._rate = fps_fraction(fps)
+        video = self._container.add_stream(VIDEO_CODEC, rate=self._rate)
+        _setup_video(video.codec_context, self._rate, width, height, threads)
         audio = self._container.add_stream(AUDIO_CODEC, rate=sample_rate, layout=AUDIO_LAYOUT)
+        audio.codec_context.open()  # here, not when the container starts: finish() encodes while video threads run
         self._video, self._audio, self.sample_rate = video, audio, sample_rate
         self.width, self.height = width, height
+        self.segments, self.threads = segments, threads
+        self.segments_used = 0  # encoders that made the video: set by the encoding thread
+        self._packets: list[av.Packet] = []  # the video's, in decoding order
+        self._header_done = threading.Event()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
@@ -143,17 +215,73 @@ class Mp4Writer:
         if exc_type is not None:
             self.abort()
 
+    def _new_encoder(self) -> av.CodecContext:
+        """An unopened encoder for one more segment, set up as the stream's."""
+        ctx = av.CodecContext.create(VIDEO_CODEC, "w")
+        _setup_video(ctx, self._rate, self.width, self.height, self.threads)
+        ctx.flags = self._video.codec_context.flags  # GLOBAL_HEADER (add_stream sets it for MP4): SPS/PPS out of band
+        return ctx
+
+    def _open_encoders(self, n: int) -> list[av.CodecContext]:
+        """Segment 0's encoder (the stream's) and n - 1 more, open; only the first when their SPS/PPS differ."""
+        encoders = [self._video.codec_context, *(self._new_encoder() for _ in range(n - 1))]
+        for ctx in encoders:
+            ctx.open()
+        headers = {ctx.extradata for ctx in encoders}
+        if len(headers) > 1:
+            log.warning("x264 segment encoders disagree on SPS/PPS; encoding the video with one encoder")
+            return encoders[:1]
+        return encoders
+
     def _encode_video(self, frames: np.ndarray) -> None:
         try:
-            if frames.ndim == 4:  # RGB: converted here, in chunks, with the same arithmetic as on the GPU
-                frames = rgb_to_yuv420p(torch.from_numpy(frames)).numpy()
-            for i, planes in enumerate(frames):
-                frame = av.VideoFrame.from_ndarray(planes, format=VIDEO_PIX_FMT)
-                frame.pts = i
-                self._container.mux(self._video.encode(frame))
-            self._container.mux(self._video.encode())
+            try:
+                if frames.ndim == 4:  # RGB: converted here, in chunks, with the same arithmetic as on the GPU
+                    frames = rgb_to_yuv420p(torch.from_numpy(frames)).numpy()
+                bounds = segment_bounds(len(frames), self.segments)
+                encoders = self._open_encoders(len(bounds))
+                if len(encoders) == 1:
+                    bounds = [(0, len(frames))]
+                self.segments_used = len(encoders)
+                self._container.start_encoding()  # the header: the partial file exists while the video encodes
+            finally:
+                self._header_done.set()  # the container has read the audio context: finish() may encode with it
+            parts = self._encode_segments(encoders, frames, bounds)
+            packets = [p for part in parts for p in part]
+            for p in packets:
+                p.stream = self._video
+            dts = [p.dts for p in packets]
+            if any(b <= a for a, b in itertools.pairwise(dts)):  # x264 ultrafast has no B-frames: dts == pts
+                raise RuntimeError(f"H.264 segments do not join in decoding order (dts {dts})")
+            self._packets = packets
         except BaseException as e:  # re-raised by finish() in the caller's thread
             self._error = e
+
+    def _encode_segments(
+        self, encoders: list[av.CodecContext], frames: np.ndarray, bounds: list[tuple[int, int]]
+    ) -> list[list[av.Packet]]:
+        """Each segment's packets; segment 0 on this thread, the others on threads of their own. The first error
+        (in segment order) is raised once all have stopped."""
+        parts: list[list[av.Packet]] = [[] for _ in bounds]
+        errors: list[BaseException | None] = [None] * len(bounds)
+
+        def run(k: int) -> None:
+            start, end = bounds[k]
+            try:
+                parts[k] = _encode_segment(encoders[k], frames[start:end], start)
+            except BaseException as e:
+                errors[k] = e
+
+        workers = [threading.Thread(target=run, args=(k,), name=f"mp4-video-{k}") for k in range(1, len(bounds))]
+        for w in workers:
+            w.start()
+        run(0)
+        for w in workers:
+            w.join()
+        for e in errors:
+            if e is not None:
+                raise e
+        return parts
 
     def start_video(self, frames: np.ndarray) -> None:
         """Encode RGB frames [F, H, W, 3] uint8, or `rgb_to_yuv420p` planes [F, 3H/2, W] uint8 (what the pipeline
@@ -169,20 +297,23 @@ class Mp4Writer:
         self._thread.start()
 
     def finish(self, audio: np.ndarray) -> Path:
-        """Encode the waveform [2, S] float (clipped to [-1, 1]), close the file and rename it into place."""
+        """Encode the waveform [2, S] float (clipped to [-1, 1]) while the video may still be encoding, then write
+        both streams, close the file and rename it into place."""
         if self._thread is None:
             raise RuntimeError("start_video() must be called before finish()")
         if audio.ndim != 2 or audio.shape[0] != 2:
             raise ValueError(f"audio must be stereo [2, S], got {audio.shape}")
+        samples = np.ascontiguousarray(np.clip(audio, -1.0, 1.0), dtype=np.float32)
+        frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout=AUDIO_LAYOUT)
+        frame.sample_rate, frame.pts = self.sample_rate, 0
+        self._header_done.wait()
+        audio_packets = [*self._audio.encode(frame), *self._audio.encode()]  # PyAV re-frames to the frame size
         self._thread.join()
         try:
             if self._error is not None:
                 raise self._error
-            samples = np.ascontiguousarray(np.clip(audio, -1.0, 1.0), dtype=np.float32)
-            frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout=AUDIO_LAYOUT)
-            frame.sample_rate, frame.pts = self.sample_rate, 0
-            self._container.mux(self._audio.encode(frame))  # PyAV re-frames to the encoder's frame size
-            self._container.mux(self._audio.encode())
+            self._container.mux(self._packets)  # the muxer interleaves them with the audio by time
+            self._container.mux(audio_packets)
             self._closed = True
             self._container.close()
             self._tmp.replace(self.path)

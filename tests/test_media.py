@@ -1,17 +1,35 @@
 """Output files: the MP4 has one H.264 yuv420p video stream and one AAC stereo stream with the right fps and
-duration (audio and video within one frame of each other); failures leave no file; the raw .npz round-trips."""
+duration (audio and video within one frame of each other); the video encoded in segments decodes to the frames
+with a keyframe at each segment's start, falls back to one encoder when the encoders' headers differ, and a failed
+segment fails the file; failures leave no file; the raw .npz round-trips; lab/mp4_tail_probe.py runs."""
 
 from __future__ import annotations
 
+import errno
+import functools
+import json
 import os
+import subprocess
+import sys
+from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
+import torch
 
 from fvrt.metrics import psnr
-from fvrt.runtime.media import Mp4Writer, OutputError, check_writable, fps_fraction, save_raw
+from fvrt.runtime import media
+from fvrt.runtime.media import (
+    Mp4Writer,
+    OutputError,
+    check_writable,
+    fps_fraction,
+    rgb_to_yuv420p,
+    save_raw,
+    segment_bounds,
+)
 
 FRAMES, HEIGHT, WIDTH = 17, 128, 192
 AUDIO_LATENTS = 18  # round(17 / 24 * 25): the pipeline's audio length for 17 frames at 24 fps
@@ -127,3 +145,146 @@ def test_check_writable(tmp_path: Path) -> None:
         ro.mkdir(mode=0o555)
         with pytest.raises(OutputError, match="not writable"):
             check_writable(ro / "a.mp4", "--output")
+
+
+# Segment-parallel video: 40 frames in 4 segments of 10 (MIN_SEGMENT_FRAMES = 8 allows 5 at most)
+SEG_FRAMES, SEGMENTS = 40, 4
+# PSNR of the decoded planes against the source, worst frame: the one-encoder path gives 52.2 dB on the whole clip
+# and the 4-segment one 52.4 dB (its IDR frames are better); a frame out of place or lost gives under 30 dB
+PSNR_BAR = 48.0
+
+
+@functools.cache  # the CPU conversion takes ~0.5 s; the writers only read the planes
+def yuv_frames(n: int = SEG_FRAMES) -> np.ndarray:
+    """smooth_frames as the pipeline hands them over: yuv420p planes [F, 3H/2, W] uint8."""
+    return rgb_to_yuv420p(torch.from_numpy(smooth_frames(n))).numpy()
+
+
+def decode_planes(path: Path) -> tuple[np.ndarray, list[int], tuple[Fraction, int, int, float, float]]:
+    """The decoded yuv420p planes [F, 3H/2, W] uint8, the keyframes' indices, and (frame rate, width, height, video
+    seconds, audio seconds)."""
+    with av.open(str(path)) as c:
+        frames = list(c.decode(video=0))
+        v = c.streams.video[0]
+        facts = (v.average_rate, v.codec_context.width, v.codec_context.height, float(v.duration * v.time_base))
+        audio_s = float(c.streams.audio[0].duration * c.streams.audio[0].time_base)
+    planes = np.stack([f.to_ndarray() for f in frames])
+    return planes, [i for i, f in enumerate(frames) if f.key_frame], (*facts, audio_s)
+
+
+def test_segment_bounds() -> None:
+    assert segment_bounds(121, 8) == [(0, 15), (15, 30), (30, 45), (45, 60), (60, 76), (76, 91), (91, 106), (106, 121)]
+    assert segment_bounds(40, 16) == [(0, 8), (8, 16), (16, 24), (24, 32), (32, 40)]  # none under MIN_SEGMENT_FRAMES
+    assert segment_bounds(7, 4) == [(0, 7)]
+    assert segment_bounds(121, 1) == [(0, 121)]
+
+
+@pytest.mark.parametrize("segments", [1, SEGMENTS])
+def test_segmented_mp4_decodes_to_the_frames(tmp_path: Path, segments: int) -> None:
+    # Precondition
+    planes, audio = yuv_frames(), tone(48000)
+    path = tmp_path / "out.mp4"
+
+    # Under test
+    w = Mp4Writer(path, fps=24, width=WIDTH, height=HEIGHT, sample_rate=48000, segments=segments, threads=2)
+    w.start_video(planes)
+    w.finish(audio)
+
+    # Postcondition: every encoder ran (their SPS/PPS agreed), each segment starts with a keyframe, and every frame
+    # is where it belongs
+    assert w.segments_used == segments
+    decoded, keys, (rate, width, height, video_s, audio_s) = decode_planes(path)
+    assert decoded.shape == planes.shape
+    assert keys == [start for start, _ in segment_bounds(SEG_FRAMES, segments)]
+    assert (rate, width, height) == (24, WIDTH, HEIGHT)
+    assert video_s == pytest.approx(SEG_FRAMES / 24, abs=1e-3)
+    assert audio_s == pytest.approx(audio.shape[1] / 48000, abs=1e-3)
+    worst = min(psnr(d, p) for d, p in zip(decoded, planes, strict=True))
+    assert worst > PSNR_BAR, worst
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.mp4"]
+
+
+def test_differing_encoder_headers_fall_back_to_one_encoder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Precondition: the second and later segments' encoders tag other colour primaries, so their SPS differ
+    new_encoder = Mp4Writer._new_encoder
+
+    def other_sps(self: Mp4Writer) -> av.CodecContext:
+        ctx = new_encoder(self)
+        ctx.color_primaries = 5  # BT.470BG
+        return ctx
+
+    monkeypatch.setattr(Mp4Writer, "_new_encoder", other_sps)
+    planes = yuv_frames()
+    path = tmp_path / "out.mp4"
+
+    # Under test
+    w = Mp4Writer(path, fps=24, width=WIDTH, height=HEIGHT, sample_rate=48000, segments=SEGMENTS, threads=1)
+    w.start_video(planes)
+    w.finish(tone(48000))
+
+    # Postcondition: one encoder made the whole video, and said so
+    assert w.segments_used == 1
+    assert "disagree on SPS/PPS" in caplog.text
+    decoded, keys, _ = decode_planes(path)
+    assert keys == [0] and decoded.shape == planes.shape
+    assert min(psnr(d, p) for d, p in zip(decoded, planes, strict=True)) > PSNR_BAR
+
+
+@pytest.mark.parametrize(
+    ("error", "raised", "message"),
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), OutputError, "disk full writing .*out.mp4; nothing was"),
+        (RuntimeError("segment 2 failed"), RuntimeError, "segment 2 failed"),
+    ],
+)
+def test_error_in_one_segment_surfaces_in_finish(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: Exception, raised: type, message: str
+) -> None:
+    # Precondition: the encode of the third segment fails (the others succeed)
+    encode_segment = media._encode_segment
+
+    def failing(ctx: av.CodecContext, planes: np.ndarray, first: int) -> list[av.Packet]:
+        if first == segment_bounds(SEG_FRAMES, SEGMENTS)[2][0]:
+            raise error
+        return encode_segment(ctx, planes, first)
+
+    monkeypatch.setattr(media, "_encode_segment", failing)
+    path = tmp_path / "out.mp4"
+    path.write_bytes(b"previous")
+
+    # Under test: finish() raises it, as fvrt-run's writer did when its one encoder failed
+    with (
+        pytest.raises(raised, match=message),
+        Mp4Writer(path, fps=24, width=WIDTH, height=HEIGHT, sample_rate=48000, segments=SEGMENTS, threads=1) as w,
+    ):
+        w.start_video(yuv_frames())
+        w.finish(tone(48000))
+
+    # Postcondition: no partial file, the older output intact
+    assert [(p.name, p.read_bytes()) for p in tmp_path.iterdir()] == [("out.mp4", b"previous")]
+
+
+def test_abort_while_segments_encode_leaves_no_file(tmp_path: Path) -> None:
+    path = tmp_path / "out.mp4"
+    w = Mp4Writer(path, fps=24, width=WIDTH, height=HEIGHT, sample_rate=48000, segments=SEGMENTS, threads=1)
+    w.start_video(yuv_frames())
+    w.abort()  # right away: the encoders are still running
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tail_probe_runs_tiny(tmp_path: Path) -> None:
+    """lab/mp4_tail_probe.py end to end at a tiny size: its table and its JSON, every writer's MP4 whole."""
+    probe = Path(__file__).resolve().parents[1] / "lab" / "mp4_tail_probe.py"
+    args = ["--frames", "17", "--height", "64", "--width", "96", "--reps", "1", "--audio-s", "0.5"]
+    args += ["--segments", "1,2", "--threads", "1", "--gaps", "sleep", "--out", str(tmp_path)]
+    r = subprocess.run([sys.executable, str(probe), *args], capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 0, r.stderr
+    assert "| Mp4Writer segments=2 threads=1 |" in r.stdout and "| write, faststart |" in r.stdout
+    res = json.loads((tmp_path / "mp4_tail.json").read_text())
+    writers = {**res["writers"], **res["grid"]}
+    assert len(writers) == 4 and writers["Mp4Writer segments=2 threads=1"]["keyframes"] == [0, 8]
+    assert all(w["frames"] == 17 and w["psnr_db"] > 30 for w in writers.values())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mp4_tail.json"]
+    assert res["versions"]["os.cpu_count"] == os.cpu_count()
