@@ -52,14 +52,25 @@ KEEP_EXACT_BLOCKS = (0, 43, 44, 45, 46, 47)  # as the FP8 linears (ltx-core's ex
 ERR_ROWS = 1024
 AUDIO_TOKENS, TEXT_TOKENS, FPS = 126, 1024, 24.0
 SWEEP = [(64, 128, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]
-# name -> (mode, quantize_smooth kwargs, launch kwargs); "fp8" is the engines' kernel
-VARIANTS: dict[str, tuple[str, dict[str, str], dict[str, bool]]] = {
+# name -> (mode, quantize_smooth kwargs, launch kwargs); "fp8" is the engines' per-tensor kernel, "fp8s" the
+# smoothed op (a scale per kernel tile), "_tok" a scale per token
+VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, bool]]] = {
     "fp8": ("fp8", {}, {}),
-    "fp8s": ("fp8s", {"qk": "fp8", "pv": "fp8"}, {"split_acc": True}),
-    "fp8s_1acc": ("fp8s", {"qk": "fp8", "pv": "fp8"}, {"split_acc": False}),
-    "fp8s_int8": ("fp8s", {"qk": "int8", "pv": "fp8"}, {"split_acc": True}),
-    "int8qk_bf16pv": ("fp8s", {"qk": "int8", "pv": "bf16"}, {"split_acc": True}),
+    "fp8s": ("fp8s", {"qk": "fp8", "pv": "fp8", "tiles": True}, {"split_acc": True}),
+    "fp8s_1acc": ("fp8s", {"qk": "fp8", "pv": "fp8", "tiles": True}, {"split_acc": False}),
+    "fp8s_tok": ("fp8s", {"qk": "fp8", "pv": "fp8", "tiles": False}, {"split_acc": True}),
+    "fp8s_int8": ("fp8s", {"qk": "int8", "pv": "fp8", "tiles": True}, {"split_acc": True}),
+    "int8qk_bf16pv": ("fp8s", {"qk": "int8", "pv": "bf16", "tiles": False}, {"split_acc": True}),
 }
+DIT_ATTENTION = ("fp8", "fp8s", "fp8s_1acc", "fp8s_tok", "fp8s_int8", "int8qk_bf16pv")
+DIT_KEEP_ENDS = ("fp8", "fp8s", "fp8s_int8")
+DIT_FP8_LINEARS = ("", "fp8", "fp8s", "fp8s_int8")  # "": cuDNN attention
+
+
+def smooth_args(qkw: dict[str, Any], d: int, config: dict[str, int] | None) -> dict[str, Any]:
+    """quantize_smooth's keyword arguments for a variant: tiles from the launch config (or the op's)."""
+    tiles = (config["BLOCK_M"], config["BLOCK_N"]) if config else fa.scale_blocks(d)
+    return {"qk": qkw["qk"], "pv": qkw["pv"], "blocks": tiles if qkw["tiles"] else (1, 1)}
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -178,11 +189,12 @@ def variant_fn(name: str, config: dict[str, int] | None = None) -> Any:
     mode, qkw, lkw = VARIANTS[name]
 
     def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if q.device.type != "cuda":
-            return fa.reference(q, k, v) if mode == "fp8" else fa.reference_smooth(q, k, v, **qkw)
         if mode == "fp8":
             return fa.attention(q, k, v, "fp8")
-        z = fa.quantize_smooth(q, k, v, **qkw)
+        kw = smooth_args(qkw, q.shape[-1], config)
+        if q.device.type != "cuda":
+            return fa.reference_smooth(q, k, v, **kw)
+        z = fa.quantize_smooth(q, k, v, **kw)
         b, h, t, d = q.shape
         out = torch.empty((b, t, h, d), device=q.device, dtype=torch.bfloat16)
         return fa.launch_smooth(z, out, config=config, **lkw).transpose(1, 2)
@@ -212,7 +224,7 @@ def kernel_only(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, co
     if mode == "fp8":
         args = fa.quantize_qkv(q, k, v)
         return lambda: fa.launch(*args, out)
-    z = fa.quantize_smooth(q, k, v, **qkw)
+    z = fa.quantize_smooth(q, k, v, **smooth_args(qkw, d, config))
     return lambda: fa.launch_smooth(z, out, config=config, **lkw)
 
 
@@ -249,7 +261,7 @@ def step_attn(dev: torch.device, tiny: bool) -> dict[str, Any]:
                     sweep = {}
                     for cfg in SWEEP:
                         c = dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), cfg, strict=True))
-                        for name in ("fp8s", "fp8s_int8"):
+                        for name in ("fp8s", "fp8s_tok"):
                             try:
                                 s = timed(kernel_only(name, q, k, v, c), dev, reps=5, warm=2)
                                 sweep[f"{name} {cfg}"] = round(s * 1e3, 3)
@@ -331,7 +343,7 @@ def linear_shapes(dit: torch.nn.Module, inputs: dict) -> dict[str, int]:
     return dict(seen.most_common())
 
 
-def step_dit(dev: torch.device, tiny: bool, res: Results) -> dict[str, Any]:
+def step_dit(dev: torch.device, tiny: bool, res: Results, args: argparse.Namespace) -> dict[str, Any]:
     from torch.nn.attention import SDPBackend
 
     from fvrt.builder.checkpoint import ModelVersion, build_random
@@ -383,30 +395,33 @@ def step_dit(dev: torch.device, tiny: bool, res: Results) -> dict[str, Any]:
         print(f"[dit] {label}: {row}", flush=True)
 
     fns = attention_fns(dev)
+    listed = lambda text: [x for x in text.split(",") if x != "-"] if text else []  # noqa: E731
     run_variant("bf16_cudnn", None)
-    if dev.type == "cuda":
+    if dev.type == "cuda" and args.dit_flash:
         run_variant("bf16_flash2", fns["flash2_bf16"])
-    for name in VARIANTS:
+    for name in listed(args.dit_attention):
         run_variant(f"attn_{name}", fns[name])
-    for name in ("fp8", "fp8s", "fp8s_int8"):
+    for name in listed(args.dit_keep_ends):
         run_variant(f"attn_{name}_keep_ends", fns[name], keep)
+    fp8_lin = args.dit_fp8_linears.split(",")
+    if not args.dit_fp8_linears:
+        common.sdpa = switch.original
+        return out
     # the FP8 linears of the engines (blocks 1-42 by ltx-core's exclusion list), calibrated on these inputs
     t = time.perf_counter()
     switch.set(None)
     report = quantize_model(dit, QuantRecipe.named("fp8"), [inputs[c] for c in cases], method="hooks")
     out["fp8_linears"] = {"layers": len(report.layers), "calibrate_s": round(time.perf_counter() - t, 1)}
-    run_variant("fp8lin", None)
-    real_scaled_mm = torch._scaled_mm
-    torch._scaled_mm = functools.partial(real_scaled_mm, use_fast_accum=True)
-    try:
-        run_variant("fp8lin_fastacc", None)
-        run_variant("fp8lin_fastacc_attn_fp8s", fns["fp8s"])
-        run_variant("fp8lin_fastacc_attn_fp8s_keep_ends", fns["fp8s"], keep)
-    finally:
-        torch._scaled_mm = real_scaled_mm
-    run_variant("fp8lin_attn_fp8", fns["fp8"])
-    run_variant("fp8lin_attn_fp8s", fns["fp8s"])
-    run_variant("fp8lin_attn_fp8s_int8", fns["fp8s_int8"])
+    for name in fp8_lin:
+        run_variant(f"fp8lin_attn_{name}" if name else "fp8lin", fns[name] if name else None)
+    if args.dit_fast_accum:
+        real_scaled_mm = torch._scaled_mm
+        torch._scaled_mm = functools.partial(real_scaled_mm, use_fast_accum=True)
+        try:
+            run_variant("fp8lin_fastacc", None)
+            run_variant("fp8lin_fastacc_attn_fp8s", fns["fp8s"])
+        finally:
+            torch._scaled_mm = real_scaled_mm
     common.sdpa = switch.original
     return out
 
@@ -526,6 +541,13 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="tiny shapes and model: a dry run of every code path")
     ap.add_argument("--fa4-site", default="/tmp/fa4", help="a folder holding flash-attn-4 and its packages")
     ap.add_argument("--fa4-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--dit-attention", default=",".join(DIT_ATTENTION), help="attention-only DiT runs ('-': none)")
+    ap.add_argument("--dit-keep-ends", default=",".join(DIT_KEEP_ENDS), help="the same, blocks 0 and 43-47 exact")
+    ap.add_argument(
+        "--dit-fp8-linears", default=",".join(DIT_FP8_LINEARS), help="with FP8 linears ('' first: cuDNN; empty: none)"
+    )
+    ap.add_argument("--dit-flash", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--dit-fast-accum", action=argparse.BooleanOptionalAction, default=True)
     args = ap.parse_args()
     if args.fa4_child:
         fa4_child(args.tiny)
@@ -543,7 +565,7 @@ def main() -> None:
             elif step == "attn":
                 res.put("attn", step_attn(dev, args.tiny))
             elif step == "dit":
-                calls = step_dit(dev, args.tiny, res)["linear_calls"]
+                calls = step_dit(dev, args.tiny, res, args)["linear_calls"]
             elif step == "gemm":
                 res.put("gemm", step_gemm(dev, args.tiny, calls or {"8160x4096x4096": 1}))
             elif step == "fa4" and dev.type == "cuda":

@@ -14,9 +14,10 @@ Algorithm (forward only, unmasked, scale 1/sqrt(D), what `fvrt.builder.models.co
 The "fp8s" mode (issue 18: accurate 8-bit attention, the recipe of SageAttention 2 and FlashAttention-3's FP8):
 - K is smoothed: its mean over tokens is subtracted before quantizing (softmax-invariant: it shifts every score
   of a query row by the same amount), which removes the per-channel offsets trained models put in K.
-- Q and K get one scale per token (amax over the head dim), in E4M3 or INT8 (`qk="int8"`: 8 bits of mantissa
-  against E4M3's 4, Hopper's INT8 MMA runs at the FP8 rate); the kernel multiplies S by the outer product of the
-  two scale vectors.
+- Q and K get one scale per tile of the kernel (BLOCK_M query rows, BLOCK_N keys: one multiply per score, as
+  with per-tensor scales) or, as a lab variant, one per token (the kernel then multiplies S by the outer product
+  of two scale vectors), in E4M3 or INT8 (`qk="int8"`: more mantissa where values are near the amax, none to
+  spare for outlier channels; Hopper's INT8 MMA runs at the FP8 rate).
 - V is smoothed too (its token mean is added back to the output: rows of P sum to l) and scaled per channel.
 - P V accumulates each key block in a fresh fp32 accumulator that is then added to the running one ("two-level
   accumulation": the FP8 MMA's own accumulator keeps fewer than 32 bits).
@@ -52,6 +53,15 @@ CONFIGS: dict[int, dict[str, int]] = {
     64: {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3},
     128: {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3},
 }
+
+
+def scale_blocks(head_dim: int) -> tuple[int, int]:
+    """Tokens per Q scale and per K scale of the "fp8s" op: the kernel's tiles for this head dim (padded as the
+    kernel pads it; per token for head dims it has no tile for, which only the torch emulation runs)."""
+    padded = next((p for p in sorted(CONFIGS) if p >= head_dim), None)
+    if padded is None:
+        return (1, 1)
+    return (CONFIGS[padded]["BLOCK_M"], CONFIGS[padded]["BLOCK_N"])
 
 
 def _scale(t: torch.Tensor) -> torch.Tensor:
@@ -109,26 +119,44 @@ def _per_row(t: torch.Tensor, top: float, dim: int) -> tuple[torch.Tensor, torch
     return scale, t / scale
 
 
-def _quantize_rows(t: torch.Tensor, qk: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, H, T, D] -> (per-token scale [B, H, T], E4M3 or INT8 values)."""
+def expand_scale(scale: torch.Tensor, rows: int, tokens: int) -> torch.Tensor:
+    """A scale per `rows` tokens [B, H, ceil(T / rows)] -> one per token [B, H, T]."""
+    return scale if rows == 1 else scale.repeat_interleave(rows, dim=-1)[..., :tokens]
+
+
+def _quantize_rows(t: torch.Tensor, qk: str, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, H, T, D] -> (a scale per `rows` tokens [B, H, ceil(T / rows)], E4M3 or INT8 values)."""
+    top = INT8_MAX if qk == "int8" else E4M3_MAX
+    t = t.float()
+    b, h, n, d = t.shape
+    blocks = -(-n // rows)
+    padded = torch.nn.functional.pad(t, (0, 0, 0, blocks * rows - n))  # zeros: the amax is unchanged
+    scale = (padded.reshape(b, h, blocks, rows * d).abs().amax(dim=-1) / top).clamp_min(torch.finfo(torch.float32).tiny)
+    x = t / expand_scale(scale, rows, n)[..., None]
     if qk == "int8":
-        scale, x = _per_row(t, INT8_MAX, -1)
-        return scale.squeeze(-1), x.round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8).contiguous()
-    scale, x = _per_row(t, E4M3_MAX, -1)
-    return scale.squeeze(-1), x.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).contiguous()
+        return scale, x.round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8).contiguous()
+    return scale, x.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).contiguous()
 
 
 def quantize_smooth(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int | None = None, qk: str = "fp8", pv: str = "fp8"
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    head_dim: int | None = None,
+    qk: str = "fp8",
+    pv: str = "fp8",
+    blocks: tuple[int, int] = (1, 1),
 ) -> Smoothed:
     """The "fp8s" recipe's quantization (module doc), plain torch ops (Inductor fuses them into the producers of
-    Q, K, V in an engine). head_dim: the unpadded D (default q's). pv="bf16" (a lab variant: 8-bit Q K^T only)
-    keeps the smoothed V in bf16 with unit scales, for the kernel's PV_BF16 path."""
+    Q, K, V in an engine). head_dim: the unpadded D (default q's). blocks: tokens per Q scale and per K scale,
+    (1, 1) per token or the kernel's (BLOCK_M, BLOCK_N) tiles, one scalar per tile (`SCALE_BLOCKS`, what the
+    op uses: the kernel then scales S by one number per tile, as the per-tensor kernel does). pv="bf16" (a lab
+    variant: 8-bit Q K^T only) keeps the smoothed V in bf16 with unit scales, for the kernel's PV_BF16 path."""
     if qk not in QK_FORMATS or pv not in PV_FORMATS:
         raise ValueError(f"qk must be one of {QK_FORMATS} and pv one of {PV_FORMATS}, got {qk!r}, {pv!r}")
     k = k.float() - k.float().mean(dim=2, keepdim=True)
-    q_scale, q8 = _quantize_rows(q, qk)
-    k_scale, k8 = _quantize_rows(k, qk)
+    q_scale, q8 = _quantize_rows(q, qk, blocks[0])
+    k_scale, k8 = _quantize_rows(k, qk, blocks[1])
     v_mean = v.float().mean(dim=2, keepdim=True)
     if pv == "bf16":
         vt8 = (v.float() - v_mean).to(torch.bfloat16).transpose(-1, -2).contiguous()
@@ -142,13 +170,22 @@ def quantize_smooth(
 
 
 def reference_smooth(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: int | None = None, qk: str = "fp8", pv: str = "fp8"
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rows: int | None = None,
+    qk: str = "fp8",
+    pv: str = "fp8",
+    blocks: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """The "fp8s" kernel's arithmetic in torch (P rounded against the final row maximum), [B, H, T, D] -> same,
-    in q's dtype; only the first `rows` queries when given (scales and means still from the whole tensors)."""
-    z = quantize_smooth(q, k, v, qk=qk, pv=pv)
-    s = (z.q8[..., :rows, :].float() @ z.k8.float().transpose(-1, -2)) * z.q_scale[..., :rows, None]
-    s = s * z.k_scale[..., None, :]
+    in q's dtype; only the first `rows` queries when given (scales and means still from the whole tensors).
+    blocks: as `quantize_smooth` (default: the op's, `scale_blocks` of the head dim)."""
+    blocks = blocks or scale_blocks(q.shape[-1])
+    z = quantize_smooth(q, k, v, qk=qk, pv=pv, blocks=blocks)
+    q_scale = expand_scale(z.q_scale, blocks[0], q.shape[2])
+    s = (z.q8[..., :rows, :].float() @ z.k8.float().transpose(-1, -2)) * q_scale[..., :rows, None]
+    s = s * expand_scale(z.k_scale, blocks[1], k.shape[2])[..., None, :]
     p = torch.exp2(s - s.amax(dim=-1, keepdim=True))
     p8 = p.to(torch.bfloat16) if pv == "bf16" else (p * P_SCALE).to(torch.float8_e4m3fn)
     out = (p8.float() @ z.vt8.float().transpose(-1, -2)) * z.v_scale[..., None, :] / p.sum(dim=-1, keepdim=True)
@@ -239,19 +276,21 @@ if triton is not None:
     @triton.jit
     def _inner_s(acc, l_i, m_i, q, q_scale, kt_ptrs, v_ptrs, ks_ptrs, stride_kt, stride_vt, lo, hi, n_kv,
                  BLOCK_N: tl.constexpr, MASK: tl.constexpr, SPLIT_ACC: tl.constexpr,
-                 PV_BF16: tl.constexpr):  # fmt: skip
+                 PV_BF16: tl.constexpr, PER_BLOCK: tl.constexpr):  # fmt: skip
         offs_n = tl.arange(0, BLOCK_N)
         for start_n in tl.range(lo, hi, BLOCK_N):
             if MASK:
                 valid = (start_n + offs_n) < n_kv
                 kt = tl.load(kt_ptrs + start_n * stride_kt, mask=valid[None, :], other=0.0)
                 v = tl.load(v_ptrs + start_n * stride_vt, mask=valid[:, None], other=0.0)
-                ks = tl.load(ks_ptrs + start_n + offs_n, mask=valid, other=0.0)
             else:
                 kt = tl.load(kt_ptrs + start_n * stride_kt)
                 v = tl.load(v_ptrs + start_n * stride_vt)
-                ks = tl.load(ks_ptrs + start_n + offs_n)
-            s = tl.dot(q, kt).to(tl.float32) * q_scale[:, None] * ks[None, :]  # INT8: int32 products
+            if PER_BLOCK:  # one scale for this whole tile: one multiply per score, as the per-tensor kernel
+                s = tl.dot(q, kt).to(tl.float32) * (q_scale * tl.load(ks_ptrs + start_n // BLOCK_N))
+            else:  # INT8: int32 products
+                ks = tl.load(ks_ptrs + start_n + offs_n, mask=(start_n + offs_n) < n_kv, other=0.0)
+                s = tl.dot(q, kt).to(tl.float32) * q_scale[:, None] * ks[None, :]
             if MASK:
                 s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -272,8 +311,9 @@ if triton is not None:
     @triton.jit
     def _fwd_s(Q, K, Vt, Out, QS, KS, VS, VM,
                sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sv_d, so_b, so_h, so_t,
-               H, n_q, n_kv, n_full, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               SPLIT_ACC: tl.constexpr, PV_BF16: tl.constexpr):  # fmt: skip
+               H, n_q, n_kv, n_full, n_qs, n_ks, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, SPLIT_ACC: tl.constexpr, PV_BF16: tl.constexpr,
+               PER_BLOCK: tl.constexpr):  # fmt: skip
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H
@@ -283,18 +323,21 @@ if triton is not None:
         offs_n = tl.arange(0, BLOCK_N)
         in_q = offs_m < n_q
         q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_t + offs_d[None, :], mask=in_q[:, None], other=0.0)
-        q_scale = tl.load(QS + bh * n_q + offs_m, mask=in_q, other=0.0)
+        if PER_BLOCK:  # a scalar per program, else a vector per row
+            q_scale = tl.load(QS + bh * n_qs + pid_m)
+        else:
+            q_scale = tl.load(QS + bh * n_qs + offs_m, mask=in_q, other=0.0)
         kt_ptrs = K + b * sk_b + h * sk_h + offs_n[None, :] * sk_t + offs_d[:, None]  # [D, BLOCK_N]
         v_ptrs = Vt + b * sv_b + h * sv_h + offs_n[:, None] * sv_t + offs_d[None, :] * sv_d  # [BLOCK_N, D]
-        ks_ptrs = KS + bh * n_kv
+        ks_ptrs = KS + bh * n_ks
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         acc, l_i, m_i = _inner_s(acc, l_i, m_i, q, q_scale, kt_ptrs, v_ptrs, ks_ptrs, sk_t, sv_t, 0, n_full, n_kv,
-                                 BLOCK_N, False, SPLIT_ACC, PV_BF16)  # fmt: skip
+                                 BLOCK_N, False, SPLIT_ACC, PV_BF16, PER_BLOCK)  # fmt: skip
         if n_full < n_kv:
             acc, l_i, m_i = _inner_s(acc, l_i, m_i, q, q_scale, kt_ptrs, v_ptrs, ks_ptrs, sk_t, sv_t, n_full, n_kv,
-                                     n_kv, BLOCK_N, True, SPLIT_ACC, PV_BF16)  # fmt: skip
+                                     n_kv, BLOCK_N, True, SPLIT_ACC, PV_BF16, PER_BLOCK)  # fmt: skip
         v_scale = tl.load(VS + bh * HEAD_DIM + offs_d)
         v_mean = tl.load(VM + bh * HEAD_DIM + offs_d)
         acc = acc / l_i[:, None] * v_scale[None, :] + v_mean[None, :]
@@ -336,6 +379,13 @@ def launch_smooth(z: Smoothed, out: torch.Tensor, run: Any = None, split_acc: bo
     n_kv = z.k8.shape[2]
     cfg = dict(config or CONFIGS[d])
     block_m = cfg["BLOCK_M"]
+    n_qs, n_ks = z.q_scale.shape[-1], z.k_scale.shape[-1]
+    per_block = (n_qs, n_ks) != (n_q, n_kv)  # else one scale per token
+    if per_block and (n_qs, n_ks) != (triton.cdiv(n_q, block_m), triton.cdiv(n_kv, cfg["BLOCK_N"])):
+        raise ValueError(
+            f"fp8s scales per tile need {block_m} x {cfg['BLOCK_N']} tiles: {n_qs} Q / {n_ks} K scales for "
+            f"{n_q} / {n_kv} tokens"
+        )
 
     def grid(meta: dict[str, int]) -> tuple[int, int]:
         return (triton.cdiv(n_q, block_m), b * h)
@@ -346,8 +396,8 @@ def launch_smooth(z: Smoothed, out: torch.Tensor, run: Any = None, split_acc: bo
         q8, k8, vt8, out, z.q_scale, z.k_scale, z.v_scale, z.v_mean,
         q8.stride(0), q8.stride(1), q8.stride(2), k8.stride(0), k8.stride(1), k8.stride(2),
         vt8.stride(0), vt8.stride(1), vt8.stride(3), vt8.stride(2), out.stride(0), out.stride(2), out.stride(1),
-        h, n_q, n_kv, n_kv // cfg["BLOCK_N"] * cfg["BLOCK_N"], HEAD_DIM=d, SPLIT_ACC=split_acc,
-        PV_BF16=vt8.dtype == torch.bfloat16, **cfg,
+        h, n_q, n_kv, n_kv // cfg["BLOCK_N"] * cfg["BLOCK_N"], n_qs, n_ks, HEAD_DIM=d, SPLIT_ACC=split_acc,
+        PV_BF16=vt8.dtype == torch.bfloat16, PER_BLOCK=per_block, **cfg,
     )  # fmt: skip
     return out
 
@@ -396,5 +446,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str = "fp
     if padded != d:  # zero channels change neither Q K^T nor the amax scales; their output columns are dropped
         q, k, v = (torch.nn.functional.pad(t, (0, padded - d)) for t in (q, k, v))
     op = register()
-    out = _OP_S(*quantize_smooth(q, k, v, head_dim=d)) if mode == "fp8s" else op(*quantize_qkv(q, k, v, head_dim=d))
+    if mode == "fp8s":
+        out = _OP_S(*quantize_smooth(q, k, v, head_dim=d, blocks=scale_blocks(padded)))
+    else:
+        out = op(*quantize_qkv(q, k, v, head_dim=d))
     return out.transpose(1, 2)[..., :d].to(q.dtype)
