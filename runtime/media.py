@@ -39,15 +39,15 @@ BT709 = (0.2126, 0.0722)  # Kr, Kb
 VIDEO_THREADS = "FRAME"
 # The cores this process may run on (a container or taskset may allow fewer than os.cpu_count())
 CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-# Segment-parallel H.264 (issue 18): one x264 with frame threads took 0.45-0.57 s for 121 frames at 1080p on 16
-# cores, where one thread needs ~1.6 s (2-core CPU machine): ~3x from 16 cores, as one thread feeds it (picture
-# copy, frame setup, hand-off) and each frame waits on its reference's rows. Independent encoders on contiguous
-# segments, each fed by its own thread, run side by side; the price is one IDR frame per segment (no larger at
-# crf 18 on the probe's content). 8 segments x 2 frame threads on 16 cores: a prediction until
-# lab/mp4_tail_probe.py has run there (docs/benchmarks.md). At least 2 segments: on 2 cores 2 x 1 thread beat
-# 1 x 2 threads (1.62 vs 1.85 s, same probe).
-VIDEO_SEGMENTS = max(2, min(8, CPUS // 2))
-VIDEO_SEGMENT_THREADS = max(1, CPUS // VIDEO_SEGMENTS)
+# Segment-parallel H.264: independent encoders on contiguous segments (one IDR frame each), side by side. On the
+# 16-core H100 host (lab/mp4_tail_probe.py, 2026-12-06, docs/results/2026-12-06-h100-mp4-tail.md) every layout
+# that uses the cores finished 121 frames at 1080p + 5 s of AAC in 0.41-0.47 s (median of 3, spread ~0.05 s):
+# one encoder with x264's own frame threads 0.426 s, 4 segments x 3 threads 0.411 s, 8 x 2 0.465 s; the encode
+# itself is ~0.29 s and AAC ~0.22 s of it. Segments gain nothing measurable there, so few are used: 4 x 3 on
+# 16 cores (the fastest measured, within the spread), one encoder on small machines (2 cores: 1.47-1.85 s for
+# every layout, noisy).
+VIDEO_SEGMENTS = max(1, min(4, CPUS // 4))
+VIDEO_SEGMENT_THREADS = max(1, min(3, CPUS // VIDEO_SEGMENTS))
 MIN_SEGMENT_FRAMES = 8  # shorter segments would pay an IDR frame every few frames for little time
 YUV_CHUNK = 8  # frames converted at once (bounds the fp32 temporaries: 8 x 1088 x 1920 x 3 x 4 B = 200 MB)
 AUDIO_CODEC = "aac"
