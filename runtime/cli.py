@@ -32,6 +32,7 @@ from fvrt.runtime.bundle import engine_source
 from fvrt.runtime.manifest import json_object, read_manifest
 from fvrt.runtime.media import Mp4Writer, OutputError, check_writable, save_raw, write_atomic
 from fvrt.runtime.pipeline import (
+    ALL_ENGINES,
     COLD_TIMINGS,
     DEFAULT_SEED,
     MEMORY_POLICIES,
@@ -272,9 +273,9 @@ def serve(
     """`--batch -`: generate for each request line as it arrives, answering one JSON object per line: {"line",
     "output", "timings_s"} or, for a request that fails its checks or fails while it runs, {"line", "error"} (the
     next line is served all the same). engine_names: the directory's engines (checked per request: an image
-    needs the video encoder); default whatever the pipeline needs."""
+    needs the video encoder); default every engine (ALL_ENGINES)."""
     if engine_names is None:
-        engine_names = list(missing_engines([], image=True))
+        engine_names = ALL_ENGINES
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
