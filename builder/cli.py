@@ -175,52 +175,60 @@ def fvrt_build(
     click.echo(f"engine directory: {result.path}")
 
 
-# The console script ends a failed build with os._exit: a torch archive writer that failed mid-file (a full disk)
-# throws again from its C++ destructor when the interpreter frees it, which aborts the process (exit 134) after
-# the error line. Everything the build wrote is removed by then; nothing else is left to run.
-_HARD_EXIT: list[bool] = [False]
+class _Failed(Exception):
+    """A failed build: the one line for stderr (without the `fvrt-build: error:` prefix) and the exit code."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(" ".join(str(message).split()))
+        self.code = code
 
 
-def _fail(message: str, code: int) -> None:
-    click.echo(f"fvrt-build: error: {' '.join(str(message).split())}", err=True)
-    if _HARD_EXIT[0]:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+def _interrupted(e: KeyboardInterrupt) -> _Failed:
+    return _Failed(f"interrupted ({interrupt_name(e)}); nothing was written", interrupt_exit_code(e))
 
 
-def _interrupted(e: KeyboardInterrupt) -> None:
-    _fail(f"interrupted ({interrupt_name(e)}); nothing was written", interrupt_exit_code(e))
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Console entry point: one line on stderr and exit 2 for bad input, 1 for internal errors."""
+def _build(args: list[str]) -> None:
+    """Run the command; every failure but an internal one under `--debug` leaves as a `_Failed`."""
     from fvrt.builder.checkpoint import CheckpointError
     from fvrt.runtime.manifest import EngineError
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    args = sys.argv[1:] if argv is None else argv
-    _HARD_EXIT[0] = argv is None  # the console script (tests call main(argv) in their own process)
-    debug = "--debug" in args
     try:
         with polite_signals_interrupt():  # SIGTERM / SIGHUP clean up as Ctrl-C does
             fvrt_build.main(args=args, prog_name="fvrt-build", standalone_mode=False)
     except click.exceptions.Exit as e:  # --help
         sys.exit(e.exit_code)
     except click.ClickException as e:
-        _fail(e.format_message(), EXIT_BAD_INPUT)
+        raise _Failed(e.format_message(), EXIT_BAD_INPUT) from None
     except click.Abort as e:  # click turns a KeyboardInterrupt inside the command into Abort
-        interrupt = e.__cause__ if isinstance(e.__cause__, KeyboardInterrupt) else KeyboardInterrupt()
-        _interrupted(interrupt)
+        raise _interrupted(e.__cause__ if isinstance(e.__cause__, KeyboardInterrupt) else KeyboardInterrupt()) from None
     except (BuildError, CheckpointError, EngineError) as e:
-        _fail(str(e), EXIT_BAD_INPUT)
+        raise _Failed(str(e), EXIT_BAD_INPUT) from None
     except KeyboardInterrupt as e:
-        _interrupted(e)
+        raise _interrupted(e) from None
     except Exception as e:
-        if debug:
+        if "--debug" in args:
             raise
-        _fail(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", EXIT_INTERNAL)
+        raise _Failed(
+            f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", EXIT_INTERNAL
+        ) from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: one line on stderr and exit 2 for bad input, 1 for internal errors."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        _build(sys.argv[1:] if argv is None else argv)
+    except _Failed as e:
+        click.echo(f"fvrt-build: error: {e}", err=True)
+        if argv is None:
+            # The console script (tests call main(argv) in their own process) leaves with os._exit: a torch archive
+            # writer that failed mid-file (a full disk) throws again from its C++ destructor when the interpreter
+            # frees it, which would abort the process (exit 134) after the error line. Everything the build wrote
+            # is removed by then; nothing else is left to run.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(e.code)
+        sys.exit(e.code)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, NoReturn
 
@@ -32,6 +33,7 @@ from fvrt.runtime.bundle import engine_source
 from fvrt.runtime.manifest import json_object, read_manifest
 from fvrt.runtime.media import Mp4Writer, OutputError, check_writable, save_raw, write_atomic
 from fvrt.runtime.pipeline import (
+    ALL_ENGINES,
     COLD_TIMINGS,
     DEFAULT_SEED,
     MEMORY_POLICIES,
@@ -272,9 +274,9 @@ def serve(
     """`--batch -`: generate for each request line as it arrives, answering one JSON object per line: {"line",
     "output", "timings_s"} or, for a request that fails its checks or fails while it runs, {"line", "error"} (the
     next line is served all the same). engine_names: the directory's engines (checked per request: an image
-    needs the video encoder); default whatever the pipeline needs."""
+    needs the video encoder); default every engine (ALL_ENGINES)."""
     if engine_names is None:
-        engine_names = list(missing_engines([], image=True))
+        engine_names = ALL_ENGINES
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -353,6 +355,38 @@ def generate(pipe: Pipeline, job: Job) -> dict[str, float]:
     return {**out.timings, "mux": mux_time}
 
 
+# The batch keys that command-line options give defaults for (a batch line's own key wins)
+REQUEST_OPTIONS = tuple(k for k in BATCH_KEYS if k not in ("prompt", "output", "raw"))
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """fvrt-run's command line as click parsed it, one field per parameter of `main` (click passes them by name);
+    None: left out."""
+
+    engine_dir: Path
+    prompt: str | None
+    batch: Path | None
+    image: Path | None
+    image_strength: float
+    seed: int
+    preset: str
+    height: int | None
+    width: int | None
+    frames: int | None
+    fps: float | None
+    output: Path | None
+    raw: Path | None
+    timings: Path | None
+    device: str | None
+    cuda_graphs: bool
+    memory: str | None
+
+    def request_defaults(self) -> dict[str, Any]:
+        """The request options (`REQUEST_OPTIONS`): every job's unless its batch line says otherwise."""
+        return {k: getattr(self, k) for k in REQUEST_OPTIONS}
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("engine_dir", type=click.Path(path_type=Path))
 @click.option("--prompt", default=None, help="Text prompt (at most 1024 tokens are used). One of --prompt / --batch.")
@@ -397,72 +431,40 @@ def generate(pipe: Pipeline, job: Job) -> dict[str, float]:
     "keep: keep all loaded; offload: keep all loaded but park the text encoder in pinned host memory between "
     "prompts (the --batch default).",
 )
-def main(
-    engine_dir: Path,
-    prompt: str | None,
-    batch: Path | None,
-    image: Path | None,
-    image_strength: float,
-    seed: int,
-    preset: str,
-    height: int | None,
-    width: int | None,
-    frames: int | None,
-    fps: float | None,
-    output: Path | None,
-    raw: Path | None,
-    timings: Path | None,
-    device: str | None,
-    cuda_graphs: bool,
-    memory: str | None,
-) -> None:
+def main(**options: Any) -> None:
     """Generate a video with audio from ENGINE_DIR (built by `fvrt-build` / `make engines`, or a bundle file
     written by `fvrt-pack`)."""
     start = time.perf_counter()
-    defaults = {"image": image, "image_strength": image_strength, "seed": seed, "preset": preset}
-    defaults.update({"height": height, "width": width, "frames": frames, "fps": fps})
     done: list[Path] = []
     try:
         with polite_signals_interrupt():
-            _run(engine_dir, batch, prompt, output, raw, timings, device, cuda_graphs, memory, defaults, start, done)
+            _run(RunOptions(**options), start, done)
     except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, SIGHUP: the output in progress is removed, never half-written
         kept = f"; {len(done)} finished video(s) kept" if done else ""
         _fail(f"interrupted ({interrupt_name(e)}); the video in progress was not written{kept}", interrupt_exit_code(e))
 
 
-def _run(
-    engine_dir: Path,
-    batch: Path | None,
-    prompt: str | None,
-    output: Path | None,
-    raw: Path | None,
-    timings: Path | None,
-    device: str | None,
-    cuda_graphs: bool,
-    memory: str | None,
-    defaults: dict[str, Any],
-    start: float,
-    done: list[Path],
-) -> None:
+def _run(opts: RunOptions, start: float, done: list[Path]) -> None:
+    batch, timings, defaults = opts.batch, opts.timings, opts.request_defaults()
     try:
-        if prompt is not None and batch is not None:
+        if opts.prompt is not None and batch is not None:
             raise ValueError("--prompt and --batch: give one of them")
-        check_device(device)
-        engine_dir = engine_source(engine_dir)  # a bundle file: unpacked once (fvrt.runtime.bundle)
+        check_device(opts.device)
+        engine_dir = engine_source(opts.engine_dir)  # a bundle file: unpacked once (fvrt.runtime.bundle)
         manifest = read_manifest(engine_dir)
         stream = batch is not None and str(batch) == "-"
-        jobs = plan_jobs(manifest.profiles, batch, prompt, output, raw, timings, defaults)
+        jobs = plan_jobs(manifest.profiles, batch, opts.prompt, opts.output, opts.raw, timings, defaults)
         check_engines(engine_dir, list(manifest.stages), jobs)
         tokenizer = PromptTokenizer(engine_dir / TOKENIZER_DIR)
         t = time.perf_counter()
-        engines = open_engines(engine_dir, device)
+        engines = open_engines(engine_dir, opts.device)
         open_time = time.perf_counter() - t
     except ValueError as e:  # EngineError, ImageError, OutputError, TokenizerError and the request checks
         _fail(str(e))
 
-    memory = memory or ("offload" if batch is not None else "phase")
+    memory = opts.memory or ("offload" if batch is not None else "phase")
     if stream:  # a server: the engines are loaded now, each request line is answered as it arrives
-        pipe = Pipeline(engines, tokenizer, cuda_graphs=cuda_graphs, memory=memory, prefetch_text=True)
+        pipe = Pipeline(engines, tokenizer, cuda_graphs=opts.cuda_graphs, memory=memory, prefetch_text=True)
         serve(
             pipe,
             manifest.profiles,
@@ -474,7 +476,7 @@ def _run(
         )
         return
     # a serving run copies the parked text encoder back while it finishes each MP4 (see Pipeline)
-    pipe = Pipeline(engines, tokenizer, cuda_graphs=cuda_graphs, memory=memory, prefetch_text=len(jobs) > 1)
+    pipe = Pipeline(engines, tokenizer, cuda_graphs=opts.cuda_graphs, memory=memory, prefetch_text=len(jobs) > 1)
     records = []
     for i, job in enumerate(jobs):
         t = time.perf_counter()

@@ -161,6 +161,10 @@ PIPELINE_ENGINES = ("text_in", "text_block", "text_out", "dit_prep", "dit_in", "
 PIPELINE_ENGINES += ("video_decoder", "audio_decoder")
 IMAGE_ENGINES = ("video_encoder",)
 BLOCK_PREFIX = "dit_block"
+# Every engine some generation needs (one with a conditioning image), the DiT blocks as BLOCK_PREFIX between
+# dit_in and dit_out: what an engine directory holds when nothing was left out of its build.
+_DIT_OUT = PIPELINE_ENGINES.index("dit_out")
+ALL_ENGINES = (*PIPELINE_ENGINES[:_DIT_OUT], BLOCK_PREFIX, *PIPELINE_ENGINES[_DIT_OUT:], *IMAGE_ENGINES)
 
 
 def missing_engines(names: Sequence[str], *, image: bool) -> list[str]:
@@ -168,9 +172,7 @@ def missing_engines(names: Sequence[str], *, image: bool) -> list[str]:
     have = set(names)
     if any(n.startswith(BLOCK_PREFIX + "_") for n in have):
         have.add(BLOCK_PREFIX)
-    needed = list(PIPELINE_ENGINES)
-    needed.insert(needed.index("dit_out"), BLOCK_PREFIX)
-    return [n for n in (*needed, *(IMAGE_ENGINES if image else ())) if n not in have]
+    return [n for n in ALL_ENGINES if n not in have and (image or n not in IMAGE_ENGINES)]
 
 
 class _Clock:

@@ -1,10 +1,12 @@
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import TinyBuild, folder_state
 
 from fvrt.builder.checkpoint import ModelVersion
 
@@ -48,12 +50,27 @@ def version(request: pytest.FixtureRequest) -> ModelVersion:
 
 
 @pytest.fixture(scope="session")
-def tiny_engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """`make engines`' build (tiny random LTX-2.3, torch-aot, CPU) once per session, for the serving tests
-    (compiled after tests/test_aoti.py's identical build, it finds Inductor's cache warm)."""
+def tiny_build(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TinyBuild]:
+    """`make engines`' build (tiny random LTX-2.3, torch-aot, CPU), once per session for the tests that only read
+    it: tests/test_aoti.py's LTX-2.3 engines and the serving tests (a CPU build takes minutes). A test that builds
+    into engines copies them first; the folder is checked unchanged at the end of the session."""
     from fvrt.builder.build import BuildRequest, build_engines
 
     root = tmp_path_factory.mktemp("tiny-engines")
-    build_engines(BuildRequest(out_dir=root / "engines", random="tiny"), log=lambda _: None)
-    yield root / "engines"
+    t0 = time.perf_counter()
+    result = build_engines(
+        BuildRequest(out_dir=root / "engines", random="tiny", version=ModelVersion.LTX23.value), log=lambda _: None
+    )
+    build = TinyBuild(root / "engines", result, time.perf_counter() - t0)
+    built_state = folder_state(build.path)
+    yield build
+    changed = sorted(set(built_state.items()) ^ set(folder_state(build.path).items()))
     shutil.rmtree(root, ignore_errors=True)
+    if changed:
+        pytest.fail(f"a test wrote into the shared tiny engines (copy them first): {sorted({p for p, _ in changed})}")
+
+
+@pytest.fixture(scope="session")
+def tiny_engines(tiny_build: TinyBuild) -> Path:
+    """The session's tiny LTX-2.3 engine directory (`tiny_build`); read it, never write into it."""
+    return tiny_build.path

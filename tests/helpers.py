@@ -3,13 +3,30 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import nn
 
 from fvrt.builder.models import dit as D
 from fvrt.runtime.shapes import LATENT_CHANNELS
+
+if TYPE_CHECKING:
+    from fvrt.builder.build import BuildResult
+
+
+class TinyBuild(NamedTuple):
+    """A finished engine build: its directory, what `build_engines` returned and its wall time in seconds."""
+
+    path: Path
+    result: BuildResult
+    seconds: float
+
+
+def folder_state(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under `folder` as relative path -> (size, mtime_ns): it changes when anything writes there."""
+    return {str(f.relative_to(folder)): (f.stat().st_size, f.stat().st_mtime_ns) for f in folder.rglob("*")}
 
 
 def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

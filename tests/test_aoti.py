@@ -1,5 +1,6 @@
 """torch-aot engines end to end on CPU: `build_engines(--random tiny)` compiles every engine once per version
-(module-scoped fixture), the runtime loads them, and each engine (and the whole DiT chain) matches eager fp32.
+(LTX-2.3: the session's build, shared with the serving tests), the runtime loads them, and each engine (and the
+whole DiT chain) matches eager fp32.
 
 Precondition: a tiny random release built twice from the same seed is identical, so the eager side is
 re-created here with `write_tiny_release` + `load_tiny_release` and the engines read their own weights files.
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import assert_rel_close
+from helpers import TinyBuild, assert_rel_close
 from safetensors import safe_open
 
 from fvrt.builder.build import ENGINE_NAMES, BuildRequest, BuildResult, build_engines
@@ -31,7 +32,6 @@ from fvrt.runtime.tokenizer import TOKENIZER_DIR, PromptTokenizer
 
 TINY = PRESET_PROFILES["tiny"]
 TOL = 1e-4
-BUILD_SECONDS: dict[str, float] = {}  # reported by test_build_cost
 
 
 class Built:
@@ -41,15 +41,19 @@ class Built:
 
 @pytest.fixture(scope="module", params=[ModelVersion.LTX23, ModelVersion.LTX2], ids=["ltx23", "ltx2"])
 def built(request: pytest.FixtureRequest, module_tmp: Callable[[str], Path]) -> Built:
+    """The tiny engines of a version: LTX-2.3's are the session's shared build (tests/conftest.py `tiny_build`,
+    which tests here only read or copy), LTX-2's are built here."""
     version: ModelVersion = request.param
     root = module_tmp(f"aoti-{version.value}")
-    t0 = time.perf_counter()
-    result = build_engines(BuildRequest(out_dir=root / "engines", random="tiny", version=version.value))
-    seconds = time.perf_counter() - t0
-    BUILD_SECONDS[version.value] = seconds
+    if version is ModelVersion.LTX23:
+        build: TinyBuild = request.getfixturevalue("tiny_build")
+    else:
+        t0 = time.perf_counter()
+        result = build_engines(BuildRequest(out_dir=root / "engines", random="tiny", version=version.value))
+        build = TinyBuild(root / "engines", result, time.perf_counter() - t0)
     write_tiny_release(root / "release", version)
     ckpt = load_tiny_release(root / "release", torch.float32, "cpu")
-    return Built(root / "engines", result, ckpt, seconds)
+    return Built(build.path, build.result, ckpt, build.seconds)
 
 
 def test_manifest_describes_every_engine(built: Built) -> None:
@@ -220,13 +224,13 @@ def test_parking_copies_weights_to_the_host_once(built: Built) -> None:
 def test_rebuild_is_a_no_op_and_new_weights_reuse_the_code(built: Built, tmp_path: Path) -> None:
     if built.ckpt.version is not ModelVersion.LTX23:
         pytest.skip("once is enough")
+    copy = tmp_path / "engines"  # built.path is shared (tests/conftest.py): only read
+    shutil.copytree(built.path, copy)
     t0 = time.perf_counter()
-    again = build_engines(BuildRequest(out_dir=built.path, random="tiny", version="2.3"))
+    again = build_engines(BuildRequest(out_dir=copy, random="tiny", version="2.3"))
     assert again.up_to_date and not again.built and time.perf_counter() - t0 < 30
     # another checkpoint (seed 1) of the same architecture: code reused, only the weights files change (--force:
     # the directory's other engines hold seed-0 weights, which a partial build refuses to mix with seed-1 ones)
-    copy = tmp_path / "engines"
-    shutil.copytree(built.path, copy)
     req = BuildRequest(out_dir=copy, random="tiny", version="2.3", seed=1, stages=("dit_in",), force=True)
     result = build_engines(req)
     assert result.rebound == ["dit_in"] and not result.built

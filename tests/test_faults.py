@@ -27,7 +27,7 @@ import torch
 from fvrt.builder.build import ENGINE_NAMES
 from fvrt.builder.engines import PRESET_PROFILES
 from fvrt.runtime.manifest import FORMAT_VERSION, BuildEnv, Manifest, StageEntry, read_manifest, write_manifest
-from fvrt.runtime.pipeline import BLOCK_PREFIX, IMAGE_ENGINES, PIPELINE_ENGINES
+from fvrt.runtime.pipeline import ALL_ENGINES, BLOCK_PREFIX, IMAGE_ENGINES, PIPELINE_ENGINES, missing_engines
 from fvrt.runtime.scratch import HOST
 
 FAULT_CLI = Path(__file__).with_name("fault_cli.py")
@@ -392,8 +392,11 @@ def test_build_disk_full_is_one_line(tmp_path: Path) -> None:
 
 
 def test_every_engine_name_is_known_to_the_pipeline_check() -> None:
-    """The runtime's list of the engines a generation needs names only engines the builder makes."""
-    assert set(PIPELINE_ENGINES) | set(IMAGE_ENGINES) | {BLOCK_PREFIX} == set(ENGINE_NAMES)
+    """The runtime's list of the engines a generation needs names exactly the engines the builder makes, and
+    ALL_ENGINES (fvrt-run's `--batch -` default) is what an image generation needs from an empty directory."""
+    assert set(PIPELINE_ENGINES) | set(IMAGE_ENGINES) | {BLOCK_PREFIX} == set(ENGINE_NAMES) == set(ALL_ENGINES)
+    assert missing_engines([], image=True) == list(ALL_ENGINES)
+    assert missing_engines([], image=False) == [n for n in ALL_ENGINES if n not in IMAGE_ENGINES]
 
 
 def test_packages_load_once_per_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
