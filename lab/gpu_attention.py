@@ -53,7 +53,7 @@ ERR_ROWS = 1024
 AUDIO_TOKENS, TEXT_TOKENS, FPS = 126, 1024, 24.0
 SWEEP = [(64, 128, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]
 # name -> (mode, quantize_smooth kwargs, launch kwargs); "fp8" is the engines' per-tensor kernel, "fp8s" the
-# smoothed op (a scale per kernel tile), "_tok" a scale per token
+# smoothed kernel with a scale per kernel tile, "_tok" with a scale per token (the op's, FP8S_SCALES)
 VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, bool]]] = {
     "fp8": ("fp8", {}, {}),
     "fp8s": ("fp8s", {"qk": "fp8", "pv": "fp8", "tiles": True}, {"split_acc": True}),
@@ -69,7 +69,7 @@ DIT_FP8_LINEARS = ("", "fp8", "fp8s", "fp8s_int8")  # "": cuDNN attention
 
 def smooth_args(qkw: dict[str, Any], d: int, config: dict[str, int] | None) -> dict[str, Any]:
     """quantize_smooth's keyword arguments for a variant: tiles from the launch config (or the op's)."""
-    tiles = (config["BLOCK_M"], config["BLOCK_N"]) if config else fa.scale_blocks(d)
+    tiles = (config["BLOCK_M"], config["BLOCK_N"]) if config else fa.tile_blocks(d)
     return {"qk": qkw["qk"], "pv": qkw["pv"], "blocks": tiles if qkw["tiles"] else (1, 1)}
 
 

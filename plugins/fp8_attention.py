@@ -14,9 +14,9 @@ Algorithm (forward only, unmasked, scale 1/sqrt(D), what `fvrt.builder.models.co
 The "fp8s" mode (issue 18: accurate 8-bit attention, the recipe of SageAttention 2 and FlashAttention-3's FP8):
 - K is smoothed: its mean over tokens is subtracted before quantizing (softmax-invariant: it shifts every score
   of a query row by the same amount), which removes the per-channel offsets trained models put in K.
-- Q and K get one scale per tile of the kernel (BLOCK_M query rows, BLOCK_N keys: one multiply per score, as
-  with per-tensor scales) or, as a lab variant, one per token (the kernel then multiplies S by the outer product
-  of two scale vectors), in E4M3 or INT8 (`qk="int8"`: more mantissa where values are near the amax, none to
+- Q and K get one scale per token (the kernel multiplies S by the outer product of two scale vectors) or, with
+  `FP8S_SCALES = "tile"`, one per tile of the kernel (BLOCK_M query rows, BLOCK_N keys: one multiply per score,
+  as with per-tensor scales), in E4M3 or INT8 (`qk="int8"`: more mantissa where values are near the amax, none to
   spare for outlier channels; Hopper's INT8 MMA runs at the FP8 rate).
 - V is smoothed too (its token mean is added back to the output: rows of P sum to l) and scaled per channel.
 - P V accumulates each key block in a fresh fp32 accumulator that is then added to the running one ("two-level
@@ -55,13 +55,24 @@ CONFIGS: dict[int, dict[str, int]] = {
 }
 
 
-def scale_blocks(head_dim: int) -> tuple[int, int]:
-    """Tokens per Q scale and per K scale of the "fp8s" op: the kernel's tiles for this head dim (padded as the
-    kernel pads it; per token for head dims it has no tile for, which only the torch emulation runs)."""
+# Q/K scales of the "fp8s" op: "token" (measured on the H100 2026-12-06: velocity cosine 0.99984 in the full-size
+# DiT, kernel 1.04x cuDNN) or "tile" (one multiply per score like the per-tensor kernel, 1.12-1.18x; not yet run
+# on a GPU, so not the op's)
+FP8S_SCALES = "token"
+
+
+def tile_blocks(head_dim: int) -> tuple[int, int]:
+    """The kernel's (BLOCK_M, BLOCK_N) tiles for this head dim (padded as the kernel pads it); (1, 1) for head
+    dims it has no tile for, which only the torch emulation runs."""
     padded = next((p for p in sorted(CONFIGS) if p >= head_dim), None)
     if padded is None:
         return (1, 1)
     return (CONFIGS[padded]["BLOCK_M"], CONFIGS[padded]["BLOCK_N"])
+
+
+def scale_blocks(head_dim: int) -> tuple[int, int]:
+    """Tokens per Q scale and per K scale of the "fp8s" op (`FP8S_SCALES`)."""
+    return tile_blocks(head_dim) if FP8S_SCALES == "tile" else (1, 1)
 
 
 def _scale(t: torch.Tensor) -> torch.Tensor:

@@ -100,7 +100,7 @@ def test_smoothed_recipe_beats_per_tensor_scales_where_trained_models_differ_fro
     it: an outlier channel takes most of a token's 255 levels, where E4M3 keeps its relative precision), and still
     well under per-tensor scales with one scale per kernel tile (measured here 1.7% / 2.1% per token, 3.0% / 3.2%
     per tile, 5.1% per tensor)."""
-    blocks = (1, 1) if per_token else None
+    blocks = (1, 1) if per_token else fa.tile_blocks(64)
     q, k, v = _qkv(6, tq=128, tk=384)
     exact = fa.attention_fp32(q, k, v)
     assert 0.01 < _rel(fa.reference_smooth(q, k, v, qk=qk, blocks=blocks), exact) < 0.07
@@ -170,7 +170,7 @@ def test_smoothed_triton_kernel_matches_its_emulation(qk: str, pv: str, split: b
         q, k, v = (torch.randn(2, 3, t, d, device=dev, generator=g) for t in (tq, tk, tk))
         k, v = k + 4.0 * torch.randn(2, 3, 1, d, device=dev, generator=g), v + 2.0
         q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
-        blocks = fa.scale_blocks(d) if tiles else (1, 1)
+        blocks = fa.tile_blocks(d) if tiles else (1, 1)
         z = fa.quantize_smooth(q, k, v, qk=qk, pv=pv, blocks=blocks)
         out = torch.full((2, tq, 3, d), float("nan"), device=dev, dtype=torch.bfloat16)
         got = fa.launch_smooth(z, out, split_acc=split).transpose(1, 2)
