@@ -492,7 +492,10 @@ def fa4_child(tiny: bool) -> None:
 def step_fa4(site: str, tiny: bool) -> dict[str, Any]:
     if not (Path(site) / "flash_attn").is_dir():
         return {"skipped": f"no flash_attn under {site}"}
-    env = dict(os.environ, PYTHONPATH=f"{site}:{os.environ.get('PYTHONPATH', '')}")
+    # nvidia-cutlass-dsl puts its `cutlass` package on sys.path with a .pth file, which a --target folder on
+    # PYTHONPATH does not run: name the folder itself
+    paths = [site, f"{site}/nvidia_cutlass_dsl/dsl_packages", os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, PYTHONPATH=":".join(paths))
     args = [sys.executable, __file__, "--fa4-child"] + (["--tiny"] if tiny else [])
     p = subprocess.run(args, env=env, capture_output=True, text=True, timeout=420)
     for line in p.stdout.splitlines():
