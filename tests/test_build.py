@@ -230,7 +230,10 @@ needs_rtx = pytest.mark.skipif(RTX_MISSING is not None, reason=f"TensorRT-RTX un
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--attention", "decomposable"], "--attention: choose one of default, cudnn, fp8 for --backend torch-aot"),
+        (
+            ["--attention", "decomposable"],
+            "--attention: choose one of default, cudnn, fp8, fp8s for --backend torch-aot",
+        ),
         (["--backend", "tensorrt-rtx", "--attention", "cudnn"], "choose one of default, decomposable for --backend"),
         (["--target-cc", "8.9"], "--target-cc: only --backend tensorrt-rtx takes it, not --backend torch-aot"),
         (["--backend", "tensorrt", "--target-cc", "8.9"], "full TensorRT builds for the GPU it runs on"),
