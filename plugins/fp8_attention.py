@@ -160,20 +160,23 @@ def quantize_smooth(
 ) -> Smoothed:
     """The "fp8s" recipe's quantization (module doc), plain torch ops (Inductor fuses them into the producers of
     Q, K, V in an engine). head_dim: the unpadded D (default q's). blocks: tokens per Q scale and per K scale,
-    (1, 1) per token or the kernel's (BLOCK_M, BLOCK_N) tiles, one scalar per tile (`SCALE_BLOCKS`, what the
-    op uses: the kernel then scales S by one number per tile, as the per-tensor kernel does). pv="bf16" (a lab
+    (1, 1) per token or the kernel's (BLOCK_M, BLOCK_N) tiles (`tile_blocks`), one scalar per tile: the kernel
+    then scales S by one number per tile, as the per-tensor kernel does; the op's: `scale_blocks`. pv="bf16" (a lab
     variant: 8-bit Q K^T only) keeps the smoothed V in bf16 with unit scales, for the kernel's PV_BF16 path."""
     if qk not in QK_FORMATS or pv not in PV_FORMATS:
         raise ValueError(f"qk must be one of {QK_FORMATS} and pv one of {PV_FORMATS}, got {qk!r}, {pv!r}")
-    k = k.float() - k.float().mean(dim=2, keepdim=True)
+    k = k.float()
+    k = k - k.mean(dim=2, keepdim=True)
     q_scale, q8 = _quantize_rows(q, qk, blocks[0])
     k_scale, k8 = _quantize_rows(k, qk, blocks[1])
-    v_mean = v.float().mean(dim=2, keepdim=True)
+    v = v.float()
+    v_mean = v.mean(dim=2, keepdim=True)
+    v = v - v_mean
     if pv == "bf16":
-        vt8 = (v.float() - v_mean).to(torch.bfloat16).transpose(-1, -2).contiguous()
+        vt8 = v.to(torch.bfloat16).transpose(-1, -2).contiguous()
         v_scale = torch.full_like(v_mean, P_SCALE)  # the kernel skips P's 448: unit scale after the / P_SCALE
     else:
-        v_scale, vs = _per_row(v.float() - v_mean, E4M3_MAX, 2)
+        v_scale, vs = _per_row(v, E4M3_MAX, 2)
         vt8 = vs.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).transpose(-1, -2).contiguous()
     q_scale = (q_scale * (LOG2E / math.sqrt(head_dim or q.shape[-1]))).contiguous()
     return Smoothed(q8, k8, vt8, q_scale, k_scale.contiguous(), (v_scale.squeeze(2) / P_SCALE).contiguous(),
@@ -297,11 +300,13 @@ if triton is not None:
             else:
                 kt = tl.load(kt_ptrs + start_n * stride_kt)
                 v = tl.load(v_ptrs + start_n * stride_vt)
+            s = tl.dot(q, kt).to(tl.float32)  # INT8: int32 products
             if PER_BLOCK:  # one scale for this whole tile: one multiply per score, as the per-tensor kernel
-                s = tl.dot(q, kt).to(tl.float32) * (q_scale * tl.load(ks_ptrs + start_n // BLOCK_N))
-            else:  # INT8: int32 products
-                ks = tl.load(ks_ptrs + start_n + offs_n, mask=(start_n + offs_n) < n_kv, other=0.0)
-                s = tl.dot(q, kt).to(tl.float32) * q_scale[:, None] * ks[None, :]
+                s = s * (q_scale * tl.load(ks_ptrs + start_n // BLOCK_N))
+            elif MASK:
+                s = s * q_scale[:, None] * tl.load(ks_ptrs + start_n + offs_n, mask=valid, other=0.0)[None, :]
+            else:
+                s = s * q_scale[:, None] * tl.load(ks_ptrs + start_n + offs_n)[None, :]
             if MASK:
                 s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
