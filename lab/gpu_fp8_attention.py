@@ -184,7 +184,7 @@ def aoti_round_trip(out_dir: Path) -> dict[str, Any]:
 
     from fvrt.builder.backends import cxx
     from fvrt.builder.backends.aoti import attention_backend, compile_program
-    from fvrt.builder.models.common import Attention, fp8_attention
+    from fvrt.builder.models.common import Attention, kernel_attention
 
     torch.manual_seed(0)
     m = Attention(512, None, 4, 128).cuda().to(torch.bfloat16).eval()
@@ -199,7 +199,7 @@ def aoti_round_trip(out_dir: Path) -> dict[str, Any]:
     runner = torch._inductor.aoti_load_package(str(pkg))
     with torch.no_grad():
         got = runner(x)
-        with fp8_attention():
+        with kernel_attention("fp8"):
             eager = m(x)
         exact = m.float()(x.float())
         m.to(torch.bfloat16)

@@ -50,6 +50,20 @@ def check_environment(root: Path, manifest: Manifest, device: torch.device) -> N
                     f"{root}: engine {name} is {what}, which needs a GPU of compute capability "
                     f"{need[0]}.{need[1]} or newer; this GPU is {cc[0]}.{cc[1]}"
                 )
+        check_attention_kernels(root, manifest, device)
+
+
+def check_attention_kernels(root: Path, manifest: Manifest, device: torch.device) -> None:
+    """Engines built with `--attention fa4` call the `fvrt::fa4_attention` op back through the dispatcher: register
+    it (importing fvrt.plugins.fa4_attention) before any engine loads, and refuse in one line when FlashAttention-4
+    cannot run here (not installed, or not a Hopper/Blackwell GPU)."""
+    from fvrt.plugins import fa4_attention
+
+    users = [n for n, e in manifest.stages.items() if e.extra.get("attention") == fa4_attention.MODE]
+    if not users:
+        return
+    if why := fa4_attention.supported(device):
+        raise EngineError(f"{root}: engine {users[0]} was built with --attention fa4 (FlashAttention-4): {why}")
 
 
 class EngineDir:

@@ -45,6 +45,12 @@ PRECISIONS: dict[str, Precision] = {
 }
 """In order of preference: an engine holding layers of two low-bit kinds is recorded as the later one."""
 
+# The oldest compute capability the kernel attention modes (`--attention`, fvrt.plugins.KERNEL_ATTENTION) run on
+ATTENTION_MIN_CC: dict[str, tuple[tuple[int, int], str]] = {
+    "fp8": (FP8_MIN_CC, "FP8 attention"),
+    "fp8s": (FP8_MIN_CC, "smoothed FP8 attention"),
+    "fa4": ((9, 0), "FlashAttention-4 attention"),
+}
 QUANTIZED = tuple(n for n, p in PRECISIONS.items() if p.low_bit)
 TEXT_PRECISIONS = tuple(n for n, p in PRECISIONS.items() if p.text)
 
@@ -54,9 +60,19 @@ def min_compute_capability(precision: str, attention: str | None = None) -> tupl
     when any GPU does."""
     need = PRECISIONS[precision].min_cc if precision in PRECISIONS else None
     what = precision
-    if attention == "fp8":
-        need, what = max(need or (0, 0), FP8_MIN_CC), f"{precision} with FP8 attention"
+    if attention in ATTENTION_MIN_CC:
+        a_need, a_what = ATTENTION_MIN_CC[attention]
+        if need is None or a_need > need:
+            need, what = a_need, f"{precision} with {a_what}"
     return None if need is None else (need, what)
 
 
-__all__ = ["FP8_MIN_CC", "PRECISIONS", "QUANTIZED", "TEXT_PRECISIONS", "Precision", "min_compute_capability"]
+__all__ = [
+    "ATTENTION_MIN_CC",
+    "FP8_MIN_CC",
+    "PRECISIONS",
+    "QUANTIZED",
+    "TEXT_PRECISIONS",
+    "Precision",
+    "min_compute_capability",
+]

@@ -10,10 +10,10 @@ DiT inputs replayed through the FP8 engines) and the decoded-video PSNR / audio 
 With `--official` (default on), the official implementation runs last in the same process: ltx-pipelines 1.0.0's
 distilled 8+3 pipeline, stage by stage, over ltx-core modules holding the same random weights (regenerated from
 the build's seed; scripts/official_distilled.py), eager, PyTorch SDPA, in the reference precision's dtype (bf16
-for bf16 / fp8 / nvfp4 with any +fa8 or +fa8s / +ft8); its per-stage compute times (model building timed apart), its MP4
-encode (ltx-pipelines' own `encode_video`, PyAV), peak memory, and two same-run ratios per fvrt distilled run:
-"compute" (both sides without the MP4) and "end to end" (both with it). No ratio is ever taken against a number
-from another run. Writes `bench.json` and `bench.md` to --out.
+for bf16 / fp8 / nvfp4 with any +fa8, +fa8s, +fa4 or +ft8); its per-stage compute times (model building timed
+apart), its MP4 encode (ltx-pipelines' own `encode_video`, PyAV), peak memory, and two same-run ratios per fvrt
+distilled run: "compute" (both sides without the MP4) and "end to end" (both with it). No ratio is ever taken
+against a number from another run. Writes `bench.json` and `bench.md` to --out.
 
 GPU machine (1080p, full-size random weights; engines are rebuilt only when missing or stale):
     FVRT_CXX=g++-12 python3 scripts/bench.py --random full --device cuda --profile 1080p --out $OUT
@@ -134,23 +134,27 @@ def run_once(
 SUFFIXES = {
     "fa8": "FP8 attention in the DiT (--attention fp8)",
     "fa8s": "smoothed FP8 attention in the DiT (--attention fp8s)",
-    "ft8": "FP8 Gemma decoder layers (--text-precision fp8)",
+    "fa4": "FlashAttention-4 in the DiT (--attention fa4)",
+    "ft8": "FP8 Gemma decoder layers (--text-precision fp8; fp8 / nvfp4 only)",
 }
+ATTENTION_SUFFIXES = {"fa8": "fp8", "fa8s": "fp8s", "fa4": "fa4"}  # suffix -> --attention
 
 
 def variant(name: str) -> tuple[str, str | None, str]:
-    """ "fp8" -> ("fp8", None, "bf16"); "fp8+fa8+ft8" -> ("fp8", "fp8", "fp8"): the precision, the attention
-    override (FP8 attention with "+fa8", the smoothed one with "+fa8s") and the text encoder's precision (FP8 with
-    "+ft8")."""
+    """ "fp8" -> ("fp8", None, "bf16"); "fp8+fa8+ft8" -> ("fp8", "fp8", "fp8"); "bf16+fa4" -> ("bf16", "fa4",
+    "bf16"): the precision, the attention override (ATTENTION_SUFFIXES: at most one, on bf16 / fp8 / nvfp4) and
+    the text encoder's precision (FP8 with "+ft8", on fp8 / nvfp4)."""
     precision, *extras = name.split("+")
-    attention = [e for e in extras if e.startswith("fa8")]
+    attention = [e for e in extras if e in ATTENTION_SUFFIXES]
     bad = [e for e in extras if e not in SUFFIXES] or len(set(extras)) != len(extras) or len(attention) > 1
-    if precision not in PRECISIONS or bad or (extras and precision not in ("fp8", "nvfp4")):
+    bad = bad or (attention and precision not in ("bf16", "fp8", "nvfp4"))
+    bad = bad or ("ft8" in extras and precision not in ("fp8", "nvfp4"))
+    if precision not in PRECISIONS or bad:
         usage_error(
-            f"--precisions: '{name}' is not one of {', '.join(PRECISIONS)}; fp8 / nvfp4 may add "
+            f"--precisions: '{name}' is not one of {', '.join(PRECISIONS)} with optional "
             + ", ".join(f"+{k} ({v})" for k, v in SUFFIXES.items())
         )
-    attn = {"fa8": "fp8", "fa8s": "fp8s"}[attention[0]] if attention else None
+    attn = ATTENTION_SUFFIXES[attention[0]] if attention else None
     return precision, attn, ("fp8" if "ft8" in extras else "bf16")
 
 
@@ -525,8 +529,9 @@ def main() -> None:
     ap.add_argument(
         "--precisions",
         default="bf16,fp8",
-        help="comma list of bf16, fp8, nvfp4; fp8 / nvfp4 optionally with +fa8 (FP8 attention in the DiT) or +fa8s "
-        "(smoothed FP8 attention) and / or +ft8 (FP8 text encoder), e.g. fp8+ft8; the first is the quality reference",
+        help="comma list of bf16, fp8, nvfp4, optionally with one of +fa8 (FP8 attention in the DiT), +fa8s (smoothed "
+        "FP8 attention), +fa4 (FlashAttention-4) and, on fp8 / nvfp4, +ft8 (FP8 text encoder), e.g. fp8+ft8+fa4; the "
+        "first is the quality reference",
     )
     ap.add_argument("--presets", default="distilled,realtime")
     ap.add_argument("--repeats", type=int, default=2)

@@ -124,3 +124,35 @@ def two_stage_passes(
 ) -> list[tuple[CalibShape, float]]:
     """(shape, sigma) of every DiT pass of the distilled two-stage pipeline."""
     return [(stage1, s) for s in sigmas1] + [(stage2, s) for s in sigmas2]
+
+
+def gpu_attention_video_psnr(folder: Path, attention: str) -> float:
+    """Tiny bf16 CUDA engines built twice under `folder`, with --attention cudnn and `attention`: the pipeline must
+    capture every engine call in CUDA graphs and replay to the same video; returns the PSNR (dB) of the
+    `attention` engines' video against the cuDNN engines' (same weights, prompt and seed)."""
+    import math
+
+    import numpy as np
+
+    from fvrt.builder.build import BuildRequest, build_engines
+    from fvrt.builder.engines import PRESET_PROFILES
+    from fvrt.runtime.engine import EngineDir
+    from fvrt.runtime.pipeline import Pipeline, Request
+    from fvrt.runtime.tokenizer import TOKENIZER_DIR, PromptTokenizer
+
+    tiny = PRESET_PROFILES["tiny"]
+    frames = {}
+    for mode in ("cudnn", attention):
+        out = folder / mode
+        build_engines(
+            BuildRequest(out_dir=out, random="tiny", precision="bf16", device="cuda", attention=mode),
+            log=lambda _: None,
+        )
+        pipe = Pipeline(EngineDir.open(out), PromptTokenizer(out / TOKENIZER_DIR), memory="keep")
+        req = Request("a red fox runs through snow", tiny.height, tiny.width, tiny.frames, tiny.fps, seed=3)
+        first, again = pipe(req), pipe(req)
+        assert not pipe.graphs.failures, pipe.graphs.failures
+        assert np.array_equal(first.frames, again.frames)
+        frames[mode] = first.frames.astype(np.float64)
+    mse = float(np.mean((frames[attention] - frames["cudnn"]) ** 2))
+    return 10 * math.log10(255.0**2 / max(mse, 1e-12))

@@ -31,9 +31,11 @@ def test_official_dtype_follows_the_reference_precision_in_every_spelling(precis
     assert bench.official_dtype(precisions) == dtype
 
 
-def test_attention_suffixes_pick_the_fp8_attention_mode() -> None:
+def test_attention_suffixes_pick_the_attention_mode() -> None:
     assert bench.variant("fp8+fa8") == ("fp8", "fp8", "bf16")
     assert bench.variant("fp8+ft8+fa8s") == ("fp8", "fp8s", "fp8")
+    assert bench.variant("fp8+ft8+fa4") == ("fp8", "fa4", "fp8")
+    assert bench.variant("bf16+fa4") == ("bf16", "fa4", "bf16")
     assert bench.variant("fp8") == ("fp8", None, "bf16")
 
 
@@ -45,6 +47,8 @@ def test_attention_suffixes_pick_the_fp8_attention_mode() -> None:
         ("fp8+ft8+ft8", "'fp8+ft8+ft8'"),
         ("int8", "'int8'"),
         ("fp8+fa8+fa8s", "'fp8+fa8+fa8s'"),
+        ("fp8+fa4+fa8", "'fp8+fa4+fa8'"),
+        ("fp32+fa4", "'fp32+fa4'"),
     ],
 )
 def test_a_misspelt_precision_is_one_line_and_exit_2(name: str, why: str, capsys: pytest.CaptureFixture) -> None:

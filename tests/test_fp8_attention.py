@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import gpu_attention_video_psnr
 
 from fvrt.builder.build import BuildError, BuildRequest, build_engines
-from fvrt.builder.models.common import fp8_attention, sdpa
+from fvrt.builder.models.common import kernel_attention, sdpa
 from fvrt.builder.stages import stage_attention
 from fvrt.plugins import fp8_attention as fa
 
@@ -59,9 +60,9 @@ def test_padded_head_dim_keeps_the_softmax_scale() -> None:
 
 def test_sdpa_switch_runs_fp8_only_inside_the_block() -> None:
     q, k, v = _qkv(4)
-    with fp8_attention():
+    with kernel_attention("fp8"):
         inside = sdpa(q, k, v)
-        with fp8_attention("fp8s"):
+        with kernel_attention("fp8s"):
             smooth = sdpa(q, k, v)
         again = sdpa(q, k, v)
     outside = sdpa(q, k, v)
@@ -200,30 +201,7 @@ def test_emulation_of_the_first_rows_keeps_the_whole_tensors_scales() -> None:
 
 @pytest.mark.gpu
 def test_smoothed_fp8_attention_engines_capture_and_stay_close_to_cudnn(tmp_path: Path) -> None:
-    """Tiny bf16 engines built with --attention fp8s (the op compiled into the DiT engines by AOTInductor): the
-    pipeline captures every call in CUDA graphs, replays give the same video, and the video stays close to the
-    cuDNN engines' (same weights, prompt, seed)."""
-    import numpy as np
-
-    from fvrt.builder.engines import PRESET_PROFILES
-    from fvrt.runtime.engine import EngineDir
-    from fvrt.runtime.pipeline import Pipeline, Request
-    from fvrt.runtime.tokenizer import TOKENIZER_DIR, PromptTokenizer
-
-    tiny = PRESET_PROFILES["tiny"]
-    frames = {}
-    for attention in ("cudnn", "fp8s"):
-        out = tmp_path / attention
-        build_engines(
-            BuildRequest(out_dir=out, random="tiny", precision="bf16", device="cuda", attention=attention),
-            log=lambda _: None,
-        )
-        pipe = Pipeline(EngineDir.open(out), PromptTokenizer(out / TOKENIZER_DIR), memory="keep")
-        req = Request("a red fox runs through snow", tiny.height, tiny.width, tiny.frames, tiny.fps, seed=3)
-        first, again = pipe(req), pipe(req)
-        assert not pipe.graphs.failures, pipe.graphs.failures
-        assert np.array_equal(first.frames, again.frames)
-        frames[attention] = first.frames.astype(np.float64)
-    mse = float(np.mean((frames["fp8s"] - frames["cudnn"]) ** 2))
-    psnr = 10 * math.log10(255.0**2 / max(mse, 1e-12))
+    """Tiny bf16 engines built with --attention fp8s (the op compiled into the DiT engines by AOTInductor): every
+    call captured in CUDA graphs, replays identical, the video close to the cuDNN engines'."""
+    psnr = gpu_attention_video_psnr(tmp_path, "fp8s")
     assert psnr > 30.0, psnr

@@ -46,15 +46,17 @@ from fvrt.builder import stages
 from fvrt.builder.backends import cxx as cxx_select
 from fvrt.builder.backends.base import BackendOptions, OptionError, check_attention, per_layer_fields
 from fvrt.builder.stages.base import EngineSpec
-from fvrt.plugins import fp8_attention
+from fvrt.plugins import KERNEL_ATTENTION, fa4_attention, fp8_attention
 from fvrt.runtime.manifest import StageEntry, TensorSpec, sha256_file
 
 PACKAGE_SUFFIX = ".pt2"
 WEIGHTS_SUFFIX = ".safetensors"
 LAYER_PREFIX = "layers.{}."  # per-layer weight names in the dit_block weights file (runtime reads the same)
-# SDPA backend baked into CUDA engines at export time. "fp8": fvrt.plugins.fp8_attention (a Triton kernel compiled
-# into the engine) in the DiT engines only; every other stage keeps bf16 cuDNN attention.
-ATTENTION_CHOICES = ("default", "cudnn", *fp8_attention.MODES)
+# SDPA backend baked into CUDA engines at export time. The kernel modes (fvrt.plugins.KERNEL_ATTENTION) reach the
+# DiT engines only: "fp8"/"fp8s" (fvrt.plugins.fp8_attention, a Triton kernel compiled into the engine), "fa4"
+# (fvrt.plugins.fa4_attention, FlashAttention-4 called back through the dispatcher); every other stage keeps bf16
+# cuDNN attention.
+ATTENTION_CHOICES = ("default", "cudnn", *KERNEL_ATTENTION)
 
 Log = Callable[[str], None]
 
@@ -190,10 +192,10 @@ def attention_backend(attention: str, device: torch.device) -> Iterator[None]:
     if attention == "default" or device.type != "cuda":
         yield
         return
-    if attention in fp8_attention.MODES:
-        from fvrt.builder.models.common import fp8_attention as fp8_sdpa
+    if attention in KERNEL_ATTENTION:
+        from fvrt.builder.models.common import kernel_attention
 
-        with fp8_sdpa(attention):
+        with kernel_attention(attention):
             yield
         return
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -480,9 +482,11 @@ class TorchAOTBackend:
                 specs.append(TensorSpec(name, dtypes.pop(), {k: s for k, (s, _) in per_key.items()}))
             return specs
 
+        attention = stage_attention(self.attention, spec.name, device)
         extra: dict[str, Any] = {
             "device": device.type,
-            "attention": stage_attention(self.attention, spec.name, device),
+            "attention": attention,
+            **(fa4_attention.describe() if attention == fa4_attention.MODE else {}),
             "conv_layout": conv_layout,
             "models": {k: p.name for k, p in packages.items()},
             "weight_dtypes": weight_dtypes,
@@ -560,6 +564,8 @@ def configure(name: str, options: BackendOptions) -> TorchAOTBackend:
             f"--attention {options.attention}: FP8 attention compiles a Triton kernel for the local GPU and needs "
             "--device cuda with compute capability 8.9 or newer and Triton installed"
         )
+    if options.attention == fa4_attention.MODE and (why := fa4_attention.supported(options.device)):
+        raise OptionError(f"--attention fa4: {why}")
     backend = TorchAOTBackend(options.attention, options.cxx, options.conv_layout)
     backend.device = options.device
     return backend

@@ -84,19 +84,24 @@ def apply_split_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
-_FP8_ATTENTION: list[str] = []  # the mode of the innermost `fp8_attention()` block
+_KERNEL_ATTENTION: list[str] = []  # the mode of the innermost `kernel_attention()` block
 
 
 @contextlib.contextmanager
-def fp8_attention(mode: str = "fp8") -> Iterator[None]:
-    """Within this block `sdpa` runs fvrt.plugins.fp8_attention in `mode` ("fp8": per-tensor E4M3 Q, K, V and P;
-    "fp8s": smoothed, per-token Q/K and per-channel V scales): the builder wraps the export of the DiT engines in
-    it (--attention fp8 / fp8s)."""
-    _FP8_ATTENTION.append(mode)
+def kernel_attention(mode: str) -> Iterator[None]:
+    """Within this block `sdpa` runs the attention kernel of `mode` (fvrt.plugins.KERNEL_ATTENTION): "fp8"
+    (per-tensor E4M3 Q, K, V and P) or "fp8s" (smoothed, per-token Q/K and per-channel V scales) from
+    fvrt.plugins.fp8_attention, "fa4" (FlashAttention-4) from fvrt.plugins.fa4_attention. The builder wraps the
+    export of the DiT engines in it (--attention fp8 / fp8s / fa4)."""
+    from fvrt.plugins import KERNEL_ATTENTION
+
+    if mode not in KERNEL_ATTENTION:
+        raise ValueError(f"kernel attention mode must be one of {KERNEL_ATTENTION}, got {mode!r}")
+    _KERNEL_ATTENTION.append(mode)
     try:
         yield
     finally:
-        _FP8_ATTENTION.pop()
+        _KERNEL_ATTENTION.pop()
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -105,10 +110,10 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     The single place where the stages call attention, so that engines can swap in a fused kernel
     (fvrt.plugins) or the ONNX `Attention` op without touching the model code.
     """
-    if _FP8_ATTENTION:
-        from fvrt.plugins.fp8_attention import attention
+    if _KERNEL_ATTENTION:
+        from fvrt.plugins import kernel_attention_fn
 
-        return attention(q, k, v, _FP8_ATTENTION[-1])
+        return kernel_attention_fn(_KERNEL_ATTENTION[-1])(q, k, v)
     return F.scaled_dot_product_attention(q, k, v)
 
 

@@ -15,7 +15,7 @@ import torch
 from fvrt.builder.checkpoint import CheckpointError, LTXCheckpoint
 from fvrt.builder.stages import audio, dit, text, video
 from fvrt.builder.stages.base import Engine, EngineSpec, SpecContext, StageFamily
-from fvrt.plugins import fp8_attention
+from fvrt.plugins import KERNEL_ATTENTION
 from fvrt.runtime.shapes import Profile
 
 FAMILIES: tuple[StageFamily, ...] = (text.FAMILY, dit.FAMILY, video.FAMILY, audio.FAMILY)  # build order
@@ -34,10 +34,10 @@ def engine(name: str) -> Engine:
 
 
 def stage_attention(attention: str, name: str) -> str:
-    """The --attention engine `name` is built with: FP8 attention reaches only the engines declaring
-    `fp8_attention` (the DiT's); the others keep bf16 cuDNN attention (and the build keys of a cudnn build, so
-    they are shared with it)."""
-    return "cudnn" if attention in fp8_attention.MODES and not engine(name).fp8_attention else attention
+    """The --attention engine `name` is built with: the kernel modes (FP8, FlashAttention-4) reach only the
+    engines declaring `kernel_attention` (the DiT's); the others keep bf16 cuDNN attention (and the build keys of a
+    cudnn build, so they are shared with it)."""
+    return "cudnn" if attention in KERNEL_ATTENTION and not engine(name).kernel_attention else attention
 
 
 def loader_stages(engines: Iterable[str]) -> set[str]:

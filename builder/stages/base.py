@@ -48,15 +48,16 @@ class EngineSpec:
 class Engine:
     """One engine as its stage family declares it.
 
-    loaders: the checkpoint loader stages (`LTXCheckpoint` fields) whose weights it reads. fp8_attention:
-    `--attention fp8` reaches it (the DiT's engines; every other engine keeps bf16 attention). conv_layout: its
-    3-D convolution weights take `--conv-layout` (the video VAE). variants: more than one engine of this name
-    may be built, "<name>_<n>" (the DiT block: one per layer group of a quantised build).
+    loaders: the checkpoint loader stages (`LTXCheckpoint` fields) whose weights it reads. kernel_attention:
+    the `--attention` kernel modes (fvrt.plugins.KERNEL_ATTENTION) reach it (the DiT's engines; every other
+    engine keeps bf16 attention). conv_layout: its 3-D convolution weights take `--conv-layout` (the video VAE).
+    variants: more than one engine of this name may be built, "<name>_<n>" (the DiT block: one per layer group
+    of a quantised build).
     """
 
     name: str
     loaders: tuple[str, ...]
-    fp8_attention: bool = False
+    kernel_attention: bool = False
     conv_layout: bool = False
     variants: bool = False
 

@@ -240,10 +240,10 @@ def specs(ctx: SpecContext) -> list[EngineSpec]:
 FAMILY = StageFamily(
     "dit",
     (
-        Engine("dit_prep", LOADERS, fp8_attention=True),
-        Engine("dit_in", LOADERS, fp8_attention=True),
-        Engine(BLOCK_ENGINE, LOADERS, fp8_attention=True, variants=True),
-        Engine("dit_out", LOADERS, fp8_attention=True),
+        Engine("dit_prep", LOADERS, kernel_attention=True),
+        Engine("dit_in", LOADERS, kernel_attention=True),
+        Engine(BLOCK_ENGINE, LOADERS, kernel_attention=True, variants=True),
+        Engine("dit_out", LOADERS, kernel_attention=True),
     ),
     specs,
     group="dit",
