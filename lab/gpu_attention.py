@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from fvrt.builder.models import common
+from fvrt.plugins import fa4_attention
 from fvrt.plugins import fp8_attention as fa
 
 ATTN_SHAPES = {"s2_video_self": (1, 32, 32640, 128), "s1_video_self": (1, 32, 8160, 128)}
@@ -209,6 +210,8 @@ def attention_fns(dev: torch.device) -> dict[str, Any]:
     if dev.type == "cuda":
         fns["cudnn_bf16"] = sdpa_with(SDPBackend.CUDNN_ATTENTION)
         fns["flash2_bf16"] = sdpa_with(SDPBackend.FLASH_ATTENTION)
+        if fa4_attention.supported(dev) is None:  # flash-attn-4 on PYTHONPATH: the engines' op, through torch.ops
+            fns["fa4"] = fa4_attention.attention
     else:
         fns["math_bf16"] = sdpa_with(SDPBackend.MATH)
     fns.update({n: variant_fn(n) for n in VARIANTS})

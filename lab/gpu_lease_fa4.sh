@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# FlashAttention-4 in the engines (`--attention fa4`) and the smoothed FP8 attention's pending checks, as ONE
+# detached job on the lent machine (lab/gpu_job.sh runs it):
+#   1. GPU tests of the FP8 kernels (per-token and per-tile scales), before FA4's wheels are needed;
+#   2. FA4's wheels installed once they have all arrived, then its GPU tests (kernel vs fp32 and cuDNN, CUDA-graph
+#      capture, tiny engines through the pipeline);
+#   3. the full-size DiT engines (lab/gpu_build_engines.py): one dit_block engine per attention, cuDNN / FA4 /
+#      smoothed FP8, each DiT pass timed in the same run against the same eager model;
+#   4. the eager full-size DiT per attention (lab/gpu_attention.py: kernel times, velocity cosine);
+#   5. the smoothed FP8 engines through the pipeline.
+#
+#   cp -r . /tmp/tree && cd /tmp/tree && bash lab/gpu_job.sh start f -- bash lab/gpu_lease_fa4.sh /tmp/r /tmp/wh
+#   bash lab/gpu_job.sh wait f 540 /tmp/r
+#
+# $1: results folder; $2: the wheel folder. FA4's CuTe DSL library wheel (92 MB) is over one call's 64 MiB: it
+# arrives in pieces (`split -b 46M`: WH/cu13.part-*) beside FA4's small wheels (WH/fa4/*.whl) and PyAV's (WH/av),
+# and the call that brings the last piece touches WH/fa4.ready, which this job waits for (10 min at most).
+# fvrt must be importable (PYTHONPATH=/tmp/site after `pip install --target /tmp/site .`).
+set -uo pipefail
+
+R=${1:-/tmp/r}
+W=${2:-/tmp/wh}
+mkdir -p "$R"
+step() { echo "=== [$SECONDS s] $*"; }
+gpu_tests() {  # log name, pytest args...
+  local name=$1
+  shift
+  python3 -m pytest -q -p no:cacheprovider -m gpu -rs "$@" 2>&1 | tail -n 25 | tee "$R/$name.log"
+}
+
+step "GPU tests: FP8 attention kernels"
+gpu_tests fp8-kernel-tests tests/test_fp8_attention.py -k "not engines"
+
+step "FlashAttention-4 and PyAV: waiting for the wheels"
+for _ in $(seq 120); do
+  [[ -f "$W/fa4.ready" ]] && break
+  sleep 5
+done
+if [[ ! -f "$W/fa4.ready" ]]; then
+  echo "the wheels did not arrive: stopping"
+  exit 3
+fi
+lib="$W/nvidia_cutlass_dsl_libs_cu13-4.8.1-cp312-cp312-manylinux_2_28_x86_64.whl"
+cat "$W"/cu13.part-* >"$lib"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/fa4 "$W"/fa4/*.whl "$lib" \
+  "$W"/av/*.whl 2>&1 | tail -n 5
+# nvidia-cutlass-dsl puts its `cutlass` package on sys.path with a .pth file, which a --target folder on PYTHONPATH
+# does not run: name the folder itself
+export PYTHONPATH="$PYTHONPATH:/tmp/fa4:/tmp/fa4/nvidia_cutlass_dsl/dsl_packages"
+python3 -c "from fvrt.plugins import fa4_attention as f; import torch; print('fa4:', f.version(), f.supported(torch.device('cuda')))"
+
+step "GPU tests: FlashAttention-4 op and engines"
+gpu_tests fa4-tests tests/test_fa4_attention.py
+
+step "full-size DiT engines: cuDNN, FA4, smoothed FP8 blocks in one run"
+PYTHONUNBUFFERED=1 FVRT_CXX=g++-12 python3 lab/gpu_build_engines.py --stages dit --attention cudnn,fa4,fp8s \
+  --repeats 3 --out "$R/dit" 2>&1 | grep -v "^\s*$" | tail -n 60 | tee "$R/dit.log"
+
+step "eager full-size DiT per attention"
+PYTHONUNBUFFERED=1 python3 lab/gpu_attention.py --out "$R/attn" --steps attn,dit --dit-attention fa4,fp8s,fp8s_tok \
+  --dit-keep-ends "" --dit-fp8-linears "" --no-dit-flash --no-dit-fast-accum 2>&1 | tail -n 40 | tee "$R/attn.log"
+
+step "GPU tests: smoothed FP8 engines"
+FVRT_CXX=g++-12 gpu_tests fp8s-engine-tests tests/test_fp8_attention.py -k engines
+step "done"
