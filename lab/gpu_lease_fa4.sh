@@ -2,12 +2,11 @@
 # FlashAttention-4 in the engines (`--attention fa4`) and the smoothed FP8 attention's pending checks, as ONE
 # detached job on the lent machine (lab/gpu_job.sh runs it):
 #   1. GPU tests of the FP8 kernels (per-token and per-tile scales), before FA4's wheels are needed;
-#   2. FA4's wheels installed once they have all arrived, then its GPU tests (kernel vs fp32 and cuDNN, CUDA-graph
-#      capture, tiny engines through the pipeline);
+#   2. FA4's wheels installed once they have all arrived, then its op's GPU tests (vs fp32 and cuDNN, CUDA graphs);
 #   3. the full-size DiT engines (lab/gpu_build_engines.py): one dit_block engine per attention, cuDNN / FA4 /
 #      smoothed FP8, each DiT pass timed in the same run against the same eager model;
-#   4. the eager full-size DiT per attention (lab/gpu_attention.py: kernel times, velocity cosine);
-#   5. the smoothed FP8 engines through the pipeline.
+#   4. tiny FA4 and smoothed-FP8 engines through the pipeline against one shared tiny cuDNN build;
+#   5. the eager full-size DiT per attention (lab/gpu_attention.py: kernel times, velocity cosine).
 #
 #   cp -r . /tmp/tree && cd /tmp/tree && bash lab/gpu_job.sh start f -- bash lab/gpu_lease_fa4.sh /tmp/r /tmp/wh
 #   bash lab/gpu_job.sh wait f 540 /tmp/r
@@ -49,17 +48,17 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 export PYTHONPATH="$PYTHONPATH:/tmp/fa4:/tmp/fa4/nvidia_cutlass_dsl/dsl_packages"
 python3 -c "from fvrt.plugins import fa4_attention as f; import torch; print('fa4:', f.version(), f.supported(torch.device('cuda')))"
 
-step "GPU tests: FlashAttention-4 op and engines"
-gpu_tests fa4-tests tests/test_fa4_attention.py
+step "GPU tests: FlashAttention-4 op"
+gpu_tests fa4-tests tests/test_fa4_attention.py -k "not engines"
 
 step "full-size DiT engines: cuDNN, FA4, smoothed FP8 blocks in one run"
 PYTHONUNBUFFERED=1 FVRT_CXX=g++-12 python3 lab/gpu_build_engines.py --stages dit --attention cudnn,fa4,fp8s \
   --repeats 3 --out "$R/dit" 2>&1 | grep -v "^\s*$" | tail -n 60 | tee "$R/dit.log"
 
+step "GPU tests: FA4 and smoothed FP8 engines through the pipeline (one shared cuDNN build)"
+FVRT_CXX=g++-12 gpu_tests engine-tests tests/test_fa4_attention.py tests/test_fp8_attention.py -k engines
+
 step "eager full-size DiT per attention"
 PYTHONUNBUFFERED=1 python3 lab/gpu_attention.py --out "$R/attn" --steps attn,dit --dit-attention fa4,fp8s,fp8s_tok \
   --dit-keep-ends "" --dit-fp8-linears "" --no-dit-flash --no-dit-fast-accum 2>&1 | tail -n 40 | tee "$R/attn.log"
-
-step "GPU tests: smoothed FP8 engines"
-FVRT_CXX=g++-12 gpu_tests fp8s-engine-tests tests/test_fp8_attention.py -k engines
 step "done"

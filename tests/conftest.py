@@ -74,3 +74,16 @@ def tiny_build(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TinyBuild]:
 def tiny_engines(tiny_build: TinyBuild) -> Path:
     """The session's tiny LTX-2.3 engine directory (`tiny_build`); read it, never write into it."""
     return tiny_build.path
+
+
+@pytest.fixture(scope="session")
+def tiny_cuda_cudnn_engines(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny bf16 CUDA build with --attention cudnn, once per session for the GPU tests that compare an attention
+    kernel's engines with it (they copy it and rebuild only the DiT engines); read it, never write into it."""
+    from fvrt.builder.build import BuildRequest, build_engines
+
+    out = tmp_path_factory.mktemp("tiny-cuda-cudnn") / "engines"
+    build_engines(
+        BuildRequest(out_dir=out, random="tiny", precision="bf16", device="cuda", attention="cudnn"), log=lambda _: None
+    )
+    return out

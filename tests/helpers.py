@@ -126,11 +126,13 @@ def two_stage_passes(
     return [(stage1, s) for s in sigmas1] + [(stage2, s) for s in sigmas2]
 
 
-def gpu_attention_video_psnr(folder: Path, attention: str) -> float:
-    """Tiny bf16 CUDA engines built twice under `folder`, with --attention cudnn and `attention`: the pipeline must
-    capture every engine call in CUDA graphs and replay to the same video; returns the PSNR (dB) of the
-    `attention` engines' video against the cuDNN engines' (same weights, prompt and seed)."""
+def gpu_attention_video_psnr(cudnn_dir: Path, folder: Path, attention: str) -> float:
+    """Tiny bf16 CUDA engines built with --attention `attention` into `folder` from a copy of `cudnn_dir` (a tiny
+    bf16 CUDA build with --attention cudnn: only the DiT engines are recompiled, the others are reused). The
+    pipeline must capture every engine call of both in CUDA graphs and replay to the same video; returns the PSNR
+    (dB) of the `attention` engines' video against the cuDNN engines' (same weights, prompt and seed)."""
     import math
+    import shutil
 
     import numpy as np
 
@@ -141,13 +143,14 @@ def gpu_attention_video_psnr(folder: Path, attention: str) -> float:
     from fvrt.runtime.tokenizer import TOKENIZER_DIR, PromptTokenizer
 
     tiny = PRESET_PROFILES["tiny"]
+    shutil.copytree(cudnn_dir, folder)
+    result = build_engines(
+        BuildRequest(out_dir=folder, random="tiny", precision="bf16", device="cuda", attention=attention),
+        log=lambda _: None,
+    )
+    assert {n for n in result.built if not n.startswith("dit_")} == set(), result.built  # only the DiT recompiled
     frames = {}
-    for mode in ("cudnn", attention):
-        out = folder / mode
-        build_engines(
-            BuildRequest(out_dir=out, random="tiny", precision="bf16", device="cuda", attention=mode),
-            log=lambda _: None,
-        )
+    for mode, out in (("cudnn", cudnn_dir), (attention, folder)):
         pipe = Pipeline(EngineDir.open(out), PromptTokenizer(out / TOKENIZER_DIR), memory="keep")
         req = Request("a red fox runs through snow", tiny.height, tiny.width, tiny.frames, tiny.fps, seed=3)
         first, again = pipe(req), pipe(req)

@@ -188,9 +188,9 @@ def test_fa4_op_is_captured_by_a_cuda_graph() -> None:
 
 
 @pytest.mark.gpu
-def test_fa4_engines_capture_and_match_cudnn(tmp_path: Path) -> None:
+def test_fa4_engines_capture_and_match_cudnn(tiny_cuda_cudnn_engines: Path, tmp_path: Path) -> None:
     """Tiny bf16 engines built with --attention fa4 (the DiT engines call FA4 back through the dispatcher): every
     call captured in CUDA graphs, replays identical, the video as close to the cuDNN engines' as bf16 allows."""
     _need_fa4()
-    psnr = gpu_attention_video_psnr(tmp_path, "fa4")
+    psnr = gpu_attention_video_psnr(tiny_cuda_cudnn_engines, tmp_path / "fa4", "fa4")
     assert psnr > 40.0, psnr

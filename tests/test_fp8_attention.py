@@ -200,8 +200,10 @@ def test_emulation_of_the_first_rows_keeps_the_whole_tensors_scales() -> None:
 
 
 @pytest.mark.gpu
-def test_smoothed_fp8_attention_engines_capture_and_stay_close_to_cudnn(tmp_path: Path) -> None:
+def test_smoothed_fp8_attention_engines_capture_and_stay_close_to_cudnn(
+    tiny_cuda_cudnn_engines: Path, tmp_path: Path
+) -> None:
     """Tiny bf16 engines built with --attention fp8s (the op compiled into the DiT engines by AOTInductor): every
     call captured in CUDA graphs, replays identical, the video close to the cuDNN engines'."""
-    psnr = gpu_attention_video_psnr(tmp_path, "fp8s")
+    psnr = gpu_attention_video_psnr(tiny_cuda_cudnn_engines, tmp_path / "fp8s", "fp8s")
     assert psnr > 30.0, psnr
