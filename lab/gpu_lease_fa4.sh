@@ -53,12 +53,12 @@ gpu_tests fa4-tests tests/test_fa4_attention.py -k "not engines"
 
 step "full-size DiT engines: cuDNN, FA4, smoothed FP8 blocks in one run"
 PYTHONUNBUFFERED=1 FVRT_CXX=g++-12 python3 lab/gpu_build_engines.py --stages dit --attention cudnn,fa4,fp8s \
-  --repeats 3 --out "$R/dit" 2>&1 | grep -v "^\s*$" | tail -n 60 | tee "$R/dit.log"
+  --repeats 3 --out "$R/dit" 2>&1 | tee "$R/dit.log" | tail -n 40
 
 step "GPU tests: FA4 and smoothed FP8 engines through the pipeline (one shared cuDNN build)"
 FVRT_CXX=g++-12 gpu_tests engine-tests tests/test_fa4_attention.py tests/test_fp8_attention.py -k engines
 
 step "eager full-size DiT per attention"
 PYTHONUNBUFFERED=1 python3 lab/gpu_attention.py --out "$R/attn" --steps attn,dit --dit-attention fa4,fp8s,fp8s_tok \
-  --dit-keep-ends "" --dit-fp8-linears "" --no-dit-flash --no-dit-fast-accum 2>&1 | tail -n 40 | tee "$R/attn.log"
+  --dit-keep-ends "" --dit-fp8-linears "" --no-dit-flash --no-dit-fast-accum 2>&1 | tee "$R/attn.log" | tail -n 40
 step "done"
