@@ -24,7 +24,7 @@ step() { echo "=== [$SECONDS s] $*"; }
 gpu_tests() {  # log name, pytest args...
   local name=$1
   shift
-  python3 -m pytest -q -p no:cacheprovider -m gpu -rs "$@" 2>&1 | tail -n 25 | tee "$R/$name.log"
+  python3 -m pytest -q -p no:cacheprovider -m gpu -rs "$@" 2>&1 | tee "$R/$name.log" | tail -n 25
 }
 
 step "GPU tests: FP8 attention kernels"
