@@ -12,8 +12,9 @@
 #   bash lab/gpu_job.sh wait f 540 /tmp/r
 #
 # $1: results folder; $2: the wheel folder. FA4's CuTe DSL library wheel (92 MB) is over one call's 64 MiB: it
-# arrives in pieces (`split -b 46M`: WH/cu13.part-*) beside FA4's small wheels (WH/fa4/*.whl) and PyAV's (WH/av),
-# and the call that brings the last piece touches WH/fa4.ready, which this job waits for (10 min at most).
+# arrives in pieces (`split -b 40M`: WH/cu13.part-*) beside FA4's small wheels (WH/fa4/*.whl) over two calls, the
+# second touching WH/fa4.ready, which this job waits for (10 min at most); PyAV's wheel (WH/av, for the pipeline
+# tests) comes with a third call that touches WH/av.ready (waited for 5 min at most).
 # fvrt must be importable (PYTHONPATH=/tmp/site after `pip install --target /tmp/site .`).
 set -uo pipefail
 
@@ -30,7 +31,7 @@ gpu_tests() {  # log name, pytest args...
 step "GPU tests: FP8 attention kernels"
 gpu_tests fp8-kernel-tests tests/test_fp8_attention.py -k "not engines"
 
-step "FlashAttention-4 and PyAV: waiting for the wheels"
+step "FlashAttention-4: waiting for its wheels"
 for _ in $(seq 120); do
   [[ -f "$W/fa4.ready" ]] && break
   sleep 5
@@ -42,7 +43,7 @@ fi
 lib="$W/nvidia_cutlass_dsl_libs_cu13-4.8.1-cp312-cp312-manylinux_2_28_x86_64.whl"
 cat "$W"/cu13.part-* >"$lib"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/fa4 "$W"/fa4/*.whl "$lib" \
-  "$W"/av/*.whl 2>&1 | tail -n 5
+  2>&1 | tail -n 5
 # nvidia-cutlass-dsl puts its `cutlass` package on sys.path with a .pth file, which a --target folder on PYTHONPATH
 # does not run: name the folder itself
 export PYTHONPATH="$PYTHONPATH:/tmp/fa4:/tmp/fa4/nvidia_cutlass_dsl/dsl_packages"
@@ -55,7 +56,12 @@ step "full-size DiT engines: cuDNN, FA4, smoothed FP8 blocks in one run"
 PYTHONUNBUFFERED=1 FVRT_CXX=g++-12 python3 lab/gpu_build_engines.py --stages dit --attention cudnn,fa4,fp8s \
   --repeats 3 --out "$R/dit" 2>&1 | tee "$R/dit.log" | tail -n 40
 
-step "GPU tests: FA4 and smoothed FP8 engines through the pipeline (one shared cuDNN build)"
+step "GPU tests: FA4 and smoothed FP8 engines through the pipeline (one shared cuDNN build; PyAV needed)"
+for _ in $(seq 60); do
+  [[ -f "$W/av.ready" ]] && break
+  sleep 5
+done
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/fa4 "$W"/av/*.whl 2>&1 | tail -n 5
 FVRT_CXX=g++-12 gpu_tests engine-tests tests/test_fa4_attention.py tests/test_fp8_attention.py -k engines
 
 step "eager full-size DiT per attention"
