@@ -11,7 +11,8 @@
 #   cp -r . /tmp/tree && cd /tmp/tree && bash lab/gpu_job.sh start f -- bash lab/gpu_lease_fa4.sh /tmp/r /tmp/wh
 #   bash lab/gpu_job.sh wait f 540 /tmp/r
 #
-# $1: results folder; $2: the wheel folder. FA4's CuTe DSL library wheel (92 MB) is over one call's 64 MiB: it
+# $1: results folder; $2: the wheel folder; $3 "quick": after the op's tests only the attention kernels (step 5's
+# `--steps attn`), for a lease with little device time left. FA4's CuTe DSL library wheel (92 MB) is over one call's 64 MiB: it
 # arrives in pieces (`split -b 40M`: WH/cu13.part-*) beside FA4's small wheels (WH/fa4/*.whl) over two calls, the
 # second touching WH/fa4.ready, which this job waits for (10 min at most); PyAV's wheel (WH/av, for the pipeline
 # tests) comes with a third call that touches WH/av.ready (waited for 5 min at most).
@@ -51,6 +52,13 @@ python3 -c "from fvrt.plugins import fa4_attention as f; import torch; print('fa
 
 step "GPU tests: FlashAttention-4 op"
 gpu_tests fa4-tests tests/test_fa4_attention.py -k "not engines"
+
+if [[ "${3:-}" == quick ]]; then  # little device time left: the attention kernels only, the op's included
+  step "attention kernels at the DiT's shapes (FA4 through the engines' op)"
+  PYTHONUNBUFFERED=1 python3 lab/gpu_attention.py --out "$R/attn" --steps attn 2>&1 | tee "$R/attn.log" | tail -n 30
+  step "done (quick)"
+  exit 0
+fi
 
 step "full-size DiT engines: cuDNN and FA4 blocks in one run"
 PYTHONUNBUFFERED=1 FVRT_CXX=g++-12 python3 lab/gpu_build_engines.py --stages dit --attention cudnn,fa4 \
