@@ -12,10 +12,11 @@
 #   bash lab/gpu_job.sh wait f 540 /tmp/r
 #
 # $1: results folder; $2: the wheel folder; $3 "quick": after the op's tests only the attention kernels (step 5's
-# `--steps attn`), for a lease with little device time left. FA4's CuTe DSL library wheel (92 MB) is over one call's 64 MiB: it
-# arrives in pieces (`split -b 40M`: WH/cu13.part-*) beside FA4's small wheels (WH/fa4/*.whl) over two calls, the
-# second touching WH/fa4.ready, which this job waits for (10 min at most); PyAV's wheel (WH/av, for the pipeline
-# tests) comes with a third call that touches WH/av.ready (waited for 5 min at most).
+# `--steps attn`), for a lease with little device time left. The first call brings PyAV's wheel (WH/av: every test
+# module needs it through the builder's imports; on 2026-12-06 the kernel tests failed at collection without it)
+# and FA4's small wheels (WH/fa4/*.whl); FA4's CuTe DSL library wheel (92 MB, over one call's 64 MiB) follows in
+# pieces over the next calls (`split -b 40M`: WH/cu13.part-*), the last touching WH/fa4.ready, which this job
+# waits for (10 min at most).
 # fvrt must be importable (PYTHONPATH=/tmp/site after `pip install --target /tmp/site .`).
 set -uo pipefail
 
@@ -28,6 +29,10 @@ gpu_tests() {  # log name, pytest args...
   shift
   python3 -m pytest -q -p no:cacheprovider -m gpu -rs "$@" 2>&1 | tee "$R/$name.log" | tail -n 25
 }
+
+# every test module imports the builder, which imports PyAV: it comes with the first call (WH/av)
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/fa4 "$W"/av/*.whl 2>&1 | tail -n 5
+export PYTHONPATH="$PYTHONPATH:/tmp/fa4"
 
 step "GPU tests: FP8 attention kernels"
 gpu_tests fp8-kernel-tests tests/test_fp8_attention.py -k "not engines"
@@ -47,7 +52,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
   2>&1 | tail -n 5
 # nvidia-cutlass-dsl puts its `cutlass` package on sys.path with a .pth file, which a --target folder on PYTHONPATH
 # does not run: name the folder itself
-export PYTHONPATH="$PYTHONPATH:/tmp/fa4:/tmp/fa4/nvidia_cutlass_dsl/dsl_packages"
+export PYTHONPATH="$PYTHONPATH:/tmp/fa4/nvidia_cutlass_dsl/dsl_packages"
 python3 -c "from fvrt.plugins import fa4_attention as f; import torch; print('fa4:', f.version(), f.supported(torch.device('cuda')))"
 
 step "GPU tests: FlashAttention-4 op"
@@ -64,12 +69,7 @@ step "full-size DiT engines: cuDNN and FA4 blocks in one run"
 PYTHONUNBUFFERED=1 FVRT_CXX=g++-12 python3 lab/gpu_build_engines.py --stages dit --attention cudnn,fa4 \
   --repeats 2 --out "$R/dit" 2>&1 | tee "$R/dit.log" | tail -n 40
 
-step "GPU tests: FA4 and smoothed FP8 engines through the pipeline (one shared cuDNN build; PyAV needed)"
-for _ in $(seq 60); do
-  [[ -f "$W/av.ready" ]] && break
-  sleep 5
-done
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/fa4 "$W"/av/*.whl 2>&1 | tail -n 5
+step "GPU tests: FA4 and smoothed FP8 engines through the pipeline (one shared cuDNN build)"
 FVRT_CXX=g++-12 gpu_tests engine-tests tests/test_fa4_attention.py tests/test_fp8_attention.py -k engines
 
 step "eager full-size DiT per attention"
