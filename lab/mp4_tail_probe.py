@@ -7,8 +7,11 @@ encoding (runtime/media.py) gives.
 
 Variants, each timed --reps times (median, min, max):
 - writer: the one-encoder writer as it was before the segments (a copy, below) and the current `Mp4Writer`, both
-  as runtime/cli.py drives them: construct, `start_video(planes)`, the caller's audio decode (--gap s; "sleep"
-  releases the GIL, "busy" holds it in pure Python: the two ends of what the main thread does then), `finish(audio)`.
+  in the order the pipeline used to hand over its outputs: construct, `start_video(planes)`, the caller's audio
+  decode (--gap s; "sleep" releases the GIL, "busy" holds it in pure Python: the two ends of what the main thread
+  does then), `finish(audio)`. And the current `Mp4Writer` as runtime/cli.py drives it now ("audio first"): the
+  pipeline decodes the audio first, so construct, `start_audio(audio)`, the video decode (--video-gap s, asleep or
+  busy as above; the AAC encodes meanwhile), then the clock starts: `start_video(planes)`, `finish()`.
   `total` is frames available -> renamed file (the target: <= 0.3 s), `mux` is the finish alone (fvrt-run's timing).
 - parts: `VideoFrame.from_ndarray` alone; the encode loop alone (no container) with frame threads, slice threads and
   frame threads + tune=zerolatency; writing the encoded packets into the MP4 with the faststart rewrite, without
@@ -207,20 +210,32 @@ def time_writer(
     audio: np.ndarray,
     args: argparse.Namespace,
     kind: str,
+    audio_first: bool,
 ) -> dict:
-    """fvrt-run's sequence, --reps times: construct, start_video, the caller's audio decode, finish."""
+    """--reps times, from the frames' hand-over to the renamed file: construct, start_video, the caller's audio
+    decode, finish(audio); or (audio_first, fvrt-run's order now) construct, start_audio, the video decode, and
+    then the timed part: start_video, finish()."""
     totals, muxes = [], []
     for _ in range(args.reps):
-        t0 = time.perf_counter()
-        w = make(path)
-        w.start_video(planes)  # type: ignore[attr-defined]
-        caller_gap(args.gap, kind)
-        t1 = time.perf_counter()
-        w.finish(audio)  # type: ignore[attr-defined]
+        if audio_first:
+            w = make(path)
+            w.start_audio(audio)  # type: ignore[attr-defined]
+            caller_gap(args.video_gap, kind)
+            t0 = time.perf_counter()
+            w.start_video(planes)  # type: ignore[attr-defined]
+            t1 = time.perf_counter()
+            w.finish()  # type: ignore[attr-defined]
+        else:
+            t0 = time.perf_counter()
+            w = make(path)
+            w.start_video(planes)  # type: ignore[attr-defined]
+            caller_gap(args.gap, kind)
+            t1 = time.perf_counter()
+            w.finish(audio)  # type: ignore[attr-defined]
         t2 = time.perf_counter()
         totals.append(t2 - t0)
         muxes.append(t2 - t1)
-    res = {"total_s": stats(totals), "mux_s": stats(muxes), "gap": kind}
+    res = {"total_s": stats(totals), "mux_s": stats(muxes), "gap": kind, "audio_first": audio_first}
     if hasattr(w, "segments_used"):
         res["segments_used"] = w.segments_used
     return res
@@ -339,15 +354,17 @@ def versions(sample: Path | None) -> dict:
 
 
 def writer_runs(planes: np.ndarray, args: argparse.Namespace) -> tuple[dict, dict]:
-    """(the old and the current writer at their defaults, the current one over the segments x threads grid):
-    name -> (make(path) -> writer, what the main thread does during the gap)."""
+    """(the old and the current writer at their defaults, the current one also with the audio first, the current
+    one over the segments x threads grid): name -> (make(path) -> writer, what the main thread does during the gap,
+    whether the audio is handed over first)."""
     h, w = planes.shape[1] * 2 // 3, planes.shape[2]
     kw = {"fps": FPS, "width": w, "height": h, "sample_rate": SAMPLE_RATE}
-    first: dict[str, tuple[Callable[[Path], object], str]] = {}
+    first: dict[str, tuple[Callable[[Path], object], str, bool]] = {}
     for kind in args.gaps.split(","):
-        first[f"one encoder (before), gap {kind}"] = (lambda p: LegacyMp4Writer(p, **kw), kind)
-        first[f"Mp4Writer default, gap {kind}"] = (lambda p: Mp4Writer(p, **kw), kind)
-    grid: dict[str, tuple[Callable[[Path], object], str]] = {}
+        first[f"one encoder (before), gap {kind}"] = (lambda p: LegacyMp4Writer(p, **kw), kind, False)
+        first[f"Mp4Writer default, gap {kind}"] = (lambda p: Mp4Writer(p, **kw), kind, False)
+        first[f"Mp4Writer default, audio first, gap {kind}"] = (lambda p: Mp4Writer(p, **kw), kind, True)
+    grid: dict[str, tuple[Callable[[Path], object], str, bool]] = {}
     seen = set()
     for n in (int(x) for x in args.segments.split(",")):
         for t in (int(x) for x in args.threads.split(",")):
@@ -356,19 +373,19 @@ def writer_runs(planes: np.ndarray, args: argparse.Namespace) -> tuple[dict, dic
                 continue
             seen.add((used, t))
             grid[f"Mp4Writer segments={used} threads={t}"] = (
-                lambda p, n=n, t=t: Mp4Writer(p, **kw, segments=n, threads=t), "sleep")  # fmt: skip
+                lambda p, n=n, t=t: Mp4Writer(p, **kw, segments=n, threads=t), "sleep", False)  # fmt: skip
     return first, grid
 
 
 def run_writers(runs: dict, planes: np.ndarray, audio: np.ndarray, args: argparse.Namespace, deadline: float) -> dict:
     """Time each writer and check its MP4 (the first two are kept for the versions); past the deadline, skip."""
     res = {}
-    for name, (make, kind) in runs.items():
+    for name, (make, kind, audio_first) in runs.items():
         if time.perf_counter() > deadline:
             res[name] = {"skipped": f"past --budget-s {args.budget_s}"}
             continue
         path = args.out / f"w{len(list(args.out.glob('w*.mp4'))):02d}.mp4"
-        r = time_writer(make, path, planes, audio, args, kind)
+        r = time_writer(make, path, planes, audio, args, kind, audio_first)
         r.update(decode_check(path, planes, args.psnr))
         r["keyframes"] = r["keyframes"] if len(r["keyframes"]) <= 16 else len(r["keyframes"])
         res[name] = r
@@ -381,8 +398,9 @@ def run_writers(runs: dict, planes: np.ndarray, audio: np.ndarray, args: argpars
 def table(res: dict, args: argparse.Namespace) -> None:
     v = res["versions"]
     print(f"\n{args.frames} frames {args.width}x{args.height} @ {FPS:g} fps + {args.audio_s:g} s stereo AAC; "
-          f"gap {args.gap} s; {v['os.cpu_count']} CPUs ({v['affinity']} usable), {v['cpu_model']}; PyAV {v['pyav']}, "
-          f"FFmpeg {v['ffmpeg']}, {v['x264']}; wall {res['wall_s']:.0f} s")  # fmt: skip
+          f"gap {args.gap} s (audio first: video gap {args.video_gap} s); {v['os.cpu_count']} CPUs "
+          f"({v['affinity']} usable), {v['cpu_model']}; PyAV {v['pyav']}, FFmpeg {v['ffmpeg']}, {v['x264']}; "
+          f"wall {res['wall_s']:.0f} s")  # fmt: skip
     print("\n| writer | total s, median (min-max) | mux s, median | MB | PSNR dB | keyframes | encoders |")
     print("|---|---|---|---|---|---|---|")
     for name, r in {**res["writers"], **res["grid"]}.items():
@@ -409,6 +427,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--audio-s", type=float, default=5.0)
     ap.add_argument("--gap", type=float, default=0.05, help="the caller's audio decode, s (0.05 on the H100)")
+    ap.add_argument("--video-gap", type=float, default=1.1, help="the video decode, s (1.1 on the H100 at 1080p)")
     ap.add_argument("--gaps", default="sleep,busy", help="what the main thread does meanwhile")
     ap.add_argument("--segments", default="1,2,4,8,16")
     ap.add_argument("--threads", default="1,2,3", help="x264 frame threads per segment")

@@ -31,7 +31,7 @@ import torch
 
 from fvrt.runtime.bundle import engine_source
 from fvrt.runtime.manifest import json_object, read_manifest
-from fvrt.runtime.media import Mp4Writer, OutputError, check_writable, save_raw, write_atomic
+from fvrt.runtime.media import Mp4Handoff, OutputError, check_writable, save_raw, write_atomic
 from fvrt.runtime.pipeline import (
     ALL_ENGINES,
     COLD_TIMINGS,
@@ -325,30 +325,22 @@ def _run_record(job: Job, times: dict[str, float]) -> dict[str, Any]:
 
 
 def generate(pipe: Pipeline, job: Job) -> dict[str, float]:
-    """Run one job: the MP4 (encoded while the audio decodes, written atomically) and the raw .npz when asked.
-    Returns its stage timings with "mux"."""
+    """Run one job: the MP4 (the AAC encoded while the video decodes, the H.264 from the frames' hand-over on,
+    written atomically) and the raw .npz when asked. Returns its stage timings with "mux"."""
     req = job.req
-    writer: dict[str, Mp4Writer] = {}
-
-    def start_mp4(planes: Any) -> None:  # encode the frames while the audio decodes
-        writer["mp4"] = Mp4Writer(
-            job.output, fps=req.fps, width=req.width, height=req.height, sample_rate=pipe.sample_rate
-        )
-        writer["mp4"].start_video(planes)
-
+    mp4 = Mp4Handoff(job.output, fps=req.fps, width=req.width, height=req.height, sample_rate=pipe.sample_rate)
     progress = _Progress()
     try:
-        out: Output = pipe(req, progress=progress, on_video=start_mp4, frames=job.raw is not None)
-        if "mp4" not in writer:
-            raise RuntimeError("the pipeline returned without handing over the video frames")
+        out: Output = pipe(
+            req, progress=progress, on_audio=mp4.on_audio, on_video=mp4.on_video, frames=job.raw is not None
+        )
         progress.close()
         t = time.perf_counter()
-        writer["mp4"].finish(out.audio)
+        mp4.finish()
         mux_time = time.perf_counter() - t
     except BaseException:
         progress.close()
-        if "mp4" in writer:
-            writer["mp4"].abort()
+        mp4.abort()
         raise
     if job.raw is not None:
         save_raw(job.raw, out.frames, out.audio, sample_rate=out.sample_rate, fps=out.fps)

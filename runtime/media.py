@@ -2,9 +2,10 @@
 
 Every file is written to a temporary name in its destination directory and renamed into place only when it
 is complete, so a failure never leaves a partial output. `Mp4Writer` encodes the video frames in a background
-thread while the caller is still decoding audio, as contiguous segments in parallel (one x264 encoder each, every
-segment starting with an IDR frame, their packets muxed in order into the one H.264 stream); the audio is encoded
-when `finish` gets it, while the video may still be encoding.
+thread, as contiguous segments in parallel (one x264 encoder each, every segment starting with an IDR frame, their
+packets muxed in order into the one H.264 stream), and the AAC in another background thread from the moment it
+gets the waveform (`start_audio`: the pipeline hands the audio over before it decodes the video, so the AAC is done
+before the last frame). `Mp4Handoff` is the pipeline's two callbacks writing one MP4.
 """
 
 from __future__ import annotations
@@ -164,9 +165,34 @@ def _encode_segment(ctx: av.CodecContext, planes: np.ndarray, first: int) -> lis
     return packets
 
 
+def _setup_audio(ctx: av.AudioCodecContext, sample_rate: int) -> None:
+    """Configure an unopened AAC context; the stream's and the writer's own encoder get exactly these settings (what
+    PyAV's add_stream gives an audio stream, set explicitly rather than left to either constructor's defaults), so
+    that their headers (AudioSpecificConfig) and packets are identical."""
+    ctx.sample_rate, ctx.layout, ctx.format = sample_rate, AUDIO_LAYOUT, "fltp"
+    ctx.bit_rate, ctx.bit_rate_tolerance = 0, 32000
+    ctx.time_base = Fraction(1, sample_rate)
+
+
+def _encode_aac(ctx: av.AudioCodecContext, samples: np.ndarray) -> list[av.Packet]:
+    """The AAC packets of a whole waveform [2, S] float32 from an open encoder (PyAV re-frames it to the encoder's
+    frame size), flushed: from pts 0, in the codec's time base 1/sample_rate (the muxer rebases them to the
+    stream's)."""
+    frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout=AUDIO_LAYOUT)
+    frame.sample_rate, frame.pts = ctx.sample_rate, 0
+    return [*ctx.encode(frame), *ctx.encode()]  # PyAV releases the GIL in avcodec_send_frame
+
+
 class Mp4Writer:
-    """One MP4 with one H.264 and one AAC stream. Call `start_video(frames)`, then `finish(audio)`; on any error
-    call `abort()` (the context manager does), which removes the temporary file.
+    """One MP4 with one H.264 and one AAC stream. Call `start_video(frames)` and `start_audio(audio)` (either order),
+    then `finish()`; or `start_video(frames)`, then `finish(audio)`. On any error call `abort()` (the context manager
+    does), which removes the temporary file.
+
+    Threads: the video thread opens the x264 encoders, writes the container's header (the partial file exists from
+    then on) and encodes. The header reads the parameters of both streams' codec contexts, so the AAC is encoded by
+    an encoder of the writer's own, set up as the audio stream's (whose context is opened but never encodes): the
+    audio thread, or `finish(audio)`, never shares a context with the header. Should the two AAC headers differ,
+    `finish` encodes the audio again with the stream's own encoder, after the header, with a warning.
 
     The video is encoded as up to `segments` contiguous segments (default VIDEO_SEGMENTS), each by its own x264
     with `threads` frame threads (default VIDEO_SEGMENT_THREADS), concurrently; segment 0's encoder is the stream's
@@ -198,15 +224,19 @@ class Mp4Writer:
         video = self._container.add_stream(VIDEO_CODEC, rate=self._rate)
         _setup_video(video.codec_context, self._rate, width, height, threads)
         audio = self._container.add_stream(AUDIO_CODEC, rate=sample_rate, layout=AUDIO_LAYOUT)
-        audio.codec_context.open()  # here, not when the container starts: finish() encodes while video threads run
+        _setup_audio(audio.codec_context, sample_rate)
+        audio.codec_context.open()  # its AudioSpecificConfig, which the writer's own AAC encoder is checked against
         self._video, self._audio, self.sample_rate = video, audio, sample_rate
         self.width, self.height = width, height
         self.segments, self.threads = segments, threads
         self.segments_used = 0  # encoders that made the video: set by the encoding thread
         self._packets: list[av.Packet] = []  # the video's, in decoding order
-        self._header_done = threading.Event()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._audio_packets: list[av.Packet] = []
+        self._audio_thread: threading.Thread | None = None
+        self._audio_error: BaseException | None = None
+        self._audio_again: np.ndarray | None = None  # samples for the stream's own encoder (headers differed)
 
     def __enter__(self) -> Mp4Writer:
         return self
@@ -235,17 +265,14 @@ class Mp4Writer:
 
     def _encode_video(self, frames: np.ndarray) -> None:
         try:
-            try:
-                if frames.ndim == 4:  # RGB: converted here, in chunks, with the same arithmetic as on the GPU
-                    frames = rgb_to_yuv420p(torch.from_numpy(frames)).numpy()
-                bounds = segment_bounds(len(frames), self.segments)
-                encoders = self._open_encoders(len(bounds))
-                if len(encoders) == 1:
-                    bounds = [(0, len(frames))]
-                self.segments_used = len(encoders)
-                self._container.start_encoding()  # the header: the partial file exists while the video encodes
-            finally:
-                self._header_done.set()  # the container has read the audio context: finish() may encode with it
+            if frames.ndim == 4:  # RGB: converted here, in chunks, with the same arithmetic as on the GPU
+                frames = rgb_to_yuv420p(torch.from_numpy(frames)).numpy()
+            bounds = segment_bounds(len(frames), self.segments)
+            encoders = self._open_encoders(len(bounds))
+            if len(encoders) == 1:
+                bounds = [(0, len(frames))]
+            self.segments_used = len(encoders)
+            self._container.start_encoding()  # the header: the partial file exists while the video encodes
             parts = self._encode_segments(encoders, frames, bounds)
             packets = [p for part in parts for p in part]
             for p in packets:
@@ -283,9 +310,49 @@ class Mp4Writer:
                 raise e
         return parts
 
+    @staticmethod
+    def _audio_frame(audio: np.ndarray) -> np.ndarray:
+        """The waveform [2, S] as the encoder's input: float32, clipped to [-1, 1], a copy of its own."""
+        if audio.ndim != 2 or audio.shape[0] != 2:
+            raise ValueError(f"audio must be stereo [2, S], got {audio.shape}")
+        return np.ascontiguousarray(np.clip(audio, -1.0, 1.0), dtype=np.float32)
+
+    def _new_audio_encoder(self) -> av.AudioCodecContext:
+        """An open AAC encoder of the writer's own, set up as the audio stream's."""
+        ctx = av.CodecContext.create(AUDIO_CODEC, "w")
+        _setup_audio(ctx, self.sample_rate)
+        ctx.flags = self._audio.codec_context.flags  # GLOBAL_HEADER (add_stream sets it for MP4)
+        ctx.open()
+        return ctx
+
+    def _encode_audio(self, samples: np.ndarray) -> None:
+        """The AAC packets, with the writer's own encoder; the stream's context is only read (its header)."""
+        try:
+            ctx = self._new_audio_encoder()
+            if ctx.extradata != self._audio.codec_context.extradata:
+                log.warning("the AAC encoder's header differs from the stream's; the audio is encoded at finish")
+                self._audio_again = samples
+                return
+            self._audio_packets = _encode_aac(ctx, samples)
+        except BaseException as e:  # re-raised by finish() in the caller's thread
+            self._audio_error = e
+
+    @property
+    def video_started(self) -> bool:
+        return self._thread is not None
+
+    def start_audio(self, audio: np.ndarray) -> None:
+        """Encode the waveform [2, S] float (clipped to [-1, 1]; copied here, so the caller may reuse its array) as
+        AAC in a background thread, before or after `start_video`. `finish()` then takes no audio."""
+        if self._audio_thread is not None:
+            raise RuntimeError("start_audio() was called already")
+        samples = self._audio_frame(audio)
+        self._audio_thread = threading.Thread(target=self._encode_audio, args=(samples,), name="mp4-audio", daemon=True)
+        self._audio_thread.start()
+
     def start_video(self, frames: np.ndarray) -> None:
         """Encode RGB frames [F, H, W, 3] uint8, or `rgb_to_yuv420p` planes [F, 3H/2, W] uint8 (what the pipeline
-        hands over, converted on the GPU), in a background thread."""
+        hands over, converted on the GPU), in a background thread, before or after `start_audio`."""
         rgb = (self.height, self.width, 3)
         yuv = (self.height * 3 // 2, self.width)
         if frames.dtype != np.uint8 or tuple(frames.shape[1:]) not in (rgb, yuv):
@@ -293,27 +360,38 @@ class Mp4Writer:
                 f"video frames must be [F, H, W, 3] uint8 RGB or [F, 3H/2, W] uint8 yuv420p planes for "
                 f"{self.width}x{self.height}, got {frames.shape} {frames.dtype}"
             )
+        if self._thread is not None:
+            raise RuntimeError("start_video() was called already")
         self._thread = threading.Thread(target=self._encode_video, args=(frames,), name="mp4-video", daemon=True)
         self._thread.start()
 
-    def finish(self, audio: np.ndarray) -> Path:
-        """Encode the waveform [2, S] float (clipped to [-1, 1]) while the video may still be encoding, then write
-        both streams, close the file and rename it into place."""
+    def finish(self, audio: np.ndarray | None = None) -> Path:
+        """Wait for the encoders, then write both streams after the header, close the file and rename it into
+        place. `audio`: the waveform [2, S] float (clipped to [-1, 1]) when `start_audio` was not called, encoded
+        here while the video may still be encoding; None (and only None: a ValueError otherwise) after
+        `start_audio`. An error of an encoding thread is raised here, in the caller's thread; a failed write (disk
+        full) removes the partial file and is an OutputError."""
         if self._thread is None:
             raise RuntimeError("start_video() must be called before finish()")
-        if audio.ndim != 2 or audio.shape[0] != 2:
-            raise ValueError(f"audio must be stereo [2, S], got {audio.shape}")
-        samples = np.ascontiguousarray(np.clip(audio, -1.0, 1.0), dtype=np.float32)
-        frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout=AUDIO_LAYOUT)
-        frame.sample_rate, frame.pts = self.sample_rate, 0
-        self._header_done.wait()
-        audio_packets = [*self._audio.encode(frame), *self._audio.encode()]  # PyAV re-frames to the frame size
+        if self._audio_thread is None:
+            if audio is None:
+                raise ValueError("finish() needs the audio: start_audio() was not called")
+            self._encode_audio(self._audio_frame(audio))
+        elif audio is not None:
+            raise ValueError("the audio went to start_audio() already; call finish() without it")
+        else:
+            self._audio_thread.join()
         self._thread.join()
         try:
-            if self._error is not None:
-                raise self._error
+            for error in (self._error, self._audio_error):
+                if error is not None:
+                    raise error
+            if self._audio_again is not None:  # the video thread has written the header: the context is free
+                self._audio_packets = _encode_aac(self._audio.codec_context, self._audio_again)
+            for p in self._audio_packets:
+                p.stream = self._audio
             self._container.mux(self._packets)  # the muxer interleaves them with the audio by time
-            self._container.mux(audio_packets)
+            self._container.mux(self._audio_packets)
             self._closed = True
             self._container.close()
             self._tmp.replace(self.path)
@@ -323,13 +401,55 @@ class Mp4Writer:
         return self.path
 
     def abort(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
+        """Wait for the encoding threads, close the container and remove the partial file."""
+        for thread in (self._thread, self._audio_thread):
+            if thread is not None:
+                thread.join()
         if not self._closed:
             self._closed = True
             with contextlib.suppress(av.FFmpegError, OSError, ValueError):  # half-written; deleted next
                 self._container.close()
         self._tmp.unlink(missing_ok=True)
+
+
+class Mp4Handoff:
+    """The pipeline's `on_audio` and `on_video` callbacks writing one MP4 (as fvrt-run, the server and the bench
+    drive it): the `Mp4Writer` is created at the first hand-over, whichever comes first, and each stream starts
+    encoding in the background when it is handed over. `finish()` writes the file (a RuntimeError if the video never
+    came); `abort()` (the context manager calls it on an error) removes the partial file, if one was started."""
+
+    def __init__(self, path: str | Path, *, fps: float, width: int, height: int, sample_rate: int) -> None:
+        self.path = Path(path)
+        self._kwargs = {"fps": fps, "width": width, "height": height, "sample_rate": sample_rate}
+        self.writer: Mp4Writer | None = None
+
+    def __enter__(self) -> Mp4Handoff:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if exc_type is not None:
+            self.abort()
+
+    def _writer(self) -> Mp4Writer:
+        if self.writer is None:
+            self.writer = Mp4Writer(self.path, **self._kwargs)
+        return self.writer
+
+    def on_audio(self, audio: np.ndarray) -> None:
+        self._writer().start_audio(audio)
+
+    def on_video(self, planes: np.ndarray) -> None:
+        self._writer().start_video(planes)
+
+    def finish(self, audio: np.ndarray | None = None) -> Path:
+        """`Mp4Writer.finish`: `audio` only when the pipeline ran without `on_audio`."""
+        if self.writer is None or not self.writer.video_started:
+            raise RuntimeError("the pipeline returned without handing over the video frames")
+        return self.writer.finish(audio)
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
 
 
 def save_raw(path: str | Path, frames: np.ndarray, audio: np.ndarray, *, sample_rate: int, fps: float) -> Path:

@@ -190,7 +190,8 @@ class _Clock:
 
 
 MEMORY_POLICIES = ("keep", "phase", "offload")
-# the laps of `Output.timings`, in pipeline order (plus "pipeline_total")
+# the laps of `Output.timings`, in this order (plus "pipeline_total"); the pipeline's order, except that with
+# `on_audio` the audio decode runs before the video decode
 STAGE_TIMINGS = ("text_encode", "stage_1", "upsample", "stage_2", "video_decode", "frames_out", "audio_decode")
 # What a generation spent, inside the stages above, on work a warm one does not do: loading engines at first use,
 # parking weights in pinned host memory (its first parking allocates that memory), capturing CUDA graphs
@@ -282,14 +283,18 @@ class Pipeline:
         *,
         progress: Progress | None = None,
         on_video: Callable[[np.ndarray], None] | None = None,
+        on_audio: Callable[[np.ndarray], None] | None = None,
         frames: bool = True,
         decode: bool = True,
     ) -> Output:
         """Generate. `progress(stage, done, total)` is called per stage and per step; `on_video(planes)` gets
         the decoded frames as yuv420p planes [F, 3H/2, W] uint8 (`media.rgb_to_yuv420p`, converted on the
-        device) before the audio is decoded, so the caller can start encoding them. frames=False: no RGB frames
-        in the output (`Output.frames` None), which skips their host copy (0.76 GB at 1080p): an MP4 needs only
-        the planes. decode=False: stop after the last DiT pass, decoding nothing (`Output.frames` and `audio`
+        device) as soon as they are decoded, so the caller can start encoding them. Without `on_audio` the audio
+        is decoded last, after the frames' hand-over; with it, the audio is decoded first (before the video
+        decoder runs) and `on_audio(samples)` gets the waveform [2, S] float32 (the array `Output.audio` holds), so
+        the caller can encode it while the video decodes. The output is the same either way. frames=False: no RGB
+        frames in the output (`Output.frames` None), which skips their host copy (0.76 GB at 1080p): an MP4 needs
+        only the planes. decode=False: stop after the last DiT pass, decoding nothing (`Output.frames` and `audio`
         None)."""
         name = validate_request(req, self.engines.profiles)
         progress = progress or (lambda *_: None)
@@ -341,7 +346,13 @@ class Pipeline:
         if not decode:
             return Output(None, None, self.sample_rate, float(req.fps), clock.times)
 
-        # Decode: frames to uint8 (handed to the caller at once), then the waveform at the vocoder's rate
+        # Decode: the waveform at the vocoder's rate first when the caller takes it (handed over at once), then the
+        # frames to uint8 (handed over at once), then the waveform if not decoded yet
+        if on_audio is not None:
+            samples = self._decode_audio(name, audio.latent)
+            on_audio(samples)
+            clock.lap("audio_decode")
+            progress("audio decode", 1, 1)
         (decoded,) = self._run("video_decoder", name, unpatchify_video(video.latent, shape_2))
         clock.lap("video_decode")
         rgb = to_uint8(decoded)
@@ -353,23 +364,30 @@ class Pipeline:
         del rgb
         clock.lap("frames_out")
         progress("video decode", 1, 1)
-        (waveform,) = self._run("audio_decoder", name, unpatchify_audio(audio.latent))
-        samples = waveform[0].float().cpu().numpy()
-        self._release("audio_decoder")
-        clock.lap("audio_decode")
-        progress("audio decode", 1, 1)
-        clock.times["pipeline_total"] = time.perf_counter() - clock.start
+        if on_audio is None:
+            samples = self._decode_audio(name, audio.latent)
+            clock.lap("audio_decode")
+            progress("audio decode", 1, 1)
+        times = {k: clock.times[k] for k in STAGE_TIMINGS}  # the same order whichever decode ran first
+        times["pipeline_total"] = time.perf_counter() - clock.start
         spent = (*self._engine_seconds(), self.graphs.capture_seconds)
-        clock.times.update({k: a - b for k, a, b in zip(COLD_TIMINGS, spent, spent_before, strict=True)})
+        times.update({k: a - b for k, a, b in zip(COLD_TIMINGS, spent, spent_before, strict=True)})
         if self.prefetch_text and self.memory == "offload":  # queued copies: the next prompt's kernels wait for them
             self.engines.onload(["text_encoder"])
-        return Output(pixels, samples, self.sample_rate, float(req.fps), clock.times)
+        return Output(pixels, samples, self.sample_rate, float(req.fps), times)
 
     # ---- helpers --------------------------------------------------------------------------------------------
 
     def _engine_seconds(self) -> tuple[float, float]:
         """(loading, parking) seconds the engine set has spent so far."""
         return self.engines.seconds["load"], self.engines.seconds["park"]
+
+    def _decode_audio(self, name: str, latent: torch.Tensor) -> np.ndarray:
+        """Audio tokens -> the waveform [2, S] float32 on the host; the audio decoder is released after it."""
+        (waveform,) = self._run("audio_decoder", name, unpatchify_audio(latent))
+        samples = waveform[0].float().cpu().numpy()
+        self._release("audio_decoder")
+        return samples
 
     def _release(self, *names: str) -> None:
         """memory="phase": drop these engines ("dit" = all DiT engines) and the graphs that call them;

@@ -44,7 +44,7 @@ from fvrt.builder.engines import PRESET_PROFILES
 from fvrt.builder.quant.pipeline_calib import dit_call_kwargs
 from fvrt.metrics import psnr, snr
 from fvrt.runtime.engine import EngineDir
-from fvrt.runtime.media import Mp4Writer
+from fvrt.runtime.media import Mp4Handoff
 from fvrt.runtime.pipeline import COLD_TIMINGS, STAGE_TIMINGS, Output, Pipeline, Request
 from fvrt.runtime.tokenizer import TOKENIZER_DIR, PromptTokenizer
 
@@ -103,24 +103,23 @@ def sync(device: torch.device) -> None:
 def run_once(
     pipe: Pipeline, req: Request, out_mp4: Path, device: torch.device, frames: bool
 ) -> tuple[Output, dict[str, float], np.ndarray]:
-    """One generation including the MP4 (encoded while the audio decodes, as fvrt-run does). frames=False is
-    what fvrt-run does without --raw (no RGB host copy). Also returns the yuv420p planes handed to the MP4."""
+    """One generation including the MP4 (the AAC encoded while the video decodes, as fvrt-run does). frames=False
+    is what fvrt-run does without --raw (no RGB host copy). Also returns the yuv420p planes handed to the MP4."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    writer: dict[str, Any] = {}
+    mp4 = Mp4Handoff(out_mp4, fps=req.fps, width=req.width, height=req.height, sample_rate=pipe.sample_rate)
+    handed: dict[str, np.ndarray] = {}
 
-    def start(planes: np.ndarray) -> None:
-        writer["mp4"] = Mp4Writer(
-            out_mp4, fps=req.fps, width=req.width, height=req.height, sample_rate=pipe.sample_rate
-        )
-        writer["mp4"].start_video(planes)
-        writer["planes"] = planes
+    def on_video(planes: np.ndarray) -> None:
+        mp4.on_video(planes)
+        handed["planes"] = planes
 
     sync(device)
     t = time.perf_counter()
-    out = pipe(req, on_video=start, frames=frames)
-    t_mux = time.perf_counter()
-    writer["mp4"].finish(out.audio)
+    with mp4:  # on an error: no partial MP4 left behind
+        out = pipe(req, on_audio=mp4.on_audio, on_video=on_video, frames=frames)
+        t_mux = time.perf_counter()
+        mp4.finish()
     sync(device)
     times = {**out.timings, "mux": time.perf_counter() - t_mux, "end_to_end": time.perf_counter() - t}
     if device.type == "cuda":
@@ -128,7 +127,7 @@ def run_once(
         # what stays after a prompt: engines, graph pools and outputs (allocated) and the allocator's cache on top
         times["allocated_after_GiB"] = torch.cuda.memory_allocated(device) / 2**30
         times["reserved_after_GiB"] = torch.cuda.memory_reserved(device) / 2**30
-    return out, times, writer["planes"]
+    return out, times, handed["planes"]
 
 
 SUFFIXES = {

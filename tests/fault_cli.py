@@ -37,18 +37,22 @@ class StandInPipeline:
         self.sample_rate = SAMPLE_RATE
         self.graphs = SimpleNamespace(enabled=False)
 
-    def __call__(self, req: Any, *, progress: Any = None, on_video: Any = None, frames: bool = True) -> Output:
+    def __call__(
+        self, req: Any, *, progress: Any = None, on_video: Any = None, on_audio: Any = None, frames: bool = True
+    ) -> Output:
         if req.prompt == RUN_TIME_FAILURE:
             raise RuntimeError("the stand-in pipeline failed as asked")
         rng = np.random.default_rng(req.seed % 2**32)
         rgb = rng.integers(0, 256, (req.frames, req.height, req.width, 3), dtype=np.uint8)
+        audio = rng.uniform(-0.5, 0.5, (2, int(SAMPLE_RATE * req.frames / req.fps))).astype(np.float32)
+        if on_audio is not None:  # as the pipeline does: the audio before the video
+            on_audio(audio)
         if on_video is not None:
             on_video(rgb_to_yuv420p(torch.from_numpy(rgb)).numpy())
         pause = os.environ.get("FVRT_FAULT_PAUSE")
         if pause:
             Path(pause).write_text(str(os.getpid()))
             time.sleep(PAUSE_SECONDS)
-        audio = rng.uniform(-0.5, 0.5, (2, int(SAMPLE_RATE * req.frames / req.fps))).astype(np.float32)
         return Output(rgb if frames else None, audio, SAMPLE_RATE, float(req.fps), {"pipeline_total": 0.0})
 
 

@@ -1,7 +1,9 @@
 """Output files: the MP4 has one H.264 yuv420p video stream and one AAC stereo stream with the right fps and
 duration (audio and video within one frame of each other); the video encoded in segments decodes to the frames
 with a keyframe at each segment's start, falls back to one encoder when the encoders' headers differ, and a failed
-segment fails the file; failures leave no file; the raw .npz round-trips; lab/mp4_tail_probe.py runs."""
+segment fails the file; the audio handed over early (`start_audio`, before or after the video) gives the very
+file the old order gives, and its failures surface in `finish`; failures leave no file; the raw .npz round-trips;
+lab/mp4_tail_probe.py runs."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from fractions import Fraction
 from pathlib import Path
 
@@ -22,6 +25,7 @@ import torch
 from fvrt.metrics import psnr
 from fvrt.runtime import media
 from fvrt.runtime.media import (
+    Mp4Handoff,
     Mp4Writer,
     OutputError,
     check_writable,
@@ -274,17 +278,199 @@ def test_abort_while_segments_encode_leaves_no_file(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+# --------------------------------------------------------------------------------------------------------------
+# the audio handed over early (start_audio)
+
+
+def audio_facts(path: Path) -> tuple[list[tuple[int, int, int, str, bytes]], tuple[str, int, int], np.ndarray]:
+    """The audio stream's packets (pts, dts, duration, time base, bytes), (time base, duration, frames) and the
+    decoded waveform."""
+    with av.open(str(path)) as c:
+        packets = [(p.pts, p.dts, p.duration, str(p.time_base), bytes(p)) for p in c.demux(audio=0) if p.size]
+    with av.open(str(path)) as c:
+        a = c.streams.audio[0]
+        stream = (str(a.time_base), a.duration, a.frames)
+        wave = np.concatenate([f.to_ndarray() for f in c.decode(audio=0)], axis=-1)
+    return packets, stream, wave
+
+
+@pytest.mark.parametrize("sample_rate", [48000, 24000])
+@pytest.mark.parametrize("order", ["audio first", "video first"])
+def test_start_audio_writes_the_same_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, order: str, sample_rate: int
+) -> None:
+    # Precondition: the file of the old order (start_video, then finish(audio)), and a record of where the AAC runs
+    planes, audio = yuv_frames(), tone(sample_rate)
+    kw = {"fps": 24, "width": WIDTH, "height": HEIGHT, "sample_rate": sample_rate, "segments": 2, "threads": 1}
+    old = Mp4Writer(tmp_path / "old.mp4", **kw)
+    old.start_video(planes)
+    old.finish(audio)
+    threads: list[str] = []
+    encode_aac = media._encode_aac
+
+    def recorded(ctx: av.AudioCodecContext, samples: np.ndarray) -> list[av.Packet]:
+        threads.append(threading.current_thread().name)
+        return encode_aac(ctx, samples)
+
+    monkeypatch.setattr(media, "_encode_aac", recorded)
+    path = tmp_path / "new.mp4"
+
+    # Under test
+    w = Mp4Writer(path, **kw)
+    if order == "audio first":
+        w.start_audio(audio)
+        w.start_video(planes)
+    else:
+        w.start_video(planes)
+        w.start_audio(audio)
+    assert w.finish() == path
+
+    # Postcondition: the AAC ran in its own thread, and the file is the old order's, byte for byte (packets,
+    # timestamps in the stream's time base, durations, decoded samples)
+    assert threads == ["mp4-audio"]
+    assert path.read_bytes() == (tmp_path / "old.mp4").read_bytes()
+    packets, stream, wave = audio_facts(path)
+    old_packets, old_stream, old_wave = audio_facts(tmp_path / "old.mp4")
+    assert packets == old_packets and stream == old_stream and np.array_equal(wave, old_wave)
+    assert stream[0] == f"1/{sample_rate}" and packets[0][0] == -1024  # AAC priming: the first frame before 0
+    assert float(stream[1]) / sample_rate == pytest.approx(audio.shape[1] / sample_rate, abs=1e-3)
+    _, keys, (_, _, _, video_s, _) = decode_planes(path)
+    assert keys == [0, SEG_FRAMES // 2] and video_s == pytest.approx(SEG_FRAMES / 24, abs=1e-3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.mp4", "old.mp4"]
+
+
+def test_start_audio_refusals(tmp_path: Path) -> None:
+    path = tmp_path / "out.mp4"
+    kw = {"fps": 24, "width": WIDTH, "height": HEIGHT, "sample_rate": 48000}
+    # the audio twice: in finish() after start_audio()
+    with (
+        pytest.raises(ValueError, match=r"^the audio went to start_audio\(\) already; call finish\(\) without it$"),
+        Mp4Writer(path, **kw) as w,
+    ):
+        w.start_audio(tone(48000))
+        w.start_video(smooth_frames(3))
+        w.finish(tone(48000))
+    assert list(tmp_path.iterdir()) == []
+    # no audio at all
+    with pytest.raises(ValueError, match=r"start_audio\(\) was not called"), Mp4Writer(path, **kw) as w:
+        w.start_video(smooth_frames(3))
+        w.finish()
+    assert list(tmp_path.iterdir()) == []
+    # mono, refused before any thread starts; start_audio twice
+    with Mp4Writer(path, **kw) as w:
+        with pytest.raises(ValueError, match="stereo"):
+            w.start_audio(np.zeros((1, 4800), np.float32))
+        w.start_audio(tone(48000))
+        with pytest.raises(RuntimeError, match="called already"):
+            w.start_audio(tone(48000))
+        w.abort()  # with the AAC possibly still encoding
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("error", "raised", "message"),
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), OutputError, "disk full writing .*out.mp4; nothing was"),
+        (RuntimeError("the AAC failed"), RuntimeError, "the AAC failed"),
+    ],
+)
+@pytest.mark.parametrize("order", ["audio first", "video first"])
+def test_error_in_the_audio_thread_surfaces_in_finish(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, order: str, error: Exception, raised: type, message: str
+) -> None:
+    # Precondition: the AAC encode fails; an older output is there
+    def failing(ctx: av.AudioCodecContext, samples: np.ndarray) -> list[av.Packet]:
+        raise error
+
+    monkeypatch.setattr(media, "_encode_aac", failing)
+    path = tmp_path / "out.mp4"
+    path.write_bytes(b"previous")
+    kw = {"fps": 24, "width": WIDTH, "height": HEIGHT, "sample_rate": 48000}
+
+    # Under test
+    with pytest.raises(raised, match=message), Mp4Handoff(path, **kw) as mp4:
+        if order == "audio first":
+            mp4.on_audio(tone(48000))
+            mp4.on_video(yuv_frames())
+        else:
+            mp4.on_video(yuv_frames())
+            mp4.on_audio(tone(48000))
+        mp4.finish()
+
+    # Postcondition: no partial file, the older output intact
+    assert [(p.name, p.read_bytes()) for p in tmp_path.iterdir()] == [("out.mp4", b"previous")]
+
+
+def test_differing_aac_headers_encode_with_the_streams_encoder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Precondition: the writer's own AAC encoder runs at another rate, so its header differs from the stream's
+    new_encoder = Mp4Writer._new_audio_encoder
+
+    def other_rate(self: Mp4Writer) -> av.AudioCodecContext:
+        rate, self.sample_rate = self.sample_rate, 44100
+        try:
+            return new_encoder(self)
+        finally:
+            self.sample_rate = rate
+
+    kw = {"fps": 24, "width": WIDTH, "height": HEIGHT, "sample_rate": 48000, "segments": 2, "threads": 1}
+    old = Mp4Writer(tmp_path / "old.mp4", **kw)
+    old.start_video(yuv_frames())
+    old.finish(tone(48000))
+    monkeypatch.setattr(Mp4Writer, "_new_audio_encoder", other_rate)
+
+    # Under test
+    w = Mp4Writer(tmp_path / "new.mp4", **kw)
+    w.start_audio(tone(48000))
+    w.start_video(yuv_frames())
+    w.finish()
+
+    # Postcondition: the stream's own encoder made the audio (after the header), and said so
+    assert "AAC encoder's header differs" in caplog.text
+    assert (tmp_path / "new.mp4").read_bytes() == (tmp_path / "old.mp4").read_bytes()
+
+
+def test_handoff_creates_the_writer_at_the_first_hand_over(tmp_path: Path) -> None:
+    path = tmp_path / "out.mp4"
+    kw = {"fps": 24, "width": WIDTH, "height": HEIGHT, "sample_rate": 48000}
+    # nothing handed over: no writer, no file; finish refuses
+    mp4 = Mp4Handoff(path, **kw)
+    with pytest.raises(RuntimeError, match="without handing over the video frames"):
+        mp4.finish()
+    mp4.abort()
+    assert mp4.writer is None and list(tmp_path.iterdir()) == []
+    # the audio alone is not a video
+    with pytest.raises(RuntimeError, match="without handing over the video frames"), Mp4Handoff(path, **kw) as mp4:
+        mp4.on_audio(tone(48000))
+        mp4.finish()
+    assert list(tmp_path.iterdir()) == []
+    # the audio, then the video: one writer, the file
+    mp4 = Mp4Handoff(path, **kw)
+    mp4.on_audio(tone(48000))
+    writer = mp4.writer
+    mp4.on_video(smooth_frames(3))
+    assert mp4.writer is writer and mp4.finish() == path
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.mp4"]
+    # without on_audio, finish takes the audio as Mp4Writer.finish does
+    mp4 = Mp4Handoff(tmp_path / "b.mp4", **kw)
+    mp4.on_video(smooth_frames(3))
+    assert mp4.finish(tone(48000)) == tmp_path / "b.mp4"
+
+
 def test_tail_probe_runs_tiny(tmp_path: Path) -> None:
     """lab/mp4_tail_probe.py end to end at a tiny size: its table and its JSON, every writer's MP4 whole."""
     probe = Path(__file__).resolve().parents[1] / "lab" / "mp4_tail_probe.py"
     args = ["--frames", "17", "--height", "64", "--width", "96", "--reps", "1", "--audio-s", "0.5"]
-    args += ["--segments", "1,2", "--threads", "1", "--gaps", "sleep", "--out", str(tmp_path)]
+    args += ["--segments", "1,2", "--threads", "1", "--gaps", "sleep", "--video-gap", "0.1", "--out", str(tmp_path)]
     r = subprocess.run([sys.executable, str(probe), *args], capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 0, r.stderr
     assert "| Mp4Writer segments=2 threads=1 |" in r.stdout and "| write, faststart |" in r.stdout
+    assert "| Mp4Writer default, audio first, gap sleep |" in r.stdout
     res = json.loads((tmp_path / "mp4_tail.json").read_text())
     writers = {**res["writers"], **res["grid"]}
-    assert len(writers) == 4 and writers["Mp4Writer segments=2 threads=1"]["keyframes"] == [0, 8]
+    assert len(writers) == 5 and writers["Mp4Writer segments=2 threads=1"]["keyframes"] == [0, 8]
+    assert writers["Mp4Writer default, audio first, gap sleep"]["audio_first"] is True
     assert all(w["frames"] == 17 and w["psnr_db"] > 30 for w in writers.values())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mp4_tail.json"]
     assert res["versions"]["os.cpu_count"] == os.cpu_count()

@@ -505,6 +505,44 @@ def test_phase_memory_releases_each_engine_after_its_last_use(release: TinyRelea
         Pipeline(engines, PromptTokenizer(release.tokenizer), memory="low")
 
 
+def test_on_audio_hands_the_audio_over_before_the_video_decode(release: TinyRelease, pipe: Pipeline) -> None:
+    """on_audio: the audio is decoded (and its decoder released) and handed over before the video decoder runs; the
+    output is the one without on_audio, its laps in the same order."""
+    # Precondition: a phased pipeline that records engine runs and releases, and callbacks that record the order
+    engines = Releasing(EagerEngineSet(release.checkpoint, [TINY]))
+    phased = Pipeline(engines, PromptTokenizer(release.tokenizer), memory="phase")
+    req = Request(PROMPT, TINY.height, TINY.width, TINY.frames, TINY.fps, seed=SEED, preset="realtime")
+    calls: list[tuple[str, np.ndarray, list[tuple[str, str]]]] = []
+    events: list[str] = []
+
+    def hand_over(kind: str) -> Callable[[np.ndarray], None]:
+        return lambda x: calls.append((kind, x, list(engines.events)))
+
+    # Under test
+    got = phased(
+        req,
+        on_audio=hand_over("audio"),
+        on_video=hand_over("video"),
+        progress=lambda stage, *_: events.append(stage),
+    )
+
+    # Postcondition: audio first (its decoder run and released, the video decoder not yet run), then the video
+    planes: list[np.ndarray] = []
+    want = pipe(req, on_video=planes.append)
+    assert [c[0] for c in calls] == ["audio", "video"]
+    (_, samples, before_audio), (_, video_planes, _) = calls
+    assert ("run", "audio_decoder") in before_audio and ("run", "video_decoder") not in before_audio
+    assert samples is got.audio and samples.dtype == np.float32 and samples.shape[0] == 2
+    assert np.array_equal(got.audio, want.audio) and np.array_equal(got.frames, want.frames)
+    assert np.array_equal(video_planes, planes[0])
+    assert (got.sample_rate, got.fps) == (want.sample_rate, want.fps)
+    assert list(got.timings) == list(want.timings) == [*STAGE_TIMINGS, "pipeline_total", *COLD_TIMINGS]
+    releases = [e[1] for e in engines.events if e[0] == "release"]
+    assert releases == ["text_encoder", "dit,upsampler,video_encoder", "audio_decoder", "video_decoder"]
+    decodes = [e for e in events if not e.startswith("stage")]
+    assert decodes == ["text encode", "upsample", "audio decode", "video decode"]
+
+
 def test_offload_memory_parks_only_the_text_encoder(release: TinyRelease, pipe: Pipeline) -> None:
     engines = Releasing(EagerEngineSet(release.checkpoint, [TINY]))
     parked = Pipeline(engines, PromptTokenizer(release.tokenizer), memory="offload")

@@ -27,7 +27,7 @@ import torch
 from fvrt.runtime.bundle import DEFAULT_CACHE, engine_source
 from fvrt.runtime.cli import open_engines
 from fvrt.runtime.manifest import read_manifest
-from fvrt.runtime.media import Mp4Writer
+from fvrt.runtime.media import Mp4Handoff
 from fvrt.runtime.pipeline import Pipeline
 from fvrt.runtime.sampler import PRESETS
 from fvrt.runtime.tokenizer import TOKENIZER_DIR, PromptTokenizer
@@ -98,33 +98,27 @@ class Replica:
                 "warmup_s": self.warmup_s, "memory_bytes": self.memory_bytes()}  # fmt: skip
 
     def generate(self, spec: VideoSpec, progress: Callable[[str, int, int], None]) -> tuple[bytes, dict[str, float]]:
-        """One video: (MP4 bytes, stage timings with "mux"). The MP4 is encoded while the audio decodes, as
-        `fvrt-run` does, into this replica's scratch folder, and removed once read."""
+        """One video: (MP4 bytes, stage timings with "mux"). The MP4 is encoded as `fvrt-run` does (the AAC while
+        the video decodes), into this replica's scratch folder, and removed once read."""
         if self.pipe is None:
             raise RuntimeError(self.error or "the replica has no engines")
         name = uuid.uuid4().hex
         out = self.work / f"{name}.mp4"
         image = write_image(spec.image, self.work, name) if spec.image is not None else None
-        writer: dict[str, Mp4Writer] = {}
+        mp4: Mp4Handoff | None = None
         pipe = self.pipe
         try:
             req = spec.job(self.profiles, out, image).req
-
-            def start_mp4(planes: Any) -> None:
-                writer["mp4"] = Mp4Writer(out, fps=req.fps, width=req.width, height=req.height,
-                                          sample_rate=pipe.sample_rate)  # fmt: skip
-                writer["mp4"].start_video(planes)
-
-            t = time.perf_counter()
-            result = pipe(req, progress=progress, on_video=start_mp4, frames=False)
+            mp4 = Mp4Handoff(out, fps=req.fps, width=req.width, height=req.height, sample_rate=pipe.sample_rate)
+            result = pipe(req, progress=progress, on_audio=mp4.on_audio, on_video=mp4.on_video, frames=False)
             progress("mux", 1, 1)
             t = time.perf_counter()
-            writer["mp4"].finish(result.audio)
+            mp4.finish()
             timings = {**result.timings, "mux": time.perf_counter() - t}
             return out.read_bytes(), timings
         except BaseException:
-            if "mp4" in writer:
-                writer["mp4"].abort()
+            if mp4 is not None:
+                mp4.abort()
             raise
         finally:
             out.unlink(missing_ok=True)
