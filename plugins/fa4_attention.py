@@ -30,9 +30,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from fvrt.runtime.precision import ATTENTION_MIN_CC
+
 OP_NAME = "fvrt::fa4_attention"
 MODE = "fa4"
-MIN_CC = (9, 0)  # FA4's forward kernels: SM90 (Hopper) and SM100 (Blackwell)
+MIN_CC = ATTENTION_MIN_CC[MODE][0]  # FA4's forward kernels: SM90 (Hopper) and SM100 (Blackwell)
 MAX_CC = (10, 99)
 PACKAGE = "flash-attn-4"
 INSTALL_HINT = "pip install flash-attn-4 (with nvidia-cutlass-dsl for the machine's CUDA)"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -84,7 +84,8 @@ def apply_split_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
-_KERNEL_ATTENTION: list[str] = []  # the mode of the innermost `kernel_attention()` block
+_KERNEL_ATTENTION: list[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = []
+"""The attention function of the innermost `kernel_attention()` block."""
 
 
 @contextlib.contextmanager
@@ -93,11 +94,9 @@ def kernel_attention(mode: str) -> Iterator[None]:
     (per-tensor E4M3 Q, K, V and P) or "fp8s" (smoothed, per-token Q/K and per-channel V scales) from
     fvrt.plugins.fp8_attention, "fa4" (FlashAttention-4) from fvrt.plugins.fa4_attention. The builder wraps the
     export of the DiT engines in it (--attention fp8 / fp8s / fa4)."""
-    from fvrt.plugins import KERNEL_ATTENTION
+    from fvrt.plugins import kernel_attention_fn
 
-    if mode not in KERNEL_ATTENTION:
-        raise ValueError(f"kernel attention mode must be one of {KERNEL_ATTENTION}, got {mode!r}")
-    _KERNEL_ATTENTION.append(mode)
+    _KERNEL_ATTENTION.append(kernel_attention_fn(mode))  # ValueError for an unknown mode
     try:
         yield
     finally:
@@ -111,9 +110,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     (fvrt.plugins) or the ONNX `Attention` op without touching the model code.
     """
     if _KERNEL_ATTENTION:
-        from fvrt.plugins import kernel_attention_fn
-
-        return kernel_attention_fn(_KERNEL_ATTENTION[-1])(q, k, v)
+        return _KERNEL_ATTENTION[-1](q, k, v)
     return F.scaled_dot_product_attention(q, k, v)
 
 
