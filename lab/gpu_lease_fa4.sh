@@ -5,13 +5,14 @@
 #   2. FA4's wheels installed once they have all arrived, then its op's GPU tests (vs fp32 and cuDNN, CUDA graphs);
 #   3. the full-size DiT engines (lab/gpu_build_engines.py): one dit_block engine per attention, cuDNN and FA4,
 #      each DiT pass timed in the same run against the same eager model;
-#   4. tiny FA4 and smoothed-FP8 engines through the pipeline against one shared tiny cuDNN build;
-#   5. the eager full-size DiT per attention (lab/gpu_attention.py: kernel times, velocity cosine).
+#   4. the eager full-size DiT per attention (lab/gpu_attention.py: kernel times, velocity cosine);
+#   5. tiny FA4 and smoothed-FP8 engines through the pipeline against one shared tiny cuDNN build (last: two tiny
+#      CUDA builds took over 430 s on 2026-12-06).
 #
 #   cp -r . /tmp/tree && cd /tmp/tree && bash lab/gpu_job.sh start f -- bash lab/gpu_lease_fa4.sh /tmp/r /tmp/wh
 #   bash lab/gpu_job.sh wait f 540 /tmp/r
 #
-# $1: results folder; $2: the wheel folder; $3 "quick": after the op's tests only the attention kernels (step 5's
+# $1: results folder; $2: the wheel folder; $3 "quick": after the op's tests only the attention kernels (step 4's
 # `--steps attn`), for a lease with little device time left. The first call brings PyAV's wheel (WH/av: every test
 # module needs it through the builder's imports; on 2026-12-06 the kernel tests failed at collection without it)
 # and FA4's small wheels (WH/fa4/*.whl); FA4's CuTe DSL library wheel (92 MB, over one call's 64 MiB) follows in
@@ -69,10 +70,11 @@ step "full-size DiT engines: cuDNN and FA4 blocks in one run"
 PYTHONUNBUFFERED=1 FVRT_CXX=g++-12 python3 lab/gpu_build_engines.py --stages dit --attention cudnn,fa4 \
   --repeats 2 --out "$R/dit" 2>&1 | tee "$R/dit.log" | tail -n 40
 
-step "GPU tests: FA4 and smoothed FP8 engines through the pipeline (one shared cuDNN build)"
-FVRT_CXX=g++-12 gpu_tests engine-tests tests/test_fa4_attention.py tests/test_fp8_attention.py -k engines
-
 step "eager full-size DiT per attention"
 PYTHONUNBUFFERED=1 python3 lab/gpu_attention.py --out "$R/attn" --steps attn,dit --dit-attention fa4,fp8s,fp8s_tok \
   --dit-keep-ends "" --dit-fp8-linears "" --no-dit-flash --no-dit-fast-accum 2>&1 | tee "$R/attn.log" | tail -n 40
+
+step "GPU tests: FA4 and smoothed FP8 engines through the pipeline (one shared cuDNN build)"
+FVRT_CXX=g++-12 gpu_tests engine-tests tests/test_fa4_attention.py tests/test_fp8_attention.py -k engines
+
 step "done"
