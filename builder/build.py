@@ -132,6 +132,7 @@ def link_or_copy(src: str | Path, dst: str | Path) -> None:
     sha256 in the manifest guards them), copying where links are impossible (another file system). A full-size
     build holds ~60 GB of weights: a copy per rebuild would double the disk it needs."""
     src, dst = Path(src), Path(dst)  # shutil.copytree(copy_function=...) passes strings
+    dst.parent.mkdir(parents=True, exist_ok=True)  # engine files may lie in subfolders (fa4_kernels/...)
     dst.unlink(missing_ok=True)
     try:
         os.link(src, dst)
@@ -254,7 +255,6 @@ def _keep(out: Path, old: Manifest, kept: Sequence[str], tmp: Path, result: Buil
     assets = dict(result.manifest.assets)
     if set(STAGE_GROUPS["text_encoder"]) & set(kept) and not assets:
         for f, digest in old.assets.items():
-            (tmp / f).parent.mkdir(parents=True, exist_ok=True)
             link_or_copy(out / f, tmp / f)
             assets[f] = digest
     order = {n: i for i, n in enumerate(ENGINE_NAMES)}

@@ -12,9 +12,13 @@ the dispatcher for it (its "proxy executor"), which lands back in this module's 
 - an engine built with `--attention fa4` needs this op registered before it is loaded: the runtime imports this
   module when a manifest records `attention: fa4` (`fvrt.runtime.engine.check_environment`), and refuses in one
   line when flash-attn-4 is missing or the GPU is not Hopper or Blackwell;
-- the kernel is compiled on its first call (about 2 s on the H100; one compile serves every sequence length of a
-  head dim), which the runtime's warm-up call before each CUDA-graph capture absorbs; the launches are captured
-  like any other kernel (FA4 launches on torch's current stream);
+- FA4 JIT-compiles a kernel per attention shape class on its first call (about 2 s each on the H100), so the
+  build compiles them at the engine's exact shapes (`traced_shapes` records them while the engine is exported) and
+  ships them as object files in `fa4_kernels/<stage>/<FA4 source fingerprint>/fwd/` (`save_kernels`, listed with
+  their sha256 in the manifest); the runtime loads them from there read-only (`use_kernels`). The fingerprint is
+  FA4's own (its sources, Python, CuTe DSL and tvm-ffi versions): under another FA4 no file matches and the kernel
+  compiles in memory as before, inside the warm-up call that precedes each CUDA-graph capture. The launches are
+  captured like any other kernel (FA4 launches on torch's current stream);
 - every other device runs the op as plain SDPA (the CPU fallback: same values, used by the CPU tests).
 
 Layout: the op takes Q, K, V as [B, T, H, D] (FA4's layout; `attention` passes transposed views of the model's
@@ -24,7 +28,13 @@ output projection reads.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib.util
+import logging
+import pickle
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,6 +49,14 @@ MAX_CC = (10, 99)
 PACKAGE = "flash-attn-4"
 INSTALL_HINT = "pip install flash-attn-4 (with nvidia-cutlass-dsl for the machine's CUDA)"
 HEAD_DIMS = (64, 96, 128, 192, 256)  # FA4 forward head dims (multiples of 8 up to 256; these are the common ones)
+KERNELS_DIR = "fa4_kernels"  # in the engine directory: <stage>/<FA4 source fingerprint>/fwd/<key hash>.o
+EXPORTED_NAME = "func"  # the name FA4's JITPersistentCache gives the function in each object file
+
+log = logging.getLogger(__name__)
+
+# (q shape, k shape, v shape, dtype) of one call of the op, q/k/v as [B, T, H, D]
+Shapes = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], torch.dtype]
+_recorders: list[set[Shapes]] = []  # the sets of the active `traced_shapes` contexts
 
 
 def available() -> str | None:
@@ -91,7 +109,23 @@ def fa4_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
 
 @fa4_attention.register_fake
 def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    # symbolic (dynamic) shapes are not recorded: their kernels compile at first use
+    if _recorders and all(isinstance(d, int) for t in (q, k, v) for d in t.shape):
+        for shapes in _recorders:
+            shapes.add((tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype))
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+@contextlib.contextmanager
+def traced_shapes() -> Iterator[set[Shapes]]:
+    """The shapes the op is traced at inside the context (torch.export and Inductor call its fake impl): what an
+    engine's FA4 calls take, so the build can compile their kernels (`save_kernels`)."""
+    shapes: set[Shapes] = set()
+    _recorders.append(shapes)
+    try:
+        yield shapes
+    finally:
+        _recorders.remove(shapes)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -108,4 +142,138 @@ def describe() -> dict[str, Any]:
     return {"attention_kernel": PACKAGE, "attention_kernel_version": version()}
 
 
-__all__ = ["MODE", "OP_NAME", "attention", "available", "describe", "fa4_attention", "supported", "version"]
+def kernel_file(key: Any) -> str:
+    """The object file of FA4 compile key `key`, named as FA4's `JITPersistentCache` names it."""
+    return hashlib.sha256(pickle.dumps(key)).hexdigest() + ".o"
+
+
+def _kernel_folder(root: Path, stage: str) -> Path:
+    """Where the forward kernels of engine `stage` lie in engine directory `root`: one folder per engine, as two
+    engines may compile the same kernel and a rebuild of one must not replace a file the other's manifest entry
+    hashed; under FA4's source fingerprint, as FA4 namespaces its own cache."""
+    from flash_attn.cute import cache_utils
+
+    return Path(root) / KERNELS_DIR / stage / cache_utils._compute_source_fingerprint() / "fwd"
+
+
+def save_kernels(out_dir: Path, stage: str, shapes: Iterable[Shapes], device: torch.device) -> list[str]:
+    """Compile FA4's forward kernels of engine `stage` at `shapes` (as `traced_shapes` records them) on `device`
+    and export them into `out_dir` (see `_kernel_folder`); returns their paths relative to `out_dir`, sorted."""
+    calls = sorted(set(shapes), key=repr)
+    if not calls:
+        return []
+    from flash_attn.cute import cache_utils, interface
+
+    fwd = interface._flash_attn_fwd
+    folder = _kernel_folder(out_dir, stage)
+    exporter = cache_utils.JITPersistentCache(folder)  # exports every kernel compiled while it is installed
+    previous, fwd.compile_cache = fwd.compile_cache, exporter
+    try:
+        with torch.no_grad():
+            for q, k, v, dtype in calls:
+                fa4_attention(*(torch.randn(s, device=device, dtype=dtype) for s in (q, k, v)))
+        torch.cuda.synchronize(device)
+    finally:
+        fwd.compile_cache = previous
+    for key, fn in exporter.cache.items():  # this process (the build's verification) runs them without compiling
+        previous[key] = fn
+    for lock in folder.glob("*.lock"):  # FA4's file locks: the engine directory holds only manifest files
+        lock.unlink()
+    files = [folder / kernel_file(key) for key in exporter.cache]
+    if missing := [f.name for f in files if not f.is_file()]:  # FA4 logs a failed export and goes on
+        raise RuntimeError(f"engine {stage}: FlashAttention-4 did not export kernel {missing[0]} into {folder}")
+    return sorted(f.relative_to(out_dir).as_posix() for f in files)
+
+
+def _load_kernel(path: Path) -> Any:
+    """The compiled function of one exported object file (as FA4's `JITPersistentCache` loads it)."""
+    from cutlass import cute
+    from flash_attn.cute import cache_utils  # noqa: F401 (its import preloads the runtime libraries they link to)
+
+    return getattr(cute.runtime.load_module(str(path), enable_tvm_ffi=True), EXPORTED_NAME)
+
+
+class ShippedKernels:
+    """FA4's forward-kernel cache (duck-typed like its `JITCache`: `in`, `[]`, `get`, `[]=`, `clear`), backed by
+    the kernels an engine directory ships, read-only: a miss there is FA4's miss (it compiles the kernel in memory
+    and stores it here), a file that does not load is a miss too, and nothing is ever written into the folders."""
+
+    def __init__(self, folders: Sequence[Path]) -> None:
+        self.folders = tuple(Path(f) for f in folders)
+        self.cache: dict[Any, Any] = {}
+        self.loaded = 0  # kernels loaded from the folders (each one a compile saved)
+
+    def _load(self, key: Any) -> bool:
+        name = kernel_file(key)
+        for path in (f / name for f in self.folders):
+            if not path.is_file():
+                continue
+            try:
+                self.cache[key] = _load_kernel(path)
+            except Exception as e:  # any failure (a truncated file, another CUDA): FA4 compiles the kernel instead
+                log.warning(
+                    "FlashAttention-4 kernel %s does not load (%s: %s); compiling it", path, type(e).__name__, e
+                )
+                continue
+            self.loaded += 1
+            return True
+        return False
+
+    def __contains__(self, key: Any) -> bool:
+        return key in self.cache or self._load(key)
+
+    def __getitem__(self, key: Any) -> Any:
+        if key not in self:
+            raise KeyError(key)
+        return self.cache[key]
+
+    def get(self, key: Any) -> Any:
+        return self.cache[key] if key in self else None
+
+    def __setitem__(self, key: Any, fn: Any) -> None:
+        self.cache[key] = fn
+
+    def clear(self) -> None:
+        self.cache.clear()
+
+
+def use_kernels(root: Path, stages: Sequence[str]) -> ShippedKernels | None:
+    """Have FA4 load the forward kernels that engines `stages` of engine directory `root` ship instead of compiling
+    them (kernels already in FA4's memory stay); returns the installed cache, the same one for the same folders.
+    None where FA4 does not import or its internals are not the ones this was written against (4.0.0b40): kernels
+    then compile at first use, as without shipped ones."""
+    try:
+        from flash_attn.cute import interface
+
+        fwd = interface._flash_attn_fwd
+        previous = fwd.compile_cache
+        folders = [_kernel_folder(root, s) for s in stages]
+    except (ImportError, AttributeError) as e:
+        log.info("FlashAttention-4's kernel cache is not reachable (%s); kernels compile at first use", e)
+        return None
+    if isinstance(previous, ShippedKernels) and previous.folders == tuple(folders):
+        return previous
+    if not any(f.is_dir() for f in folders):  # built before kernels were shipped, or under another FA4
+        log.info("%s: no FlashAttention-4 kernels for this flash-attn-4; they compile at first use", root)
+    cache = ShippedKernels(folders)
+    cache.cache.update(getattr(previous, "cache", {}))
+    fwd.compile_cache = cache
+    return cache
+
+
+__all__ = [
+    "KERNELS_DIR",
+    "MODE",
+    "OP_NAME",
+    "ShippedKernels",
+    "attention",
+    "available",
+    "describe",
+    "fa4_attention",
+    "kernel_file",
+    "save_kernels",
+    "supported",
+    "traced_shapes",
+    "use_kernels",
+    "version",
+]

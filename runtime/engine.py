@@ -55,8 +55,8 @@ def check_environment(root: Path, manifest: Manifest, device: torch.device) -> N
 
 def check_attention_kernels(root: Path, manifest: Manifest, device: torch.device) -> None:
     """Engines built with `--attention fa4` call the `fvrt::fa4_attention` op back through the dispatcher: register
-    it (importing fvrt.plugins.fa4_attention) before any engine loads, and refuse in one line when FlashAttention-4
-    cannot run here (not installed, or not a Hopper/Blackwell GPU)."""
+    it (importing fvrt.plugins.fa4_attention) before any engine loads, refuse in one line when FlashAttention-4
+    cannot run here (not installed, or not a Hopper/Blackwell GPU), and have FA4 load the kernels the engines ship."""
     from fvrt.plugins import fa4_attention
 
     users = [n for n, e in manifest.stages.items() if e.extra.get("attention") == fa4_attention.MODE]
@@ -64,6 +64,7 @@ def check_attention_kernels(root: Path, manifest: Manifest, device: torch.device
         return
     if why := fa4_attention.supported(device):
         raise EngineError(f"{root}: engine {users[0]} was built with --attention fa4 (FlashAttention-4): {why}")
+    fa4_attention.use_kernels(root, users)  # the kernels the build compiled, instead of compiling them again
 
 
 class EngineDir:

@@ -296,22 +296,23 @@ def test_conv_layout_reaches_the_vae_engines_only() -> None:
 
 
 def test_reuse_copies_every_engine_file(tmp_path: Path) -> None:
-    """_reuse hard-links (or copies) `file`, every file of `files` (TensorRT: one plan per shape key) and the
-    weights file."""
+    """_reuse hard-links (or copies) `file`, every file of `files` (TensorRT: one plan per shape key; FA4 kernels
+    in a subfolder) and the weights file."""
     from fvrt.runtime.manifest import StageEntry
 
     old, new = tmp_path / "old", tmp_path / "new"
     old.mkdir()
     new.mkdir()
-    names = ["b.s1.plan", "b.s2.plan", "b.s3.plan", "b.weights.safetensors"]
+    names = ["b.s1.plan", "b.s2.plan", "fa4_kernels/dit_block/f1/fwd/k.o", "b.weights.safetensors"]
     for i, n in enumerate(names):
+        (old / n).parent.mkdir(parents=True, exist_ok=True)
         (old / n).write_bytes(bytes([i]) * 10)
     entry = StageEntry(
         name="dit_block", backend="tensorrt-rtx", file=names[0], sha256="x", precision="fp32", inputs=[],
         outputs=[], weights=names[3], weights_sha256="y", files={n: "z" for n in names[:3]},
     )  # fmt: skip
     B._reuse(old, entry, new, weights=False)
-    assert sorted(p.name for p in new.iterdir()) == names[:3]
+    assert sorted(p.relative_to(new).as_posix() for p in new.rglob("*") if p.is_file()) == names[:3]
     B._reuse(old, entry, new)
     assert all((new / n).read_bytes() == (old / n).read_bytes() for n in names)
     assert all((new / n).stat().st_ino == (old / n).stat().st_ino for n in names)  # linked: no second copy

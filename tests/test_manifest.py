@@ -72,6 +72,22 @@ def test_refuses_tampered_and_missing_files(tmp_path: Path) -> None:
         verify(root, manifest)
 
 
+def test_stage_files_may_lie_in_subfolders_of_the_directory_only(tmp_path: Path) -> None:
+    """Engine files in subfolders (the FA4 kernels an fa4 engine ships) are verified like the others."""
+    root, manifest = _engine_dir(tmp_path)
+    kernel = "fa4_kernels/dit/f1/fwd/ab12.o"
+    (root / kernel).parent.mkdir(parents=True)
+    (root / kernel).write_bytes(b"object")
+    entry = dataclasses.replace(manifest.stages["dit"], files={kernel: sha256_file(root / kernel)})
+    verify(root, dataclasses.replace(manifest, stages={"dit": entry}))
+    (root / kernel).write_bytes(b"objecz")
+    with pytest.raises(EngineError, match=r"file fa4_kernels/dit/f1/fwd/ab12\.o does not match its sha256"):
+        verify(root, dataclasses.replace(manifest, stages={"dit": entry}))
+    escape = dataclasses.replace(entry, files={"fa4_kernels/../../x.o": "0" * 64})
+    with pytest.raises(EngineError, match=r"names a file outside the engine directory: fa4_kernels/\.\./\.\./x\.o"):
+        verify(root, dataclasses.replace(manifest, stages={"dit": escape}))
+
+
 def test_refuses_bad_manifests(tmp_path: Path) -> None:
     with pytest.raises(EngineError, match="not found"):
         read_manifest(tmp_path / "nope")

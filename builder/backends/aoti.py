@@ -456,14 +456,22 @@ class TorchAOTBackend:
         weights = [all_tensors[n] for n in input_names] if spec.per_layer else [file_tensors[n] for n in input_names]
         from torch._inductor.package import package_aoti
 
+        attention = stage_attention(self.attention, spec.name, device)
         compiled: dict[str, CompiledKey] = {}
         packages: dict[str, Path] = {}
-        for key in spec.shape_keys:
-            log(f"{spec.name} [{key}]: export + AOTInductor compile ({len(weights)} weight inputs)")
-            compiled[key] = c = self.compile_key(spec, key, input_names, weights, device, conv_layout)
-            packages[key] = out_dir / package_name(spec.name, key)
-            package_aoti(str(packages[key]), c.files)  # one model ("model") per package
-            log(f"{spec.name} [{key}]: export {c.export_s:.1f} s, compile {c.compile_s:.1f} s")
+        with fa4_attention.traced_shapes() as fa4_shapes:
+            for key in spec.shape_keys:
+                log(f"{spec.name} [{key}]: export + AOTInductor compile ({len(weights)} weight inputs)")
+                compiled[key] = c = self.compile_key(spec, key, input_names, weights, device, conv_layout)
+                packages[key] = out_dir / package_name(spec.name, key)
+                package_aoti(str(packages[key]), c.files)  # one model ("model") per package
+                log(f"{spec.name} [{key}]: export {c.export_s:.1f} s, compile {c.compile_s:.1f} s")
+        fa4 = attention == fa4_attention.MODE  # CUDA only (stage_attention)
+        # FA4 compiles its kernels in Python at first call: compile them now, at the engine's shapes, and ship them
+        kernels = fa4_attention.save_kernels(out_dir, spec.name, fa4_shapes, device) if fa4 else []
+        if kernels:
+            log(f"{spec.name}: {len(kernels)} FlashAttention-4 kernels compiled and exported")
+        files = [p.name for p in packages.values()] + kernels
         package = packages[spec.shape_keys[0]]
         weights_file = out_dir / f"{spec.name}{WEIGHTS_SUFFIX}"
         if write_weights:
@@ -482,11 +490,10 @@ class TorchAOTBackend:
                 specs.append(TensorSpec(name, dtypes.pop(), {k: s for k, (s, _) in per_key.items()}))
             return specs
 
-        attention = stage_attention(self.attention, spec.name, device)
         extra: dict[str, Any] = {
             "device": device.type,
             "attention": attention,
-            **(fa4_attention.describe() if attention == fa4_attention.MODE else {}),
+            **({**fa4_attention.describe(), "attention_kernels": len(kernels)} if fa4 else {}),
             "conv_layout": conv_layout,
             "models": {k: p.name for k, p in packages.items()},
             "weight_dtypes": weight_dtypes,
@@ -513,7 +520,7 @@ class TorchAOTBackend:
             weights=weights_file.name if write_weights else None,
             weights_sha256=sha256_file(weights_file) if write_weights else None,
             extra=extra,
-            files={p.name: sha256_file(p) for p in packages.values()},
+            files={f: sha256_file(out_dir / f) for f in files},
             weight_names=file_names,
             **per_layer_fields(spec),
         )
