@@ -70,17 +70,20 @@ step "full-size DiT engines: cuDNN and FA4 blocks in one run"
 PYTHONUNBUFFERED=1 FVRT_CXX=g++-12 python3 lab/gpu_build_engines.py --stages dit --attention cudnn,fa4 \
   --repeats 2 --out "$R/dit" 2>&1 | tee "$R/dit.log" | tail -n 40
 
-step "eager full-size DiT per attention"
-PYTHONUNBUFFERED=1 python3 lab/gpu_attention.py --out "$R/attn" --steps attn,dit --dit-attention fa4,fp8s,fp8s_tok \
-  --dit-keep-ends "" --dit-fp8-linears "" --no-dit-flash --no-dit-fast-accum 2>&1 | tee "$R/attn.log" | tail -n 40
-
-# FVRT_NEW_TREE / FVRT_NEW_SITE: a newer tree (and its `pip install --target` folder) for these tests only, so
-# the measurements above run the code they were planned with
+# FVRT_NEW_TREE / FVRT_NEW_SITE: a newer tree (and its `pip install --target` folder) for what follows, so the
+# measurements above run the code they were planned with
 if [[ -n "${FVRT_NEW_TREE:-}" ]]; then
   cd "$FVRT_NEW_TREE"
   export PYTHONPATH="$FVRT_NEW_SITE:$PYTHONPATH"
 fi
-step "GPU tests: FA4 and smoothed FP8 engines through the pipeline (one shared cuDNN build), FA4's shipped kernels"
-FVRT_CXX=g++-12 gpu_tests engine-tests tests/test_fa4_attention.py tests/test_fp8_attention.py -k "engines or kernels"
+step "GPU tests: FA4's shipped kernels load in a fresh process without compiling"
+gpu_tests kernel-tests tests/test_fa4_attention.py -k "kernels and not engines"
+
+step "eager full-size DiT per attention"
+PYTHONUNBUFFERED=1 python3 lab/gpu_attention.py --out "$R/attn" --steps attn,dit --dit-attention fa4,fp8s,fp8s_tok \
+  --dit-keep-ends "" --dit-fp8-linears "" --no-dit-flash --no-dit-fast-accum 2>&1 | tee "$R/attn.log" | tail -n 40
+
+step "GPU tests: FA4 and smoothed FP8 engines through the pipeline (one shared cuDNN build)"
+FVRT_CXX=g++-12 gpu_tests engine-tests tests/test_fa4_attention.py tests/test_fp8_attention.py -k engines
 
 step "done"
