@@ -57,7 +57,10 @@ export PYTHONPATH="$PYTHONPATH:/tmp/fa4/nvidia_cutlass_dsl/dsl_packages"
 python3 -c "from fvrt.plugins import fa4_attention as f; import torch; print('fa4:', f.version(), f.supported(torch.device('cuda')))"
 
 step "GPU tests: FlashAttention-4 op"
-gpu_tests fa4-tests tests/test_fa4_attention.py -k "not engines"
+gpu_tests fa4-tests tests/test_fa4_attention.py -k "not engines and not kernels"
+
+step "GPU tests: FA4's shipped kernels load in a fresh process without compiling"
+gpu_tests kernel-tests tests/test_fa4_attention.py -k "kernels and not engines"
 
 if [[ "${3:-}" == quick ]]; then  # little device time left: the attention kernels only, the op's included
   step "attention kernels at the DiT's shapes (FA4 through the engines' op)"
@@ -69,15 +72,6 @@ fi
 step "full-size DiT engines: cuDNN and FA4 blocks in one run"
 PYTHONUNBUFFERED=1 FVRT_CXX=g++-12 python3 lab/gpu_build_engines.py --stages dit --attention cudnn,fa4 \
   --repeats 2 --out "$R/dit" 2>&1 | tee "$R/dit.log" | tail -n 40
-
-# FVRT_NEW_TREE / FVRT_NEW_SITE: a newer tree (and its `pip install --target` folder) for what follows, so the
-# measurements above run the code they were planned with
-if [[ -n "${FVRT_NEW_TREE:-}" ]]; then
-  cd "$FVRT_NEW_TREE"
-  export PYTHONPATH="$FVRT_NEW_SITE:$PYTHONPATH"
-fi
-step "GPU tests: FA4's shipped kernels load in a fresh process without compiling"
-gpu_tests kernel-tests tests/test_fa4_attention.py -k "kernels and not engines"
 
 step "eager full-size DiT per attention"
 PYTHONUNBUFFERED=1 python3 lab/gpu_attention.py --out "$R/attn" --steps attn,dit --dit-attention fa4,fp8s,fp8s_tok \
