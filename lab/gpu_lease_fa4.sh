@@ -2,22 +2,31 @@
 # FlashAttention-4 in the engines (`--attention fa4`) and the smoothed FP8 attention's pending checks, as ONE
 # detached job on the lent machine (lab/gpu_job.sh runs it):
 #   1. GPU tests of the FP8 kernels (per-token and per-tile scales), before FA4's wheels are needed;
-#   2. FA4's wheels installed once they have all arrived, then its op's GPU tests (vs fp32 and cuDNN, CUDA graphs);
+#   2. FA4's wheels installed once they have all arrived, then its op's GPU tests (vs fp32 and cuDNN, CUDA graphs)
+#      and the shipped-kernel test (kernels exported, then loaded by a fresh process without compiling);
 #   3. the full-size DiT engines (lab/gpu_build_engines.py): one dit_block engine per attention, cuDNN and FA4,
 #      each DiT pass timed in the same run against the same eager model;
 #   4. the eager full-size DiT per attention (lab/gpu_attention.py: kernel times, velocity cosine);
 #   5. tiny FA4 and smoothed-FP8 engines through the pipeline against one shared tiny cuDNN build (last: two tiny
 #      CUDA builds took over 430 s on 2026-12-06).
 #
-#   cp -r . /tmp/tree && cd /tmp/tree && bash lab/gpu_job.sh start f -- bash lab/gpu_lease_fa4.sh /tmp/r /tmp/wh
-#   bash lab/gpu_job.sh wait f 540 /tmp/r
+# Wheels: `bash lab/gpu_wheels_fa4.sh /tmp/carry` lays them out as one carry folder per call (call1: WH/av, PyAV,
+# which every test module needs through the builder's imports, and WH/fa4/*.whl; call2 and call3: the 92 MB CuTe DSL
+# library wheel in 40 MB pieces, WH/cu13.part-*); the call that brings the last piece touches WH/fa4.ready, which
+# this job waits for (10 min at most). The tree: the device copies the working tree, uncommitted edits included, so
+# carry `git archive --format=tar.gz -o .whl/tree.tgz HEAD` in the first call and run from that instead:
+#
+#   first call (carry .whl = call1 + tree.tgz):
+#     mkdir -p /tmp/wh /tmp/tree && cp -r .whl/* /tmp/wh/ && tar -xzf .whl/tree.tgz -C /tmp/tree && cd /tmp/tree &&
+#     python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/site . &&
+#     PYTHONPATH=/tmp/site bash lab/gpu_job.sh start f -- bash lab/gpu_lease_fa4.sh /tmp/r /tmp/wh
+#   second call (carry .whl = call2), at once:   cp .whl/* /tmp/wh/; bash lab/gpu_job.sh wait f 10 /tmp/r
+#   third call (carry .whl = call3), at once:    cp .whl/* /tmp/wh/ && touch /tmp/wh/fa4.ready;
+#                                                 bash lab/gpu_job.sh wait f 540 /tmp/r
+#   then `bash lab/gpu_job.sh wait f 540 /tmp/r` back to back until it ends (results come back under $OUT/f/)
 #
 # $1: results folder; $2: the wheel folder; $3 "quick": after the op's tests only the attention kernels (step 4's
-# `--steps attn`), for a lease with little device time left. The first call brings PyAV's wheel (WH/av: every test
-# module needs it through the builder's imports; on 2026-12-06 the kernel tests failed at collection without it)
-# and FA4's small wheels (WH/fa4/*.whl); FA4's CuTe DSL library wheel (92 MB, over one call's 64 MiB) follows in
-# pieces over the next calls (`split -b 40M`: WH/cu13.part-*), the last touching WH/fa4.ready, which this job
-# waits for (10 min at most).
+# `--steps attn`), for a lease with little device time left.
 # fvrt must be importable (PYTHONPATH=/tmp/site after `pip install --target /tmp/site .`).
 set -uo pipefail
 
