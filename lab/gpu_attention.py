@@ -15,6 +15,8 @@
   TFLOP/s and error against fp32.
 - `fa4`: FlashAttention-4 (flash-attn-4, CuTe DSL, its SM90 forward) at the same shapes, in a subprocess with
   `--fa4-site` on its PYTHONPATH (skipped when the folder holds no flash_attn).
+- `attn` and `dit` also take the engines' call-back ops where they can run: `fa4` (flash-attn-4 importable) and
+  `sage` (SageAttention 2 built by lab/sage_build.py on PYTHONPATH): name them in `--dit-attention`.
 
     PYTHONPATH=. python3 lab/gpu_attention.py --out DIR [--steps ceil,attn,dit,gemm,fa4] [--fa4-site /tmp/fa4]
     python lab/gpu_attention.py --out DIR --tiny --device cpu      # CPU dry run of the code paths
@@ -42,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from fvrt.builder.models import common
-from fvrt.plugins import fa4_attention
+from fvrt.plugins import fa4_attention, sage_attention
 from fvrt.plugins import fp8_attention as fa
 
 ATTN_SHAPES = {"s2_video_self": (1, 32, 32640, 128), "s1_video_self": (1, 32, 8160, 128)}
@@ -212,6 +214,8 @@ def attention_fns(dev: torch.device) -> dict[str, Any]:
         fns["flash2_bf16"] = sdpa_with(SDPBackend.FLASH_ATTENTION)
         if fa4_attention.supported(dev) is None:  # flash-attn-4 on PYTHONPATH: the engines' op, through torch.ops
             fns["fa4"] = fa4_attention.attention
+        if sage_attention.supported(dev) is None:  # SageAttention 2 built by lab/sage_build.py: the engines' op
+            fns["sage"] = sage_attention.attention
     else:
         fns["math_bf16"] = sdpa_with(SDPBackend.MATH)
     fns.update({n: variant_fn(n) for n in VARIANTS})

@@ -1,32 +1,37 @@
 """Kernels and custom ops shared by builder and runtime (torch.library ops with fake impls).
 
 `KERNEL_ATTENTION`: the `--attention` modes that replace the DiT engines' SDPA with one of these kernels (every
-other engine keeps cuDNN): "fp8" and "fp8s" (fp8_attention: Triton kernels compiled into the engine) and "fa4"
-(fa4_attention: FlashAttention-4, called back through the dispatcher). `kernel_attention_fn(mode)` is the
-[B, H, T, D] attention function of a mode.
+other engine keeps cuDNN): "fp8" and "fp8s" (fp8_attention: Triton kernels compiled into the engine), "fa4"
+(fa4_attention: FlashAttention-4) and "sage" (sage_attention: SageAttention 2's INT8/FP8 Hopper kernel), the last
+two called back through the dispatcher (`CALLBACK_ATTENTION`: the runtime must register their ops, and can run
+them only where their package and GPU are). `kernel_attention_fn(mode)` is the [B, H, T, D] attention function of
+a mode.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from types import ModuleType
 
 import torch
 
-from fvrt.plugins import fa4_attention, fp8_attention
+from fvrt.plugins import fa4_attention, fp8_attention, sage_attention
 
-KERNEL_ATTENTION = (*fp8_attention.MODES, fa4_attention.MODE)
+CALLBACK_ATTENTION: dict[str, ModuleType] = {m.MODE: m for m in (fa4_attention, sage_attention)}
+"""mode -> plugin module (MODE, NAME, supported(device), describe(), attention) of the ops engines call back."""
+KERNEL_ATTENTION = (*fp8_attention.MODES, *CALLBACK_ATTENTION)
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def kernel_attention_fn(mode: str) -> AttentionFn:
     """The attention function of a KERNEL_ATTENTION mode; ValueError for another."""
-    if mode == fa4_attention.MODE:
-        return fa4_attention.attention
+    if mode in CALLBACK_ATTENTION:
+        return CALLBACK_ATTENTION[mode].attention
     if mode in fp8_attention.MODES:
         return partial(fp8_attention.attention, mode=mode)
     raise ValueError(f"kernel attention mode must be one of {KERNEL_ATTENTION}, got {mode!r}")
 
 
-__all__ = ["KERNEL_ATTENTION", "AttentionFn", "kernel_attention_fn"]
+__all__ = ["CALLBACK_ATTENTION", "KERNEL_ATTENTION", "AttentionFn", "kernel_attention_fn"]

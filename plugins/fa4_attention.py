@@ -44,6 +44,7 @@ from fvrt.runtime.precision import ATTENTION_MIN_CC
 
 OP_NAME = "fvrt::fa4_attention"
 MODE = "fa4"
+NAME = "FlashAttention-4"
 MIN_CC = ATTENTION_MIN_CC[MODE][0]  # FA4's forward kernels: SM90 (Hopper) and SM100 (Blackwell)
 MAX_CC = (10, 99)
 PACKAGE = "flash-attn-4"

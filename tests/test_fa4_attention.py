@@ -25,7 +25,7 @@ from helpers import gpu_attention_video_psnr, rel_error
 from fvrt.builder.build import BuildError, BuildRequest, build_engines
 from fvrt.builder.models.common import kernel_attention, sdpa
 from fvrt.builder.stages import stage_attention
-from fvrt.plugins import KERNEL_ATTENTION, fa4_attention, kernel_attention_fn
+from fvrt.plugins import CALLBACK_ATTENTION, KERNEL_ATTENTION, fa4_attention, kernel_attention_fn
 from fvrt.runtime.engine import check_attention_kernels
 from fvrt.runtime.manifest import EngineError, read_manifest, sha256_file
 from fvrt.runtime.precision import min_compute_capability
@@ -62,7 +62,7 @@ def test_sdpa_switch_reaches_the_op_inside_the_block_only() -> None:
     assert torch.equal(inside, F.scaled_dot_product_attention(q, k, v))
     with pytest.raises(ValueError, match="kernel attention mode must be one of"), kernel_attention("fa3"):
         pass
-    assert KERNEL_ATTENTION == ("fp8", "fp8s", "fa4") and kernel_attention_fn("fa4") is fa4_attention.attention
+    assert KERNEL_ATTENTION[:3] == ("fp8", "fp8s", "fa4") and kernel_attention_fn("fa4") is fa4_attention.attention
     with pytest.raises(ValueError, match="kernel attention mode"):
         kernel_attention_fn("cudnn")
 
@@ -91,23 +91,25 @@ class _AttnBlock(torch.nn.Module):
         return sdpa(h, h * 0.5, h) + 1.0
 
 
-def test_an_aoti_engine_calls_the_op_back_and_needs_it_registered(tmp_path: Path) -> None:
-    """The mechanism `--attention fa4` engines rely on, on the CPU (where the op is SDPA): AOTInductor compiles the
-    custom op as a call through the dispatcher; the package runs in a process that imported the plugin, and a
-    process that did not cannot load it (the runtime registers the op for such manifests)."""
+@pytest.mark.parametrize("mode", sorted(CALLBACK_ATTENTION))
+def test_an_aoti_engine_calls_the_op_back_and_needs_it_registered(tmp_path: Path, mode: str) -> None:
+    """The mechanism `--attention fa4` and `sage` engines rely on, on the CPU (where the op is SDPA): AOTInductor
+    compiles the custom op as a call through the dispatcher; the package runs in a process that imported the plugin,
+    and a process that did not cannot load it (the runtime registers the op for such manifests)."""
     torch.manual_seed(0)
     model = _AttnBlock().eval()
     x = torch.randn(1, 2, 24, 64)
-    with kernel_attention("fa4"):
+    plugin = CALLBACK_ATTENTION[mode]
+    with kernel_attention(mode):
         ep = torch.export.export(model, (x,))
-    assert any("fa4_attention" in str(n.target) for n in ep.graph.nodes), ep.graph
+    assert any(f"{mode}_attention" in str(n.target) for n in ep.graph.nodes), ep.graph
     package = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "attn.pt2"))
     torch.save({"x": x, "want": model(x).detach()}, tmp_path / "io.pt")
 
     script = textwrap.dedent(f"""
         import sys, torch
         if sys.argv[1] == "register":
-            import fvrt.plugins.fa4_attention  # noqa: F401
+            import {plugin.__name__}  # noqa: F401
         try:
             runner = torch._inductor.aoti_load_package({package!r})
         except RuntimeError as e:
@@ -121,7 +123,7 @@ def test_an_aoti_engine_calls_the_op_back_and_needs_it_registered(tmp_path: Path
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert float(ok.stdout.split("MAXDIFF")[1]) < 1e-5, ok.stdout
     bare = subprocess.run([sys.executable, "-c", script, "bare"], capture_output=True, text=True, timeout=300)
-    assert bare.returncode == 3 and "fvrt::fa4_attention" in bare.stdout, bare.stdout + bare.stderr
+    assert bare.returncode == 3 and plugin.OP_NAME in bare.stdout, bare.stdout + bare.stderr
 
 
 class _Sdpa(torch.nn.Module):

@@ -46,7 +46,7 @@ from fvrt.builder import stages
 from fvrt.builder.backends import cxx as cxx_select
 from fvrt.builder.backends.base import BackendOptions, OptionError, check_attention, per_layer_fields
 from fvrt.builder.stages.base import EngineSpec
-from fvrt.plugins import KERNEL_ATTENTION, fa4_attention, fp8_attention
+from fvrt.plugins import CALLBACK_ATTENTION, KERNEL_ATTENTION, fa4_attention, fp8_attention
 from fvrt.runtime.manifest import StageEntry, TensorSpec, sha256_file
 
 PACKAGE_SUFFIX = ".pt2"
@@ -54,8 +54,8 @@ WEIGHTS_SUFFIX = ".safetensors"
 LAYER_PREFIX = "layers.{}."  # per-layer weight names in the dit_block weights file (runtime reads the same)
 # SDPA backend baked into CUDA engines at export time. The kernel modes (fvrt.plugins.KERNEL_ATTENTION) reach the
 # DiT engines only: "fp8"/"fp8s" (fvrt.plugins.fp8_attention, a Triton kernel compiled into the engine), "fa4"
-# (fvrt.plugins.fa4_attention, FlashAttention-4 called back through the dispatcher); every other stage keeps bf16
-# cuDNN attention.
+# (fvrt.plugins.fa4_attention, FlashAttention-4) and "sage" (fvrt.plugins.sage_attention, SageAttention 2), both
+# called back through the dispatcher; every other stage keeps bf16 cuDNN attention.
 ATTENTION_CHOICES = ("default", "cudnn", *KERNEL_ATTENTION)
 
 Log = Callable[[str], None]
@@ -493,7 +493,8 @@ class TorchAOTBackend:
         extra: dict[str, Any] = {
             "device": device.type,
             "attention": attention,
-            **({**fa4_attention.describe(), "attention_kernels": len(kernels)} if fa4 else {}),
+            **(CALLBACK_ATTENTION[attention].describe() if attention in CALLBACK_ATTENTION else {}),
+            **({"attention_kernels": len(kernels)} if fa4 else {}),
             "conv_layout": conv_layout,
             "models": {k: p.name for k, p in packages.items()},
             "weight_dtypes": weight_dtypes,
@@ -571,8 +572,9 @@ def configure(name: str, options: BackendOptions) -> TorchAOTBackend:
             f"--attention {options.attention}: FP8 attention compiles a Triton kernel for the local GPU and needs "
             "--device cuda with compute capability 8.9 or newer and Triton installed"
         )
-    if options.attention == fa4_attention.MODE and (why := fa4_attention.supported(options.device)):
-        raise OptionError(f"--attention fa4: {why}")
+    plugin = CALLBACK_ATTENTION.get(options.attention)
+    if plugin is not None and (why := plugin.supported(options.device)):
+        raise OptionError(f"--attention {options.attention}: {why}")
     backend = TorchAOTBackend(options.attention, options.cxx, options.conv_layout)
     backend.device = options.device
     return backend
