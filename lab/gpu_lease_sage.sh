@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # SageAttention 2 (`--attention sage`: INT8 Q K^T, FP8 P V) and FlashAttention-4 (`--attention fa4`) in the engines,
-# as ONE detached job on the lent machine (lab/gpu_job.sh runs it), most informative first:
+# as ONE detached job on the lent machine (lab/gpu_job.sh runs it), most informative first, so that a machine taken
+# back early still leaves the SageAttention figures:
 #   0. SageAttention 2's Hopper kernels built from the carried source (lab/sage_build.py, in the background on the
 #      machine's CPUs) while
 #   1. the FP8 kernels' GPU tests run;
-#   2. FA4's wheels installed once they have all arrived, its op's GPU tests and the shipped-kernel test;
-#   3. SageAttention's GPU tests (error against fp32 on random and offset keys, CUDA-graph capture);
-#   4. the attention kernels at the DiT's shapes (lab/gpu_attention.py --steps attn: cuDNN, FlashAttention-2, FA4,
-#      SageAttention, the Triton FP8 variants; time and error against fp32);
-#   5. the eager full-size DiT's velocity per attention (sage in every block and with blocks 0 and 43-47 exact, fa4,
-#      fp8s; then with the FP8 linears: cuDNN and sage), the 8-bit gate (cosine >= 0.99);
-#   6. the full-size DiT engines with cuDNN, SageAttention and FA4 blocks, each DiT pass timed in one run;
+#   2. SageAttention's GPU tests (error against fp32 on random and offset keys, CUDA-graph capture);
+#   3. the attention kernels at the DiT's shapes (lab/gpu_attention.py --steps attn: cuDNN, FlashAttention-2,
+#      SageAttention, the Triton FP8 variants, FA4 if installed by then; time and error against fp32);
+#   4. the eager full-size DiT's velocity per attention (sage in every block and with blocks 0 and 43-47 exact,
+#      fp8s; then with the FP8 linears: cuDNN and sage): the 8-bit gate (cosine >= 0.99);
+#   5. FA4's wheels installed if they have all arrived (at most FA4_WAIT_S more seconds), its op's GPU tests and the
+#      shipped-kernel test;
+#   6. the full-size DiT engines with cuDNN, SageAttention (and FA4) blocks, each DiT pass timed in one run;
 #   7. tiny sage, FA4 and smoothed-FP8 engines through the pipeline against one shared tiny cuDNN build.
 #
 # Carry (one folder per call, `bash lab/gpu_wheels_fa4.sh /tmp/carry` lays out the wheels): the first call brings
@@ -29,6 +31,7 @@
 #   then `bash lab/gpu_job.sh wait s 540 /tmp/r` back to back until it ends (results come back under $OUT/s/)
 #
 # $1: results folder; $2: the wheel folder; $3: SageAttention's source; $4 "quick": stop after step 5.
+# FA4_WAIT_S: how long step 5 waits for the last FA4 wheel (default 60).
 # fvrt must be importable (PYTHONPATH=/tmp/site after `pip install --target /tmp/site .`).
 set -uo pipefail
 
@@ -55,26 +58,6 @@ export PYTHONPATH="$PYTHONPATH:/tmp/fa4"
 step "GPU tests: FP8 attention kernels"
 gpu_tests fp8-kernel-tests tests/test_fp8_attention.py -k "not engines"
 
-step "FlashAttention-4: waiting for its wheels"
-for _ in $(seq 120); do
-  [[ -f "$W/fa4.ready" ]] && break
-  sleep 5
-done
-if [[ -f "$W/fa4.ready" ]]; then
-  lib="$W/nvidia_cutlass_dsl_libs_cu13-4.8.1-cp312-cp312-manylinux_2_28_x86_64.whl"
-  cat "$W"/cu13.part-* >"$lib"
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/fa4 "$W"/fa4/*.whl "$lib" \
-    2>&1 | tail -n 5
-  # nvidia-cutlass-dsl puts its `cutlass` package on sys.path with a .pth file, which a --target folder on
-  # PYTHONPATH does not run: name the folder itself
-  export PYTHONPATH="$PYTHONPATH:/tmp/fa4/nvidia_cutlass_dsl/dsl_packages"
-  python3 -c "from fvrt.plugins import fa4_attention as f; import torch; print('fa4:', f.version(), f.supported(torch.device('cuda')))"
-  step "GPU tests: FlashAttention-4 op and its shipped kernels"
-  gpu_tests fa4-tests tests/test_fa4_attention.py -k "not engines"
-else
-  echo "FA4's wheels did not arrive: going on without FA4"
-fi
-
 step "SageAttention 2: waiting for its build"
 wait "$sage_pid"
 tail -n 4 "$R/sage-build.log"
@@ -88,17 +71,39 @@ step "attention kernels at the DiT's shapes"
 PYTHONUNBUFFERED=1 python3 lab/gpu_attention.py --out "$R/attn" --steps attn 2>&1 | tee "$R/attn.log" | tail -n 30
 
 step "eager full-size DiT per attention"
-PYTHONUNBUFFERED=1 python3 lab/gpu_attention.py --out "$R/dit" --steps dit --dit-attention sage,fa4,fp8s \
+PYTHONUNBUFFERED=1 python3 lab/gpu_attention.py --out "$R/dit" --steps dit --dit-attention sage,fp8s \
   --dit-keep-ends sage --dit-fp8-linears ",sage" --no-dit-flash --no-dit-fast-accum 2>&1 | tee "$R/dit.log" |
   tail -n 30
+
+step "FlashAttention-4: its wheels (at most FA4_WAIT_S, 60 s)"
+for _ in $(seq "${FA4_WAIT_S:-60}"); do
+  [[ -f "$W/fa4.ready" ]] && break
+  sleep 1
+done
+attentions=cudnn,sage
+if [[ -f "$W/fa4.ready" ]]; then
+  lib="$W/nvidia_cutlass_dsl_libs_cu13-4.8.1-cp312-cp312-manylinux_2_28_x86_64.whl"
+  cat "$W"/cu13.part-* >"$lib"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/fa4 "$W"/fa4/*.whl "$lib" \
+    2>&1 | tail -n 5
+  # nvidia-cutlass-dsl puts its `cutlass` package on sys.path with a .pth file, which a --target folder on
+  # PYTHONPATH does not run: name the folder itself
+  export PYTHONPATH="$PYTHONPATH:/tmp/fa4/nvidia_cutlass_dsl/dsl_packages"
+  python3 -c "from fvrt.plugins import fa4_attention as f; import torch; print('fa4:', f.version(), f.supported(torch.device('cuda')))"
+  step "GPU tests: FlashAttention-4 op and its shipped kernels"
+  gpu_tests fa4-tests tests/test_fa4_attention.py -k "not engines"
+  attentions="$attentions,fa4"
+else
+  echo "FA4's wheels did not arrive: going on without FA4"
+fi
 
 if [[ "${4:-}" == quick ]]; then
   step "done (quick)"
   exit 0
 fi
 
-step "full-size DiT engines: cuDNN, SageAttention and FA4 blocks in one run"
-PYTHONUNBUFFERED=1 FVRT_CXX=g++-12 python3 lab/gpu_build_engines.py --stages dit --attention cudnn,sage,fa4 \
+step "full-size DiT engines, one run: $attentions"
+PYTHONUNBUFFERED=1 FVRT_CXX=g++-12 python3 lab/gpu_build_engines.py --stages dit --attention "$attentions" \
   --repeats 2 --out "$R/engines" 2>&1 | tee "$R/engines.log" | tail -n 40
 
 step "GPU tests: sage, FA4 and smoothed FP8 engines through the pipeline (one shared cuDNN build)"
