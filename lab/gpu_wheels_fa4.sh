@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The wheels lab/gpu_lease_fa4.sh needs on the GPU machine (Python 3.12, x86-64, nothing installable there), fetched
+# The wheels lab/gpu_lease_sage.sh needs on the GPU machine (Python 3.12, x86-64, nothing installable there), fetched
 # here and laid out as one carry folder per device call (each call carries at most 64 MiB):
 #   DIR/call1: av/ (PyAV, every test module needs it) and fa4/ (flash-attn-4 and its small dependencies)
 #   DIR/call2, DIR/call3: cu13.part-* (nvidia-cutlass-dsl-libs-cu13, 92 MB, split in 40 MB pieces)

@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from fvrt.plugins.support import cuda_support, sdpa_bthd
 from fvrt.runtime.precision import ATTENTION_MIN_CC
 
 OP_NAME = "fvrt::fa4_attention"
@@ -83,12 +83,7 @@ def version() -> str | None:
 
 def supported(device: torch.device) -> str | None:
     """None when `device` can run the op's FA4 kernel, else why not (one line)."""
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return "FlashAttention-4 runs on CUDA GPUs only"
-    cc = torch.cuda.get_device_capability(device)
-    if not MIN_CC <= cc <= MAX_CC:
-        return f"FlashAttention-4 runs on Hopper (9.0) and Blackwell (10.x) GPUs; this GPU is {cc[0]}.{cc[1]}"
-    return available()
+    return cuda_support(device, NAME, MIN_CC, MAX_CC, "Hopper (9.0) and Blackwell (10.x)") or available()
 
 
 def _fa4(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -104,8 +99,7 @@ def fa4_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
     CUDA: FlashAttention-4; elsewhere: SDPA (the fallback)."""
     if q.device.type == "cuda":
         return _fa4(q, k, v).contiguous()
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2).contiguous()
+    return sdpa_bthd(q, k, v)
 
 
 @fa4_attention.register_fake

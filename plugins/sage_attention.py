@@ -28,8 +28,8 @@ import importlib.util
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from fvrt.plugins.support import cuda_support, sdpa_bthd
 from fvrt.runtime.precision import ATTENTION_MIN_CC
 
 OP_NAME = "fvrt::sage_attention"
@@ -73,12 +73,7 @@ def version() -> str | None:
 
 def supported(device: torch.device) -> str | None:
     """None when `device` can run the op's SageAttention kernel, else why not (one line)."""
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return "SageAttention's 8-bit kernel runs on CUDA GPUs only"
-    cc = torch.cuda.get_device_capability(device)
-    if not MIN_CC <= cc <= MAX_CC:
-        return f"SageAttention's SM90 kernel runs on Hopper (9.0) GPUs only; this GPU is {cc[0]}.{cc[1]}"
-    return available()
+    return cuda_support(device, "SageAttention's 8-bit kernel", MIN_CC, MAX_CC, "Hopper (9.0)") or available()
 
 
 def _sage(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -93,8 +88,7 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     CUDA: SageAttention 2's INT8/FP8 kernel; elsewhere: SDPA (the fallback)."""
     if q.device.type == "cuda":
         return _sage(q, k, v).contiguous()
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2).contiguous()
+    return sdpa_bthd(q, k, v)
 
 
 @sage_attention.register_fake
