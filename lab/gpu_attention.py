@@ -235,11 +235,13 @@ def kernel_only(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, co
     return lambda: fa.launch_smooth(z, out, config=config, **lkw)
 
 
-def step_attn(dev: torch.device, tiny: bool) -> dict[str, Any]:
+def step_attn(dev: torch.device, tiny: bool, only: str = "", sweep: bool = True) -> dict[str, Any]:
     g = torch.Generator(device=dev).manual_seed(1)
     shapes = TINY_ATTN_SHAPES if tiny else ATTN_SHAPES
     res: dict[str, Any] = {}
     fns = attention_fns(dev)
+    if only:  # a subset, in the given order (names that cannot run here are left out)
+        fns = {n: fns[n] for n in only.split(",") if n in fns}
     for sname, shape in shapes.items():
         _, h, t, d = shape
         flops = 4 * t * t * h * d
@@ -264,7 +266,7 @@ def step_attn(dev: torch.device, tiny: bool) -> dict[str, Any]:
                     if dev.type == "cuda" and name in VARIANTS:
                         s = timed(kernel_only(name, q, k, v), dev)
                         row[name].update(kernel_ms=s * 1e3, kernel_TFLOPs=flops / s / 1e12)
-                if dev.type == "cuda" and not tiny and sname == "s2_video_self":
+                if sweep and dev.type == "cuda" and not tiny and sname == "s2_video_self":
                     sweep = {}
                     for cfg in SWEEP:
                         c = dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), cfg, strict=True))
@@ -557,6 +559,8 @@ def main() -> None:
         "--dit-fp8-linears", default=",".join(DIT_FP8_LINEARS), help="with FP8 linears ('' first: cuDNN; empty: none)"
     )
     ap.add_argument("--dit-flash", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--attn-only", default="", help="attn: only these kernels (comma list; default: all)")
+    ap.add_argument("--attn-sweep", action=argparse.BooleanOptionalAction, default=True, help="attn: fp8s tiles")
     ap.add_argument("--dit-fast-accum", action=argparse.BooleanOptionalAction, default=True)
     args = ap.parse_args()
     if args.fa4_child:
@@ -573,7 +577,7 @@ def main() -> None:
             if step == "ceil":
                 res.put("ceil", step_ceil(dev, args.tiny))
             elif step == "attn":
-                res.put("attn", step_attn(dev, args.tiny))
+                res.put("attn", step_attn(dev, args.tiny, args.attn_only, args.attn_sweep))
             elif step == "dit":
                 calls = step_dit(dev, args.tiny, res, args)["linear_calls"]
             elif step == "gemm":

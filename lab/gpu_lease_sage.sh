@@ -68,7 +68,13 @@ step "GPU tests: SageAttention op"
 gpu_tests sage-tests tests/test_sage_attention.py -k "not engines"
 
 step "attention kernels at the DiT's shapes"
-PYTHONUNBUFFERED=1 python3 lab/gpu_attention.py --out "$R/attn" --steps attn 2>&1 | tee "$R/attn.log" | tail -n 30
+if [[ "${4:-}" == quick ]]; then  # the kernels that matter for the choice, no tile sweep
+  attn_args=(--attn-only cudnn_bf16,flash2_bf16,sage,fp8s,fp8s_tok --no-attn-sweep)
+else
+  attn_args=()
+fi
+PYTHONUNBUFFERED=1 python3 lab/gpu_attention.py --out "$R/attn" --steps attn "${attn_args[@]}" 2>&1 |
+  tee "$R/attn.log" | tail -n 30
 
 step "eager full-size DiT per attention"
 PYTHONUNBUFFERED=1 python3 lab/gpu_attention.py --out "$R/dit" --steps dit --dit-attention sage,fp8s \
