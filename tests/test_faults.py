@@ -226,6 +226,9 @@ def _paused_run(tmp_path: Path, engines: Path, output: Path) -> subprocess.Popen
         stderr=subprocess.PIPE,
         text=True,
         env=_env(tmp_path, FVRT_FAULT_PAUSE=str(marker)),
+        # a shell without job control starts background commands with SIGINT ignored, and Python then keeps it
+        # ignored (no KeyboardInterrupt): give the run the default, as a terminal does
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + TIMEOUT
     while not marker.exists() or not _partials(output.parent):  # the muxer creates the file with its first packet
