@@ -30,7 +30,8 @@
 #                                                 bash lab/gpu_job.sh wait s 540 /tmp/r
 #   then `bash lab/gpu_job.sh wait s 540 /tmp/r` back to back until it ends (results come back under $OUT/s/)
 #
-# $1: results folder; $2: the wheel folder; $3: SageAttention's source; $4 "quick": stop after step 5.
+# $1: results folder; $2: the wheel folder; $3: SageAttention's source; $4 "quick": stop after step 5 (and time
+# only the kernels that decide in step 3); "minimal": the build, then steps 3 (cuDNN, sage, fp8s) and 2 only.
 # FA4_WAIT_S: how long step 5 waits for the last FA4 wheel (default 60).
 # fvrt must be importable (PYTHONPATH=/tmp/site after `pip install --target /tmp/site .`).
 set -uo pipefail
@@ -54,6 +55,19 @@ sage_pid=$!
 # every test module imports the builder, which imports PyAV: it comes with the first call (WH/av)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/fa4 "$W"/av/*.whl 2>&1 | tail -n 5
 export PYTHONPATH="$PYTHONPATH:/tmp/fa4"
+
+if [[ "${4:-}" == minimal ]]; then  # a few minutes of device time: the build, the kernel table, the op's tests
+  wait "$sage_pid"
+  tail -n 4 "$R/sage-build.log"
+  export PYTHONPATH="$PYTHONPATH:/tmp/sage"
+  step "attention kernels at the DiT's shapes (cuDNN, sage, fp8s)"
+  PYTHONUNBUFFERED=1 python3 lab/gpu_attention.py --out "$R/attn" --steps attn --attn-only cudnn_bf16,sage,fp8s \
+    --no-attn-sweep 2>&1 | tee "$R/attn.log" | tail -n 12
+  step "GPU tests: SageAttention op"
+  gpu_tests sage-tests tests/test_sage_attention.py -k "not engines"
+  step "done (minimal)"
+  exit 0
+fi
 
 step "GPU tests: FP8 attention kernels"
 gpu_tests fp8-kernel-tests tests/test_fp8_attention.py -k "not engines"
