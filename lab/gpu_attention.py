@@ -215,7 +215,8 @@ def attention_fns(dev: torch.device) -> dict[str, Any]:
         if fa4_attention.supported(dev) is None:  # flash-attn-4 on PYTHONPATH: the engines' op, through torch.ops
             fns["fa4"] = fa4_attention.attention
         if sage_attention.supported(dev) is None:  # SageAttention 2 built by lab/sage_build.py: the engines' op
-            fns["sage"] = sage_attention.attention
+            fns["sage"] = sage_attention.attention  # as the engines: cuDNN below sage_attention.MIN_TOKENS
+            fns["sage_all"] = sage_attention.kernel  # the op at every size
     else:
         fns["math_bf16"] = sdpa_with(SDPBackend.MATH)
     fns.update({n: variant_fn(n) for n in VARIANTS})

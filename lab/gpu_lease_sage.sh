@@ -8,8 +8,9 @@
 #   2. SageAttention's GPU tests (error against fp32 on random and offset keys, CUDA-graph capture);
 #   3. the attention kernels at the DiT's shapes (lab/gpu_attention.py --steps attn: cuDNN, FlashAttention-2,
 #      SageAttention, the Triton FP8 variants, FA4 if installed by then; time and error against fp32);
-#   4. the eager full-size DiT's velocity per attention (sage in every block and with blocks 0 and 43-47 exact,
-#      fp8s; then with the FP8 linears: cuDNN and sage): the 8-bit gate (cosine >= 0.99);
+#   4. the eager full-size DiT's velocity per attention (sage as the engines route it, sage_all in every attention,
+#      sage with blocks 0 and 43-47 exact, fp8s; then with the FP8 linears: cuDNN and sage): the 8-bit gate
+#      (cosine >= 0.99);
 #   5. FA4's wheels installed if they have all arrived (at most FA4_WAIT_S more seconds), its op's GPU tests and the
 #      shipped-kernel test;
 #   6. the full-size DiT engines with cuDNN, SageAttention (and FA4) blocks, each DiT pass timed in one run;
@@ -61,7 +62,7 @@ if [[ "${4:-}" == minimal ]]; then  # a few minutes of device time: the build, t
   tail -n 4 "$R/sage-build.log"
   export PYTHONPATH="$PYTHONPATH:/tmp/sage"
   step "attention kernels at the DiT's shapes (cuDNN, sage, fp8s)"
-  PYTHONUNBUFFERED=1 python3 lab/gpu_attention.py --out "$R/attn" --steps attn --attn-only cudnn_bf16,sage,fp8s \
+  PYTHONUNBUFFERED=1 python3 lab/gpu_attention.py --out "$R/attn" --steps attn --attn-only cudnn_bf16,sage_all,fp8s \
     --no-attn-sweep 2>&1 | tee "$R/attn.log" | tail -n 12
   step "GPU tests: SageAttention op"
   gpu_tests sage-tests tests/test_sage_attention.py -k "not engines"
@@ -83,7 +84,7 @@ gpu_tests sage-tests tests/test_sage_attention.py -k "not engines"
 
 step "attention kernels at the DiT's shapes"
 if [[ "${4:-}" == quick ]]; then  # the kernels that matter for the choice, no tile sweep
-  attn_args=(--attn-only cudnn_bf16,flash2_bf16,sage,fp8s,fp8s_tok --no-attn-sweep)
+  attn_args=(--attn-only cudnn_bf16,flash2_bf16,sage_all,fp8s,fp8s_tok --no-attn-sweep)
 else
   attn_args=()
 fi
@@ -91,7 +92,7 @@ PYTHONUNBUFFERED=1 python3 lab/gpu_attention.py --out "$R/attn" --steps attn "${
   tee "$R/attn.log" | tail -n 30
 
 step "eager full-size DiT per attention"
-PYTHONUNBUFFERED=1 python3 lab/gpu_attention.py --out "$R/dit" --steps dit --dit-attention sage,fp8s \
+PYTHONUNBUFFERED=1 python3 lab/gpu_attention.py --out "$R/dit" --steps dit --dit-attention sage,sage_all,fp8s \
   --dit-keep-ends sage --dit-fp8-linears ",sage" --no-dit-flash --no-dit-fast-accum 2>&1 | tee "$R/dit.log" |
   tail -n 30
 

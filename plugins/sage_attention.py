@@ -17,6 +17,9 @@ for a manifest that records `attention: sage` and refuses in one line where the 
 not a Hopper GPU). Every other device runs the op as plain SDPA (the CPU fallback: exact, not an emulation of the
 8-bit kernel, so CPU tests check the wiring and the GPU tests the kernel's error).
 
+Where: only attentions with at least MIN_TOKENS queries and keys (in the DiT, the stage-2 video self-attention)
+run the op; the others stay on cuDNN bf16, where the 8-bit kernel's fixed costs made it slower.
+
 Layout: the op takes Q, K, V as [B, T, H, D] (SageAttention's "NHD"; `attention` passes transposed views of the
 model's [B, H, T, D], read through their strides) and returns [B, Tq, H, D].
 """
@@ -28,6 +31,7 @@ import importlib.util
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from fvrt.plugins.support import cuda_support, sdpa_bthd
 from fvrt.runtime.precision import ATTENTION_MIN_CC
@@ -42,6 +46,12 @@ MAX_HEAD_DIM = 128  # the kernel's head dims are 64 and 128; smaller ones are ze
 # the kernel's settings: the recipe above (per_warp Q/K scales are faster and coarser; "fp32" accumulation is
 # refused for SM90 by SageAttention itself)
 SETTINGS: dict[str, Any] = {"qk_quant_gran": "per_thread", "pv_accum_dtype": "fp32+fp32", "smooth_k": True}
+# The op runs only where Q and K both have at least this many tokens; smaller attentions stay on cuDNN bf16. On the
+# H100 (2026-12-07) the op, its quantization included, was 1.23x cuDNN at 32,640 tokens (the stage-2 video
+# self-attention) and 0.91x at 8,160 (stage 1): six small kernels before the attention are a fixed cost. The
+# crossover lies between the two and is not measured; 16,384 keeps the op on the one attention where it was seen
+# to win. Recorded in the manifest (attention_settings.min_tokens).
+MIN_TOKENS = 16_384
 
 
 def available() -> str | None:
@@ -96,9 +106,8 @@ def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """[B, H, T, D] -> [B, H, Tq, D] (a transposed view of the op's [B, Tq, H, D]); what
-    `fvrt.builder.models.common.sdpa` calls under `kernel_attention("sage")`."""
+def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The op on [B, H, T, D] -> [B, H, Tq, D] (a transposed view of its [B, Tq, H, D]), at any size."""
     d = q.shape[-1]
     if d > MAX_HEAD_DIM or k.shape[-1] != d or v.shape[-1] != d:
         raise ValueError(f"SageAttention takes one head dim of at most {MAX_HEAD_DIM} for Q, K and V, got {d}")
@@ -106,6 +115,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     return out.transpose(1, 2)
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """What `fvrt.builder.models.common.sdpa` calls under `kernel_attention("sage")`: the op where both Q and K
+    have at least MIN_TOKENS tokens, cuDNN bf16 attention (as `--attention cudnn` exports it) elsewhere."""
+    if min(q.shape[-2], k.shape[-2]) < MIN_TOKENS:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+        with sdpa_kernel([*order, SDPBackend.MATH], set_priority=True):
+            return F.scaled_dot_product_attention(q, k, v)
+    return kernel(q, k, v)
+
+
 def describe() -> dict[str, Any]:
     """What an engine built with this op records in its manifest entry."""
-    return {"attention_kernel": PACKAGE, "attention_kernel_version": version(), "attention_settings": dict(SETTINGS)}
+    settings = {**SETTINGS, "min_tokens": MIN_TOKENS}
+    return {"attention_kernel": PACKAGE, "attention_kernel_version": version(), "attention_settings": settings}

@@ -43,12 +43,12 @@ def _sage_build() -> ModuleType:
 
 def test_cpu_fallback_is_sdpa_and_the_layouts_round_trip() -> None:
     q, k, v = _qkv(0)  # cross attention: 96 queries, 80 keys
-    got = sage_attention.attention(q, k, v)
+    got = sage_attention.kernel(q, k, v)
     assert got.shape == q.shape and torch.equal(got, F.scaled_dot_product_attention(q, k, v))
     raw = sage_attention.sage_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     assert raw.shape == (2, 96, 3, 64) and raw.is_contiguous()  # [B, Tq, H, D]
     with pytest.raises(ValueError, match="head dim of at most 128"):
-        sage_attention.attention(*_qkv(1, d=160))
+        sage_attention.kernel(*_qkv(1, d=160))
 
 
 class _Sdpa(torch.nn.Module):
@@ -56,7 +56,7 @@ class _Sdpa(torch.nn.Module):
         return sdpa(q, k, v)
 
 
-def test_sage_is_a_call_back_mode_of_the_dit_engines_only_and_needs_hopper() -> None:
+def test_sage_is_a_call_back_mode_of_the_dit_engines_only_and_needs_hopper(monkeypatch: pytest.MonkeyPatch) -> None:
     assert KERNEL_ATTENTION == ("fp8", "fp8s", "fa4", "sage") and CALLBACK_ATTENTION["sage"] is sage_attention
     assert kernel_attention_fn("sage") is sage_attention.attention
     assert [stage_attention("sage", s) for s in ("dit_block", "dit_in", "text_out", "video_decoder")] == [
@@ -70,9 +70,28 @@ def test_sage_is_a_call_back_mode_of_the_dit_engines_only_and_needs_hopper() -> 
     with kernel_attention("sage"):
         inside = sdpa(q, k, v)
     assert torch.equal(inside, F.scaled_dot_product_attention(q, k, v))
+    monkeypatch.setattr(sage_attention, "MIN_TOKENS", 80)  # the op from 80 tokens on (the DiT's: 16,384)
     with kernel_attention("sage"):
         ep = torch.export.export(_Sdpa(), (q, k, v))
     assert any("sage_attention" in str(n.target) for n in ep.graph.nodes), ep.graph
+
+
+def test_attentions_below_min_tokens_stay_on_sdpa(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the 8-bit kernel's fixed costs lose (stage 1's 8,160 tokens, cross-attention to 1,024 text tokens),
+    the engines keep plain attention: only Q and K both of at least MIN_TOKENS tokens reach the op."""
+    assert (
+        sage_attention.MIN_TOKENS == 16_384 and sage_attention.describe()["attention_settings"]["min_tokens"] == 16_384
+    )
+    monkeypatch.setattr(sage_attention, "MIN_TOKENS", 81)
+    for tq, tk, want in ((96, 80, False), (80, 96, False), (96, 81, True)):
+        q, k, v = _qkv(4, tq=tq, tk=tk)
+        with kernel_attention("sage"):
+            ep = torch.export.export(_Sdpa(), (q, k, v))
+            got = sdpa(q, k, v)
+        ops = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+        assert any("sage_attention" in o for o in ops) == want, (tq, tk, ops)
+        assert any("scaled_dot_product" in o for o in ops) == (not want), (tq, tk, ops)
+        assert torch.allclose(got, F.scaled_dot_product_attention(q, k, v), atol=1e-6)
 
 
 def _manifest(attention: str) -> SimpleNamespace:
@@ -113,7 +132,7 @@ def test_available_says_when_the_hopper_extension_is_missing(monkeypatch: pytest
     core.SM90_ENABLED = True
     core.sageattn_qk_int8_pv_fp8_cuda_sm90 = lambda *a, **k: None
     assert sage_attention.available() is None
-    assert sage_attention.describe()["attention_settings"] == sage_attention.SETTINGS
+    assert sage_attention.describe()["attention_settings"] == {**sage_attention.SETTINGS, "min_tokens": 16_384}
 
 
 def test_build_refuses_sage_without_a_capable_gpu(tmp_path: Path) -> None:
@@ -183,7 +202,7 @@ def test_sage_kernel_error_on_random_and_trained_like_inputs() -> None:
                 k = k + 6.0 * torch.randn(1, 1, 1, d, device="cuda") + 20.0 * (torch.arange(d, device="cuda") % 31 == 0)
             q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
             exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
-            got = sage_attention.attention(q, k, v)
+            got = sage_attention.kernel(q, k, v)
             assert got.shape == q.shape and got.dtype == torch.bfloat16 and not got.isnan().any()
             assert rel_error(got, exact) < 0.08, (d, tq, tk, offset, rel_error(got, exact))
 
@@ -194,20 +213,24 @@ def test_sage_op_is_captured_by_a_cuda_graph() -> None:
     fails) and replay on new inputs."""
     _need_sage()
     q, k, v = _qkv(5, 700, 700, 128, device="cuda", dtype=torch.bfloat16)
-    want = sage_attention.attention(q, k, v).clone()  # Triton quantization kernels compile outside the capture
+    want = sage_attention.kernel(q, k, v).clone()  # Triton quantization kernels compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = sage_attention.attention(q, k, v)
+        out = sage_attention.kernel(q, k, v)
     q.copy_(torch.randn_like(q))
     graph.replay()
     torch.cuda.synchronize()
-    assert torch.equal(out, sage_attention.attention(q, k, v)) and not torch.equal(out, want)
+    assert torch.equal(out, sage_attention.kernel(q, k, v)) and not torch.equal(out, want)
 
 
 @pytest.mark.gpu
-def test_sage_engines_capture_and_stay_close_to_cudnn(tiny_cuda_cudnn_engines: Path, tmp_path: Path) -> None:
-    """Tiny bf16 engines built with --attention sage: every call captured in CUDA graphs, replays identical, the
-    video within the 8-bit gate (PSNR > 30 dB against the cuDNN engines', as for the smoothed FP8 kernel)."""
+def test_sage_engines_capture_and_stay_close_to_cudnn(
+    tiny_cuda_cudnn_engines: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tiny bf16 engines built with --attention sage, the op in every DiT attention (MIN_TOKENS 0: tiny attentions
+    are far below the full size's threshold): every call captured in CUDA graphs, replays identical, the video
+    within the 8-bit gate (PSNR > 30 dB against the cuDNN engines', as for the smoothed FP8 kernel)."""
     _need_sage()
+    monkeypatch.setattr(sage_attention, "MIN_TOKENS", 0)
     psnr = gpu_attention_video_psnr(tiny_cuda_cudnn_engines, tmp_path / "sage", "sage")
     assert psnr > 30.0, psnr
