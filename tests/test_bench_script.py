@@ -36,6 +36,7 @@ def test_attention_suffixes_pick_the_attention_mode() -> None:
     assert bench.variant("fp8+ft8+fa8s") == ("fp8", "fp8s", "fp8")
     assert bench.variant("fp8+ft8+fa4") == ("fp8", "fa4", "fp8")
     assert bench.variant("bf16+fa4") == ("bf16", "fa4", "bf16")
+    assert bench.variant("fp8+ft8+sage") == ("fp8", "sage", "fp8")
     assert bench.variant("fp8") == ("fp8", None, "bf16")
 
 
@@ -49,6 +50,7 @@ def test_attention_suffixes_pick_the_attention_mode() -> None:
         ("fp8+fa8+fa8s", "'fp8+fa8+fa8s'"),
         ("fp8+fa4+fa8", "'fp8+fa4+fa8'"),
         ("fp32+fa4", "'fp32+fa4'"),
+        ("fp8+sage+fa4", "'fp8+sage+fa4'"),
     ],
 )
 def test_a_misspelt_precision_is_one_line_and_exit_2(name: str, why: str, capsys: pytest.CaptureFixture) -> None:
