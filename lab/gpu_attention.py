@@ -16,7 +16,8 @@
 - `fa4`: FlashAttention-4 (flash-attn-4, CuTe DSL, its SM90 forward) at the same shapes, in a subprocess with
   `--fa4-site` on its PYTHONPATH (skipped when the folder holds no flash_attn).
 - `attn` and `dit` also take the engines' call-back ops where they can run: `fa4` (flash-attn-4 importable) and
-  `sage` (SageAttention 2 built by lab/sage_build.py on PYTHONPATH): name them in `--dit-attention`.
+  `sage` (SageAttention 2 built by lab/sage_build.py on PYTHONPATH; `sage` as the engines route it, `sage_all` the
+  op at every size, also timed kernel-only on inputs quantized once): name them in `--dit-attention`.
 
     PYTHONPATH=. python3 lab/gpu_attention.py --out DIR [--steps ceil,attn,dit,gemm,fa4] [--fa4-site /tmp/fa4]
     python lab/gpu_attention.py --out DIR --tiny --device cpu      # CPU dry run of the code paths
@@ -236,6 +237,25 @@ def kernel_only(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, co
     return lambda: fa.launch_smooth(z, out, config=config, **lkw)
 
 
+def sage_kernel_only(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Any:
+    """SageAttention's SM90 kernel on inputs quantized once, as its `sageattn_qk_int8_pv_fp8_cuda_sm90` does them
+    (K mean, per-thread INT8 Q/K, V padded to 128 keys and per-channel FP8): what the attention would cost if an
+    engine fused the quantization into the Q/K/V producers, as Inductor does for fp8s. [B, H, T, D] in ("HND")."""
+    from sageattention import sm90_compile
+    from sageattention.quant import per_channel_fp8
+    from sageattention.triton.quant_per_thread import per_thread_int8
+
+    km = k.mean(dim=2, keepdim=True)
+    q8, qs, k8, ks = per_thread_int8(q, k, km, tensor_layout="HND", BLKQ=64, WARPQ=16, BLKK=128, WARPK=128)
+    pad = -k.shape[2] % 128
+    vp = torch.nn.functional.pad(v, (0, 0, 0, pad)) if pad else v
+    v8, vs, _ = per_channel_fp8(vp, tensor_layout="HND", smooth_v=False)
+    o = torch.empty_like(q)
+    scale = q.shape[-1] ** -0.5
+    run = sm90_compile.qk_int8_sv_f8_accum_f32_fuse_v_scale_attn_inst_buf
+    return lambda: run(q8, k8, v8, o, qs, ks, vs, 1, 0, 3, scale, 0)  # HND, not causal, per-thread, no LSE
+
+
 def step_attn(dev: torch.device, tiny: bool, only: str = "", sweep: bool = True) -> dict[str, Any]:
     g = torch.Generator(device=dev).manual_seed(1)
     shapes = TINY_ATTN_SHAPES if tiny else ATTN_SHAPES
@@ -267,6 +287,12 @@ def step_attn(dev: torch.device, tiny: bool, only: str = "", sweep: bool = True)
                     if dev.type == "cuda" and name in VARIANTS:
                         s = timed(kernel_only(name, q, k, v), dev)
                         row[name].update(kernel_ms=s * 1e3, kernel_TFLOPs=flops / s / 1e12)
+                    elif dev.type == "cuda" and name == "sage_all":
+                        try:
+                            s = timed(sage_kernel_only(q, k, v), dev)
+                            row[name].update(kernel_ms=s * 1e3, kernel_TFLOPs=flops / s / 1e12)
+                        except Exception as e:  # SageAttention's internals moved: the full call's figures stand
+                            row[name]["kernel_error"] = f"{type(e).__name__}: {e}"[:300]
                 if sweep and dev.type == "cuda" and not tiny and sname == "s2_video_self":
                     sweep = {}
                     for cfg in SWEEP:
