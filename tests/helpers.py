@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import nn
@@ -33,6 +33,20 @@ def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """||actual - expected|| / ||expected|| in float64."""
     a, e = actual.detach().double(), expected.detach().double()
     return float((a - e).norm() / e.norm().clamp_min(1e-30))
+
+
+def assert_replays_on_new_inputs(fn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """`fn(q, k, v)` (an attention op on CUDA tensors) is captured by a CUDA graph and its replay computes the
+    attention of new inputs written into the same tensors: what the runtime's graphs rely on. The first eager call
+    compiles or loads what it needs outside the capture."""
+    want = fn(q, k, v).clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(q, k, v)
+    q.copy_(torch.randn_like(q))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, fn(q, k, v)) and not torch.equal(out, want)
 
 
 def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str = "output") -> None:

@@ -20,7 +20,7 @@ from types import ModuleType, SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import gpu_attention_video_psnr, rel_error
+from helpers import assert_replays_on_new_inputs, gpu_attention_video_psnr, rel_error
 
 from fvrt.builder.build import BuildError, BuildRequest, build_engines
 from fvrt.builder.models.common import kernel_attention, sdpa
@@ -283,15 +283,7 @@ def test_fa4_kernel_is_as_exact_as_cudnn_on_random_and_trained_like_inputs() -> 
 @pytest.mark.gpu
 def test_fa4_op_is_captured_by_a_cuda_graph() -> None:
     _need_fa4()
-    q, k, v = _qkv(5, 700, 700, 128, device="cuda", dtype=torch.bfloat16)
-    want = fa4_attention.attention(q, k, v).clone()  # compiles the kernel outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fa4_attention.attention(q, k, v)
-    q.copy_(torch.randn_like(q))
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out, fa4_attention.attention(q, k, v)) and not torch.equal(out, want)
+    assert_replays_on_new_inputs(fa4_attention.attention, *_qkv(5, 700, 700, 128, device="cuda", dtype=torch.bfloat16))
 
 
 # A fresh process that counts the CuTe DSL compiles (FA4 calls `cute.compile` for every kernel it JIT-compiles)
