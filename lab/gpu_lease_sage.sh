@@ -30,6 +30,9 @@
 #   third call (carry .whl = call3), at once:    cp .whl/* /tmp/wh/ && touch /tmp/wh/fa4.ready;
 #                                                 bash lab/gpu_job.sh wait s 540 /tmp/r
 #   then `bash lab/gpu_job.sh wait s 540 /tmp/r` back to back until it ends (results come back under $OUT/s/)
+# When machines are scarce (starts failing, machines taken back between calls), let the first call also wait:
+# `...start s -- bash lab/gpu_lease_sage.sh /tmp/r /tmp/wh /tmp/sage-src minimal; bash lab/gpu_job.sh wait s 170
+# /tmp/r` returned the whole `minimal` table in one call on 2026-12-07 (132 s build, 164 s in all).
 #
 # $1: results folder; $2: the wheel folder; $3: SageAttention's source; $4 "quick": stop after step 5 (and time
 # only the kernels that decide in step 3); "minimal": the build, then steps 3 (cuDNN, sage, fp8s) and 2 only.
