@@ -256,7 +256,7 @@ def sage_kernel_only(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Any:
     return lambda: run(q8, k8, v8, o, qs, ks, vs, 1, 0, 3, scale, 0)  # HND, not causal, per-thread, no LSE
 
 
-def step_attn(dev: torch.device, tiny: bool, only: str = "", sweep: bool = True) -> dict[str, Any]:
+def step_attn(dev: torch.device, tiny: bool, only: str = "", tile_sweep: bool = True) -> dict[str, Any]:
     g = torch.Generator(device=dev).manual_seed(1)
     shapes = TINY_ATTN_SHAPES if tiny else ATTN_SHAPES
     res: dict[str, Any] = {}
@@ -293,7 +293,7 @@ def step_attn(dev: torch.device, tiny: bool, only: str = "", sweep: bool = True)
                             row[name].update(kernel_ms=s * 1e3, kernel_TFLOPs=flops / s / 1e12)
                         except Exception as e:  # SageAttention's internals moved: the full call's figures stand
                             row[name]["kernel_error"] = f"{type(e).__name__}: {e}"[:300]
-                if sweep and dev.type == "cuda" and not tiny and sname == "s2_video_self":
+                if tile_sweep and dev.type == "cuda" and not tiny and sname == "s2_video_self":
                     sweep = {}
                     for cfg in SWEEP:
                         c = dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), cfg, strict=True))

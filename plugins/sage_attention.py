@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fvrt.plugins.support import cuda_support, sdpa_bthd
+from fvrt.plugins.support import cuda_support, cudnn_first, sdpa_bthd
 from fvrt.runtime.precision import ATTENTION_MIN_CC
 
 OP_NAME = "fvrt::sage_attention"
@@ -119,10 +119,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     """What `fvrt.builder.models.common.sdpa` calls under `kernel_attention("sage")`: the op where both Q and K
     have at least MIN_TOKENS tokens, cuDNN bf16 attention (as `--attention cudnn` exports it) elsewhere."""
     if min(q.shape[-2], k.shape[-2]) < MIN_TOKENS:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
-        with sdpa_kernel([*order, SDPBackend.MATH], set_priority=True):
+        with cudnn_first():
             return F.scaled_dot_product_attention(q, k, v)
     return kernel(q, k, v)
 

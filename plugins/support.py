@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -22,3 +24,15 @@ def sdpa_bthd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     GPUs (what the CPU tests run)."""
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2).contiguous()
+
+
+def cudnn_first() -> contextlib.AbstractContextManager[None]:
+    """SDPA's backends in the order the engines export bf16 attention (`--attention cudnn`): cuDNN first, then
+    FlashAttention-2, memory-efficient, math."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    try:
+        return sdpa_kernel(order, set_priority=True)
+    except TypeError:  # torch without set_priority: cuDNN, else fall back to what the dispatcher picks
+        return sdpa_kernel(order)

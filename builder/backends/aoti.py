@@ -47,6 +47,7 @@ from fvrt.builder.backends import cxx as cxx_select
 from fvrt.builder.backends.base import BackendOptions, OptionError, check_attention, per_layer_fields
 from fvrt.builder.stages.base import EngineSpec
 from fvrt.plugins import CALLBACK_ATTENTION, KERNEL_ATTENTION, fa4_attention, fp8_attention
+from fvrt.plugins.support import cudnn_first
 from fvrt.runtime.manifest import StageEntry, TensorSpec, sha256_file
 
 PACKAGE_SUFFIX = ".pt2"
@@ -198,14 +199,7 @@ def attention_backend(attention: str, device: torch.device) -> Iterator[None]:
         with kernel_attention(attention):
             yield
         return
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    try:
-        ctx = sdpa_kernel(order, set_priority=True)
-    except TypeError:  # torch without set_priority: cuDNN, else fall back to what the dispatcher picks
-        ctx = sdpa_kernel(order)
-    with ctx:
+    with cudnn_first():
         yield
 
 
