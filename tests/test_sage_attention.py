@@ -7,8 +7,10 @@ Hopper GPU with SageAttention 2 built by lab/sage_build.py (GPU-marked tests bel
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
@@ -17,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from helpers import assert_replays_on_new_inputs, gpu_attention_video_psnr, rel_error
 
+from fvrt.builder.backends import aoti
 from fvrt.builder.build import BuildError, BuildRequest, build_engines
+from fvrt.builder.models import common
 from fvrt.builder.models.common import kernel_attention, sdpa
 from fvrt.builder.stages import stage_attention
 from fvrt.plugins import CALLBACK_ATTENTION, KERNEL_ATTENTION, kernel_attention_fn, sage_attention
@@ -92,6 +96,44 @@ def test_attentions_below_min_tokens_stay_on_sdpa(monkeypatch: pytest.MonkeyPatc
         assert any("sage_attention" in o for o in ops) == want, (tq, tk, ops)
         assert any("scaled_dot_product" in o for o in ops) == (not want), (tq, tk, ops)
         assert torch.allclose(got, F.scaled_dot_product_attention(q, k, v), atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", KERNEL_ATTENTION)
+def test_kernel_modes_export_and_compile_under_cudnn_first(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Export keeps SDPA as one op and AOTInductor picks its backend when it decomposes it, outside the op's own
+    `cudnn_first()`: the builder's whole export + compile of a kernel mode must run under that order, or the
+    attentions the mode leaves to SDPA get torch's default (FlashAttention-2, which made the sage engines' stage-1
+    pass 14% slower than the cuDNN engines' on the H100, 2026-12-07)."""
+    events: list[str] = []
+
+    @contextlib.contextmanager
+    def spy() -> Iterator[None]:
+        events.append("enter")
+        yield
+        events.append("exit")
+
+    monkeypatch.setattr(aoti, "cudnn_first", spy)
+    with aoti.attention_backend(mode, torch.device("cuda")):
+        events.append("inside")
+        assert common._KERNEL_ATTENTION, "the mode's kernel is not switched on"
+    assert events == ["enter", "inside", "exit"] and not common._KERNEL_ATTENTION
+    events.clear()
+    with aoti.attention_backend(mode, torch.device("cpu")):  # CPU engines: no backend order, no kernel
+        assert not common._KERNEL_ATTENTION
+    assert events == []
+
+
+@pytest.mark.gpu
+def test_sage_engines_lower_their_small_attentions_to_cudnn() -> None:
+    """What AOTInductor compiles for an attention below MIN_TOKENS under `--attention sage`: the decomposed graph
+    holds cuDNN's attention op, as the `--attention cudnn` engines do."""
+    q, k, v = _qkv(6, 1024, 1024, 128, device="cuda", dtype=torch.bfloat16)
+    lowered = {}
+    for mode in ("cudnn", "sage"):
+        with aoti.attention_backend(mode, torch.device("cuda")):
+            ep = torch.export.export(_Sdpa(), (q, k, v)).run_decompositions()
+        lowered[mode] = [str(n.target) for n in ep.graph.nodes if "attention" in str(n.target)]
+    assert lowered["sage"] == lowered["cudnn"] and any("cudnn" in t for t in lowered["sage"]), lowered
 
 
 def _manifest(attention: str) -> SimpleNamespace:
