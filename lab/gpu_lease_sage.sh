@@ -35,7 +35,8 @@
 # /tmp/r` returned the whole `minimal` table in one call on 2026-12-07 (132 s build, 164 s in all).
 #
 # $1: results folder; $2: the wheel folder; $3: SageAttention's source; $4 "quick": stop after step 5 (and time
-# only the kernels that decide in step 3); "minimal": the build, then steps 3 (cuDNN, sage, fp8s) and 2 only.
+# only the kernels that decide in step 3); "minimal": the build, then steps 3 (cuDNN, sage, fp8s) and 2 only;
+# "engines": the build, the test that kernel modes lower their SDPA fallbacks to cuDNN, then step 6 (cudnn, sage).
 # FA4_WAIT_S: how long step 5 waits for the last FA4 wheel (default 60).
 # fvrt must be importable (PYTHONPATH=/tmp/site after `pip install --target /tmp/site .`).
 set -uo pipefail
@@ -70,6 +71,19 @@ if [[ "${4:-}" == minimal ]]; then  # a few minutes of device time: the build, t
   step "GPU tests: SageAttention op"
   gpu_tests sage-tests tests/test_sage_attention.py -k "not engines"
   step "done (minimal)"
+  exit 0
+fi
+
+if [[ "${4:-}" == engines ]]; then  # the DiT engines cuDNN vs sage again, after the cuDNN-first fix (~9 min)
+  step "GPU test: a kernel mode's small attentions lower to cuDNN"
+  gpu_tests lowering-test tests/test_sage_attention.py -k lower_their_small
+  wait "$sage_pid"
+  tail -n 2 "$R/sage-build.log"
+  export PYTHONPATH="$PYTHONPATH:/tmp/sage"
+  step "full-size DiT engines, one run: cudnn,sage"
+  PYTHONUNBUFFERED=1 FVRT_CXX=g++-12 python3 lab/gpu_build_engines.py --stages dit --attention cudnn,sage \
+    --repeats 2 --out "$R/engines" 2>&1 | tee "$R/engines.log" | tail -n 12
+  step "done (engines)"
   exit 0
 fi
 

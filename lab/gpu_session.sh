@@ -10,6 +10,12 @@
 # that it starts no precision or second preset it cannot finish; $3: the steps (default tests,vae,bench);
 # $PRECISIONS: the bench's variants (default fp8+ft8,bf16: the first calibrates on eager pipeline runs). The decoder's layout for the bench is the probe's
 # verdict: NDHWC (the CUDA default) unless its engine failed to build or run, then NCDHW.
+# The official pipeline runs last in the bench's process (same-run ratios) when ltx-core, ltx-pipelines and PyAV
+# import (carry their wheels, docs/benchmarks.md); else the bench runs with --no-official and says so.
+# A `+sage` precision needs SageAttention 2 built on the machine: $SAGE_SRC (its source, unpacked) is built by
+# lab/sage_build.py in the background while the tests and the decoder probe run, into /tmp/sage.
+#
+#   PRECISIONS=fp8+ft8,fp8+ft8+sage SAGE_SRC=/tmp/sage-src bash lab/gpu_job.sh start s -- bash lab/gpu_session.sh
 set -uo pipefail
 
 R=${1:-/tmp/r}
@@ -20,10 +26,21 @@ mkdir -p "$R"
 export FVRT_CXX=${FVRT_CXX:-g++-12}
 step() { echo "=== [$SECONDS s] $*"; }
 
+sage_pid=
+if [[ ",$PRECISIONS," == *+sage* ]]; then
+  step "SageAttention 2: building its Hopper kernels in the background ($R/sage-build.log)"
+  (python3 lab/sage_build.py --src "${SAGE_SRC:?a +sage precision needs SAGE_SRC}" --target /tmp/sage \
+    --jobs "$(nproc)" >"$R/sage-build.log" 2>&1
+    echo "rc=$?" >>"$R/sage-build.log") &
+  sage_pid=$!
+  export PYTHONPATH="${PYTHONPATH:-}:/tmp/sage"
+fi
+
 layout=auto
 if [[ ",$STEPS," == *,tests,* ]]; then
   step "GPU tests"
-  python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_pipeline.py tests/test_fp8_attention.py 2>&1 |
+  python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_pipeline.py tests/test_fp8_attention.py \
+    "tests/test_sage_attention.py::test_sage_engines_lower_their_small_attentions_to_cudnn" 2>&1 |
     tail -n 15 | tee "$R/gpu-tests.log"
 fi
 if [[ ",$STEPS," == *,vae,* ]]; then
@@ -36,6 +53,16 @@ if [[ ",$STEPS," == *,vae,* ]]; then
 fi
 [[ ",$STEPS," == *,bench,* ]] || exit 0
 
+if [[ -n "$sage_pid" ]]; then
+  step "SageAttention 2: waiting for its build"
+  wait "$sage_pid"
+  tail -n 2 "$R/sage-build.log"
+fi
+official=--official
+python3 -c "import ltx_core, ltx_pipelines, av" 2>/dev/null || {
+  official=--no-official
+  echo "ltx-core / ltx-pipelines / PyAV not importable: the bench runs without the official pipeline"
+}
 # the fp8+ft8 build and its two presets take ~15 min on the H100; bf16 after it reuses all but its DiT block and
 # needs ~4 min for both presets: start it only when that much is left
 left=$((BUDGET - SECONDS))
@@ -43,6 +70,6 @@ deadline=$((left - 240))
 step "bench, conv layout $layout, deadline ${deadline} s"
 python3 scripts/bench.py --random full --device cuda --profile 1080p --precisions "$PRECISIONS" \
   --presets distilled,realtime --repeats 1 --repeats-dit 3 --calib-method hooks --memory offload --drop-reference \
-  --trace --prefetch-text --no-official --conv-layout "$layout" --engines /dev/shm/eng --out "$R/bench" \
+  --trace --prefetch-text "$official" --conv-layout "$layout" --engines /dev/shm/eng --out "$R/bench" \
   --deadline-s "$deadline"
 step "done"
