@@ -50,7 +50,9 @@ from fvrt.plugins import fp8_attention as fa
 
 ATTN_SHAPES = {"s2_video_self": (1, 32, 32640, 128), "s1_video_self": (1, 32, 8160, 128)}
 TINY_ATTN_SHAPES = {"tiny": (1, 2, 300, 64)}
-DIT_SHAPES = {"stage2": ((16, 34, 60), (0.909375, 0.421875)), "stage1": ((16, 17, 30), (1.0,))}
+# every stage-2 step of the distilled schedule (ltx-pipelines' STAGE_2_DISTILLED_SIGMA_VALUES but the final 0),
+# stage 1's first and two of its later steps
+DIT_SHAPES = {"stage2": ((16, 34, 60), (0.909375, 0.725, 0.421875)), "stage1": ((16, 17, 30), (1.0, 0.975, 0.725))}
 TINY_DIT_SHAPES = {"tiny": ((3, 2, 3), (0.909375,))}
 KEEP_EXACT_BLOCKS = (0, 43, 44, 45, 46, 47)  # as the FP8 linears (ltx-core's exclusion list)
 ERR_ROWS = 1024
