@@ -6,6 +6,12 @@ other engine keeps cuDNN): "fp8" and "fp8s" (fp8_attention: Triton kernels compi
 two called back through the dispatcher (`CALLBACK_ATTENTION`: the runtime must register their ops, and can run
 them only where their package and GPU are). `kernel_attention_fn(mode)` is the [B, H, T, D] attention function of
 a mode.
+
+A call-back plugin is a module with MODE, NAME, supported(device) (None, or why not in one line), describe() (its
+manifest entry's fields) and attention(q, k, v). One that ships compiled kernels with its engines (fa4) also has
+traced_shapes() (a context yielding the set of shapes an export calls its op with), save_kernels(out_dir, stage,
+shapes, device) -> file names, and use_kernels(root, stages) (the runtime loads them); the builder and the
+runtime call these where they exist.
 """
 
 from __future__ import annotations

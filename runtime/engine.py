@@ -56,9 +56,9 @@ def check_environment(root: Path, manifest: Manifest, device: torch.device) -> N
 def check_attention_kernels(root: Path, manifest: Manifest, device: torch.device) -> None:
     """Engines built with `--attention fa4` or `sage` call their op (`fvrt::fa4_attention`, `fvrt::sage_attention`)
     back through the dispatcher: register it (importing fvrt.plugins, which imports both) before any engine loads,
-    refuse in one line when its kernel cannot run here (package missing, or not a GPU it supports), and have FA4
-    load the kernels the engines ship."""
-    from fvrt.plugins import CALLBACK_ATTENTION, fa4_attention
+    refuse in one line when its kernel cannot run here (package missing, or not a GPU it supports), and have a
+    plugin that ships kernels with its engines (FA4) load them."""
+    from fvrt.plugins import CALLBACK_ATTENTION
 
     for mode, plugin in CALLBACK_ATTENTION.items():
         users = [n for n, e in manifest.stages.items() if e.extra.get("attention") == mode]
@@ -66,8 +66,8 @@ def check_attention_kernels(root: Path, manifest: Manifest, device: torch.device
             continue
         if why := plugin.supported(device):
             raise EngineError(f"{root}: engine {users[0]} was built with --attention {mode} ({plugin.NAME}): {why}")
-        if mode == fa4_attention.MODE:
-            fa4_attention.use_kernels(root, users)  # the kernels the build compiled, instead of compiling them again
+        if (use_kernels := getattr(plugin, "use_kernels", None)) is not None:
+            use_kernels(root, users)  # the kernels the build compiled, instead of compiling them again
 
 
 class EngineDir:

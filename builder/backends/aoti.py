@@ -46,7 +46,7 @@ from fvrt.builder import stages
 from fvrt.builder.backends import cxx as cxx_select
 from fvrt.builder.backends.base import BackendOptions, OptionError, check_attention, per_layer_fields
 from fvrt.builder.stages.base import EngineSpec
-from fvrt.plugins import CALLBACK_ATTENTION, KERNEL_ATTENTION, fa4_attention, fp8_attention
+from fvrt.plugins import CALLBACK_ATTENTION, KERNEL_ATTENTION, fp8_attention
 from fvrt.plugins.support import cudnn_first
 from fvrt.runtime.manifest import StageEntry, TensorSpec, sha256_file
 
@@ -459,18 +459,20 @@ class TorchAOTBackend:
         attention = stage_attention(self.attention, spec.name, device)
         compiled: dict[str, CompiledKey] = {}
         packages: dict[str, Path] = {}
-        with fa4_attention.traced_shapes() as fa4_shapes:
+        # a call-back plugin that ships compiled kernels with its engines (FA4: it compiles them in Python at first
+        # call) learns from the export which shapes the op is called with, then compiles and exports them
+        plugin = CALLBACK_ATTENTION.get(attention)  # CUDA only (stage_attention)
+        ships = plugin is not None and hasattr(plugin, "save_kernels")
+        with plugin.traced_shapes() if ships else contextlib.nullcontext(set()) as op_shapes:
             for key in spec.shape_keys:
                 log(f"{spec.name} [{key}]: export + AOTInductor compile ({len(weights)} weight inputs)")
                 compiled[key] = c = self.compile_key(spec, key, input_names, weights, device, conv_layout)
                 packages[key] = out_dir / package_name(spec.name, key)
                 package_aoti(str(packages[key]), c.files)  # one model ("model") per package
                 log(f"{spec.name} [{key}]: export {c.export_s:.1f} s, compile {c.compile_s:.1f} s")
-        fa4 = attention == fa4_attention.MODE  # CUDA only (stage_attention)
-        # FA4 compiles its kernels in Python at first call: compile them now, at the engine's shapes, and ship them
-        kernels = fa4_attention.save_kernels(out_dir, spec.name, fa4_shapes, device) if fa4 else []
+        kernels = plugin.save_kernels(out_dir, spec.name, op_shapes, device) if ships else []
         if kernels:
-            log(f"{spec.name}: {len(kernels)} FlashAttention-4 kernels compiled and exported")
+            log(f"{spec.name}: {len(kernels)} {plugin.NAME} kernels compiled and exported")
         files = [p.name for p in packages.values()] + kernels
         package = packages[spec.shape_keys[0]]
         weights_file = out_dir / f"{spec.name}{WEIGHTS_SUFFIX}"
@@ -493,8 +495,8 @@ class TorchAOTBackend:
         extra: dict[str, Any] = {
             "device": device.type,
             "attention": attention,
-            **(CALLBACK_ATTENTION[attention].describe() if attention in CALLBACK_ATTENTION else {}),
-            **({"attention_kernels": len(kernels)} if fa4 else {}),
+            **(plugin.describe() if plugin is not None else {}),
+            **({"attention_kernels": len(kernels)} if ships else {}),
             "conv_layout": conv_layout,
             "models": {k: p.name for k, p in packages.items()},
             "weight_dtypes": weight_dtypes,
