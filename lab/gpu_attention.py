@@ -18,6 +18,9 @@
 - `attn` and `dit` also take the engines' call-back ops where they can run: `fa4` (flash-attn-4 importable) and
   `sage` (SageAttention 2 built by lab/sage_build.py on PYTHONPATH; `sage` as the engines route it, `sage_all` the
   op at every size, also timed kernel-only on inputs quantized once): name them in `--dit-attention`.
+- `attn` and `dit` also take FlashAttention-3's Hopper forward where `flash_attn_3` (built by lab/fa3_build.py) is
+  on PYTHONPATH: `fa3_bf16` (exact) and `fa3_fp8s` (E4M3 Q, K, V with one descale per head, K and V smoothed by
+  their token means: softmax ignores K's, V's is added back to the output; also timed kernel-only).
 
     PYTHONPATH=. python3 lab/gpu_attention.py --out DIR [--steps ceil,attn,dit,gemm,fa4] [--fa4-site /tmp/fa4]
     python lab/gpu_attention.py --out DIR --tiny --device cpu      # CPU dry run of the code paths
@@ -220,10 +223,62 @@ def attention_fns(dev: torch.device) -> dict[str, Any]:
         if sage_attention.supported(dev) is None:  # SageAttention 2 built by lab/sage_build.py: the engines' op
             fns["sage"] = sage_attention.attention  # as the engines: cuDNN below sage_attention.MIN_TOKENS
             fns["sage_all"] = sage_attention.kernel  # the op at every size
+        if fa3_loaded():  # FlashAttention-3 built by lab/fa3_build.py
+            fns["fa3_bf16"] = fa3_bf16
+            fns["fa3_fp8s"] = fa3_fp8s
     else:
         fns["math_bf16"] = sdpa_with(SDPBackend.MATH)
     fns.update({n: variant_fn(n) for n in VARIANTS})
     return fns
+
+
+def fa3_loaded() -> bool:
+    """FlashAttention-3's extension importable (lab/fa3_build.py's TARGET on PYTHONPATH) and its op registered."""
+    try:
+        import flash_attn_3._C  # noqa: F401  (registers torch.ops.flash_attn_3)
+    except ImportError:
+        return False
+    return hasattr(torch.ops.flash_attn_3, "fwd")
+
+
+def fa3_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """FlashAttention-3's bf16 forward on [B, H, T, D] (FA3 takes [B, T, H, D]: transposed views, no copies)."""
+    t = lambda x: x.transpose(1, 2)  # noqa: E731
+    return t(torch.ops.flash_attn_3.fwd(t(q), t(k), t(v), softmax_scale=q.shape[-1] ** -0.5)[0])
+
+
+E4M3_MAX = 448.0
+
+
+def fa3_quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """[B, H, T, D] -> FA3's FP8 inputs ([B, T, H, D] E4M3 views of Q, K - mean_t K, V - mean_t V, and their
+    [B, H] float32 descales: amax / 448 per head) and V's token mean [B, H, 1, D] (float32) to add back."""
+    vm = v.float().mean(dim=2, keepdim=True)
+    xs = (q.float(), k.float() - k.float().mean(dim=2, keepdim=True), v.float() - vm)
+    out: list[torch.Tensor] = []
+    for x in xs:
+        scale = x.abs().amax(dim=(2, 3)).clamp_min(1e-12) / E4M3_MAX
+        out.append((x / scale[:, :, None, None]).to(torch.float8_e4m3fn).transpose(1, 2))
+        out.append(scale.contiguous())
+    return out, vm
+
+
+def fa3_fp8_call(z: list[torch.Tensor], d: int) -> torch.Tensor:
+    """FlashAttention-3's E4M3 forward on fa3_quantize's tensors -> [B, T, H, D] bf16 (without V's mean)."""
+    q8, qs, k8, ks, v8, vs = z
+    return torch.ops.flash_attn_3.fwd(q8, k8, v8, q_descale=qs, k_descale=ks, v_descale=vs, softmax_scale=d**-0.5)[0]
+
+
+def fa3_fp8s(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Smoothed FP8 attention through FlashAttention-3, quantization included: [B, H, T, D] -> [B, H, T, D]."""
+    z, vm = fa3_quantize(q, k, v)
+    return (fa3_fp8_call(z, q.shape[-1]).transpose(1, 2).float() + vm).to(q.dtype)
+
+
+def fa3_kernel_only(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Any:
+    """FlashAttention-3's E4M3 kernel on inputs quantized once."""
+    z, _ = fa3_quantize(q, k, v)
+    return lambda: fa3_fp8_call(z, q.shape[-1])
 
 
 def kernel_only(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: Any = None) -> Any:
@@ -289,11 +344,12 @@ def step_attn(dev: torch.device, tiny: bool, only: str = "", tile_sweep: bool = 
                     if dev.type == "cuda" and name in VARIANTS:
                         s = timed(kernel_only(name, q, k, v), dev)
                         row[name].update(kernel_ms=s * 1e3, kernel_TFLOPs=flops / s / 1e12)
-                    elif dev.type == "cuda" and name == "sage_all":
+                    elif dev.type == "cuda" and name in ("sage_all", "fa3_fp8s"):
                         try:
-                            s = timed(sage_kernel_only(q, k, v), dev)
+                            only = sage_kernel_only if name == "sage_all" else fa3_kernel_only
+                            s = timed(only(q, k, v), dev)
                             row[name].update(kernel_ms=s * 1e3, kernel_TFLOPs=flops / s / 1e12)
-                        except Exception as e:  # SageAttention's internals moved: the full call's figures stand
+                        except Exception as e:  # the package's internals moved: the full call's figures stand
                             row[name]["kernel_error"] = f"{type(e).__name__}: {e}"[:300]
                 if tile_sweep and dev.type == "cuda" and not tiny and sname == "s2_video_self":
                     sweep = {}
@@ -433,7 +489,13 @@ def step_dit(dev: torch.device, tiny: bool, res: Results, args: argparse.Namespa
         print(f"[dit] {label}: {row}", flush=True)
 
     fns = attention_fns(dev)
-    listed = lambda text: [x for x in text.split(",") if x != "-"] if text else []  # noqa: E731
+
+    def listed(text: str) -> list[str]:  # the named variants that can run here ('-': none)
+        names = [x for x in text.split(",") if x != "-"] if text else []
+        for x in (x for x in names if x not in fns):
+            print(f"[dit] {x}: cannot run here (its package is not importable), left out", flush=True)
+        return [x for x in names if x in fns]
+
     run_variant("bf16_cudnn", None)
     if dev.type == "cuda" and args.dit_flash:
         run_variant("bf16_flash2", fns["flash2_bf16"])

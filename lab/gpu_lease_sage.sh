@@ -36,7 +36,10 @@
 #
 # $1: results folder; $2: the wheel folder; $3: SageAttention's source; $4 "quick": stop after step 5 (and time
 # only the kernels that decide in step 3); "minimal": the build, then steps 3 (cuDNN, sage, fp8s) and 2 only;
-# "engines": the build, the test that kernel modes lower their SDPA fallbacks to cuDNN, then step 6 (cudnn, sage).
+# "engines": the build, the test that kernel modes lower their SDPA fallbacks to cuDNN, then step 6 (cudnn, sage);
+# "fa3": FlashAttention-3's Hopper forward built too (lab/fa3_build.py from $FA3_SRC and $CUTLASS_SRC, beside the
+# SageAttention build), then the lowering test, the kernel table (cuDNN, FA3 bf16, FA3 smoothed FP8, sage), the
+# eager DiT's velocity with FA3 FP8 at every stage-2 step, and step 6 (cudnn, sage): about 15 min.
 # FA4_WAIT_S: how long step 5 waits for the last FA4 wheel (default 60).
 # fvrt must be importable (PYTHONPATH=/tmp/site after `pip install --target /tmp/site .`).
 set -uo pipefail
@@ -60,6 +63,32 @@ sage_pid=$!
 # every test module imports the builder, which imports PyAV: it comes with the first call (WH/av)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/fa4 "$W"/av/*.whl 2>&1 | tail -n 5
 export PYTHONPATH="$PYTHONPATH:/tmp/fa4"
+
+if [[ "${4:-}" == fa3 ]]; then
+  step "FlashAttention-3: building its head-dim-128 forward in the background ($R/fa3-build.log)"
+  (python3 lab/fa3_build.py --src "${FA3_SRC:?}" --cutlass "${CUTLASS_SRC:?}" --target /tmp/fa3 \
+    --jobs "$(nproc)" >"$R/fa3-build.log" 2>&1
+    echo "rc=$?" >>"$R/fa3-build.log") &
+  fa3_pid=$!
+  step "GPU test: a kernel mode's small attentions lower to cuDNN"
+  gpu_tests lowering-test tests/test_sage_attention.py -k lower_their_small
+  wait "$sage_pid"
+  tail -n 2 "$R/sage-build.log"
+  wait "$fa3_pid"
+  tail -n 3 "$R/fa3-build.log"
+  export PYTHONPATH="$PYTHONPATH:/tmp/sage:/tmp/fa3"
+  step "attention kernels at the DiT's shapes (cuDNN, FA3 bf16, FA3 FP8, sage)"
+  PYTHONUNBUFFERED=1 python3 lab/gpu_attention.py --out "$R/attn" --steps attn \
+    --attn-only cudnn_bf16,fa3_bf16,fa3_fp8s,sage_all --no-attn-sweep 2>&1 | tee "$R/attn.log" | tail -n 12
+  step "eager full-size DiT with FA3 FP8"
+  PYTHONUNBUFFERED=1 python3 lab/gpu_attention.py --out "$R/dit" --steps dit --dit-attention fa3_fp8s,fa3_bf16 \
+    --dit-keep-ends - --dit-fp8-linears= --no-dit-flash --no-dit-fast-accum 2>&1 | tee "$R/dit.log" | tail -n 8
+  step "full-size DiT engines, one run: cudnn,sage"
+  PYTHONUNBUFFERED=1 FVRT_CXX=g++-12 python3 lab/gpu_build_engines.py --stages dit --attention cudnn,sage \
+    --repeats 2 --out "$R/engines" 2>&1 | tee "$R/engines.log" | tail -n 12
+  step "done (fa3)"
+  exit 0
+fi
 
 if [[ "${4:-}" == minimal ]]; then  # a few minutes of device time: the build, the kernel table, the op's tests
   wait "$sage_pid"
