@@ -1,8 +1,8 @@
 """Build FlashAttention-3's Hopper forward kernels, head dim 128, bf16 and FP8 (E4M3), from its source into a folder
 that lab/gpu_attention.py imports (`flash_attn_3._C`, the ops under `torch.ops.flash_attn_3`).
 
-Why: FlashAttention-3's FP8 forward (WGMMA FP8, in-kernel V transpose, per-(batch, head) descales) is the one
-published Hopper attention that claims well over cuDNN's bf16 rate at head dim 128, the candidate for issue 18's
+Why: FlashAttention-3's FP8 forward (WGMMA FP8, in-kernel V transpose, per-(batch, head) descales) is a
+published Hopper attention whose paper reports close to 1.2 PFLOP/s (FP16: up to 740), the candidate for issue 18's
 1.4x gate that SageAttention 2 (1.23x here) misses. It is not on the package index (`flash-attn-3` there is an
 empty placeholder), and upstream's setup.py downloads its own nvcc and compiles about 100 translation units (every
 head dim, dtype, split, paged-KV, softcap and backward variant). This script compiles the four that a non-causal,
