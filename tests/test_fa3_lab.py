@@ -1,0 +1,97 @@
+"""FlashAttention-3's lab path (lab/fa3_build.py, lab/gpu_attention.py's fa3 variants), as far as the CPU reaches.
+
+The kernels build and run only on a Hopper GPU (lab/gpu_lease_sage.sh ... fa3). Here: the build's switches say what
+upstream's Python side reads (flash_attn_config), the build refuses folders that are not its sources, and the
+smoothed FP8 quantization the `fa3_fp8s` variant hands to the kernel reproduces attention once dequantized (the
+kernel's own FP8 P rounding aside)."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from helpers import rel_error
+
+LAB = Path(__file__).resolve().parents[1] / "lab"
+
+
+def _lab(name: str) -> ModuleType:
+    if str(LAB) not in sys.path:
+        sys.path.insert(0, str(LAB))
+    spec = importlib.util.spec_from_file_location(name, LAB / f"{name}.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_build_config_keeps_only_the_head_dim_128_forward_in_bf16_and_fp8(tmp_path: Path) -> None:
+    fb = _lab("fa3_build")
+    src = tmp_path / "src" / "hopper"
+    (src / "flash_attn_3").mkdir(parents=True)
+    (src / "flash_attn_3" / "__init__.py").write_text("")
+    (src / "flash_attn_3" / "_C.abi3.so").write_text("stale")
+    fb.prepare(tmp_path / "src", tmp_path / "work")
+    assert not (tmp_path / "work" / "flash_attn_3" / "_C.abi3.so").exists()  # a stale build is not copied
+    ns: dict = {}
+    exec((tmp_path / "work" / "flash_attn_config.py").read_text(), ns)
+    flags = ns["CONFIG"]["build_flags"]
+    kept = {k for k, off in flags.items() if not off}
+    assert kept == {
+        "FLASHATTENTION_DISABLE_HDIM128",
+        "FLASHATTENTION_DISABLE_FP8",
+        "FLASHATTENTION_ENABLE_VCOLMAJOR",
+    }
+    # the compiler sees the same switches as the Python side (whose two HDIMDIFF keys are spelled FLASH_ATTENTION_)
+    norm = lambda key: key.replace("FLASH_ATTENTION_", "FLASHATTENTION_")  # noqa: E731
+    assert {f"-D{norm(k)}" for k, off in flags.items() if off} == set(fb.FEATURE_ARGS)
+    assert any("hdim128_e4m3_sm90" in s for s in fb.SOURCES) and any("hdim128_bf16_sm90" in s for s in fb.SOURCES)
+
+
+def test_the_build_refuses_folders_that_are_not_its_sources(tmp_path: Path) -> None:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, str(LAB / "fa3_build.py"), *args, "--target", str(tmp_path / "t")]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+    done = run("--src", str(tmp_path), "--cutlass", str(tmp_path))
+    assert done.returncode == 1 and done.stderr.strip().endswith(
+        "not a flash-attention source folder (no hopper/flash_api_stable.cpp)"
+    )
+    hopper = tmp_path / "fa" / "hopper"
+    for rel in ("flash_api_stable.cpp", "flash_prepare_scheduler.cu", "flash_attn_interface.py"):
+        (hopper / rel).parent.mkdir(parents=True, exist_ok=True)
+        (hopper / rel).write_text("")
+    for rel in ("instantiations/flash_fwd_hdim128_bf16_sm90.cu", "instantiations/flash_fwd_hdim128_e4m3_sm90.cu"):
+        (hopper / rel).parent.mkdir(parents=True, exist_ok=True)
+        (hopper / rel).write_text("")
+    (hopper / "flash_attn_3").mkdir()
+    (hopper / "flash_attn_3" / "__init__.py").write_text("")
+    done = run("--src", str(tmp_path / "fa"), "--cutlass", str(tmp_path))
+    assert done.returncode == 1 and done.stderr.strip().endswith(
+        "not a CUTLASS source folder (no include/cute/tensor.hpp)"
+    )
+    assert not (tmp_path / "t").exists()
+
+
+def test_smoothed_fp8_quantization_reproduces_attention_once_dequantized() -> None:
+    """K and V smoothed by their token means (softmax ignores K's; V's is added back) and one E4M3 descale per head:
+    dequantized, the attention stays within 8-bit error of fp32, on random inputs and on trained-like ones (large
+    per-channel key offsets, which per-tensor FP8 without smoothing cannot hold)."""
+    ga = _lab("gpu_attention")
+    g = torch.Generator().manual_seed(0)
+    for make, bound in ((ga.qkv_random, 0.06), (ga.qkv_trained_like, 0.04)):
+        q, k, v = make((1, 4, 384, 128), torch.device("cpu"), g)
+        z, vm = ga.fa3_quantize(q, k, v)
+        q8, qs, k8, ks, v8, vs = z
+        assert q8.dtype == torch.float8_e4m3fn and q8.shape == (1, 384, 4, 128) and q8.stride(-1) == 1
+        assert qs.shape == (1, 4) and qs.dtype == torch.float32 and qs.is_contiguous()
+        assert k8.float().mean(dim=1).abs().max() < 0.5 * k8.float().abs().max()  # smoothed: no offset left
+        deq = lambda x8, s: x8.transpose(1, 2).float() * s[:, :, None, None]  # noqa: E731
+        got = F.scaled_dot_product_attention(deq(q8, qs), deq(k8, ks), deq(v8, vs)) + vm
+        exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+        assert rel_error(got, exact) < bound, (make.__name__, rel_error(got, exact))
