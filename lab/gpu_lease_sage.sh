@@ -34,6 +34,14 @@
 # `...start s -- bash lab/gpu_lease_sage.sh /tmp/r /tmp/wh /tmp/sage-src minimal; bash lab/gpu_job.sh wait s 170
 # /tmp/r` returned the whole `minimal` table in one call on 2026-12-07 (132 s build, 164 s in all).
 #
+# The `fa3` mode also needs FlashAttention-3's and CUTLASS's sources in the carry (2.5 MB): in Dao-AILab/flash-attention
+# (tested at 0251105a) `git archive --format=tar.gz -o .whl/fa-hopper.tgz HEAD hopper LICENSE`, in NVIDIA/cutlass
+# `git archive --format=tar.gz -o .whl/cutlass-include.tgz 7127592 include LICENSE.txt` (the commit flash-attention's
+# csrc/cutlass submodule names); unpack them on the machine and name them in FA3_SRC and CUTLASS_SRC:
+#     ... && tar -xzf .whl/fa-hopper.tgz -C /tmp/fa3-src && tar -xzf .whl/cutlass-include.tgz -C /tmp/cutlass && ...
+#     FA3_SRC=/tmp/fa3-src CUTLASS_SRC=/tmp/cutlass PYTHONPATH=/tmp/site bash lab/gpu_job.sh start s -- \
+#       bash lab/gpu_lease_sage.sh /tmp/r /tmp/wh /tmp/sage-src fa3; PYTHONPATH=/tmp/site bash lab/gpu_job.sh wait s 540 /tmp/r
+#
 # $1: results folder; $2: the wheel folder; $3: SageAttention's source; $4 "quick": stop after step 5 (and time
 # only the kernels that decide in step 3); "minimal": the build, then steps 3 (cuDNN, sage, fp8s) and 2 only;
 # "engines": the build, the test that kernel modes lower their SDPA fallbacks to cuDNN, then step 6 (cudnn, sage);
