@@ -18,6 +18,9 @@
 - `attn` and `dit` also take the engines' call-back ops where they can run: `fa4` (flash-attn-4 importable) and
   `sage` (SageAttention 2 built by lab/sage_build.py on PYTHONPATH; `sage` as the engines route it, `sage_all` the
   op at every size, also timed kernel-only on inputs quantized once): name them in `--dit-attention`.
+- `attn` and `dit` also take cuDNN's FP8 attention through its frontend (`nvidia-cudnn-frontend` importable:
+  `cudnn_fp8s`, E4M3 Q, K, V with one descale per tensor, K and V smoothed as below, bf16 output; also timed
+  kernel-only), with torch's own cuDNN library.
 - `attn` and `dit` also take FlashAttention-3's Hopper forward where `flash_attn_3` (built by lab/fa3_build.py) is
   on PYTHONPATH: `fa3_bf16` (exact) and `fa3_fp8s` (E4M3 Q, K, V with one descale per head, K and V smoothed by
   their token means: softmax ignores K's, V's is added back to the output; also timed kernel-only).
@@ -223,6 +226,8 @@ def attention_fns(dev: torch.device) -> dict[str, Any]:
         if sage_attention.supported(dev) is None:  # SageAttention 2 built by lab/sage_build.py: the engines' op
             fns["sage"] = sage_attention.attention  # as the engines: cuDNN below sage_attention.MIN_TOKENS
             fns["sage_all"] = sage_attention.kernel  # the op at every size
+        if cudnn_fe_loaded():  # nvidia-cudnn-frontend on PYTHONPATH
+            fns["cudnn_fp8s"] = cudnn_fp8s
         if fa3_loaded():  # FlashAttention-3 built by lab/fa3_build.py
             fns["fa3_bf16"] = fa3_bf16
             fns["fa3_fp8s"] = fa3_fp8s
@@ -281,6 +286,98 @@ def fa3_kernel_only(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Any:
     return lambda: fa3_fp8_call(z, q.shape[-1])
 
 
+def cudnn_fe_loaded() -> bool:
+    """cuDNN's Python frontend importable (its FP8 attention runs on torch's own libcudnn)."""
+    try:
+        import cudnn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+_CUDNN_FP8: dict[tuple[int, ...], Any] = {}
+
+
+def cudnn_fp8_graph(b: int, h: int, tq: int, tk: int, d: int) -> Any:
+    """cuDNN's FP8 forward attention graph for contiguous [B, H, T, D] E4M3 Q, K, V (per-tensor descales), bf16
+    output; built once per shape. Returns (graph, tensors by name, workspace, handle)."""
+    import cudnn
+
+    key = (b, h, tq, tk, d)
+    if key in _CUDNN_FP8:
+        return _CUDNN_FP8[key]
+    handle = cudnn.create_handle()
+    cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream().cuda_stream)
+    g = cudnn.pygraph(
+        io_data_type=cudnn.data_type.BFLOAT16,
+        intermediate_data_type=cudnn.data_type.FLOAT,
+        compute_data_type=cudnn.data_type.FLOAT,
+        handle=handle,
+    )
+    fp8 = cudnn.data_type.FP8_E4M3
+    t: dict[str, Any] = {}
+    for name, tt in (("q", tq), ("k", tk), ("v", tk)):
+        t[name] = g.tensor(name=name, dim=(b, h, tt, d), stride=(h * tt * d, tt * d, d, 1), data_type=fp8)
+    for name in ("descale_q", "descale_k", "descale_v", "descale_s", "scale_s", "scale_o"):
+        t[name] = g.tensor(name=name, dim=(1, 1, 1, 1), stride=(1, 1, 1, 1), data_type=cudnn.data_type.FLOAT)
+    o, _stats, amax_s, amax_o = g.sdpa_fp8(
+        q=t["q"], k=t["k"], v=t["v"],
+        descale_q=t["descale_q"], descale_k=t["descale_k"], descale_v=t["descale_v"],
+        descale_s=t["descale_s"], scale_s=t["scale_s"], scale_o=t["scale_o"],
+        generate_stats=False, attn_scale=d**-0.5, use_causal_mask=False,
+    )  # fmt: skip
+    o.set_output(True).set_dim((b, h, tq, d)).set_stride((h * tq * d, tq * d, d, 1))
+    o.set_data_type(cudnn.data_type.BFLOAT16)
+    for a in (amax_s, amax_o):
+        a.set_output(True).set_dim((1, 1, 1, 1)).set_stride((1, 1, 1, 1)).set_data_type(cudnn.data_type.FLOAT)
+    t |= {"o": o, "amax_s": amax_s, "amax_o": amax_o}
+    g.validate()
+    g.build_operation_graph()
+    g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+    g.check_support()
+    g.build_plans()
+    ws = torch.empty(g.get_workspace_size(), device="cuda", dtype=torch.uint8)
+    _CUDNN_FP8[key] = (g, t, ws, handle)
+    return _CUDNN_FP8[key]
+
+
+def cudnn_fp8_quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[dict[str, torch.Tensor], Any]:
+    """[B, H, T, D] -> cuDNN's FP8 inputs: contiguous E4M3 Q, K - mean_t K, V - mean_t V with per-tensor descales
+    (amax / 448), P scaled by 448 into E4M3 (its values lie in [0, 1]); and V's token mean to add back."""
+    vm = v.float().mean(dim=2, keepdim=True)
+    xs = {"q": q.float(), "k": k.float() - k.float().mean(dim=2, keepdim=True), "v": v.float() - vm}
+    one = lambda x: torch.full((1, 1, 1, 1), x, device=q.device, dtype=torch.float32)  # noqa: E731
+    pack: dict[str, torch.Tensor] = {"descale_s": one(1 / E4M3_MAX), "scale_s": one(E4M3_MAX), "scale_o": one(1.0)}
+    for name, x in xs.items():
+        scale = x.abs().amax().clamp_min(1e-12) / E4M3_MAX
+        pack[name] = (x / scale).to(torch.float8_e4m3fn).contiguous()
+        pack[f"descale_{name}"] = scale.reshape(1, 1, 1, 1).contiguous()
+    return pack, vm
+
+
+def cudnn_fp8_call(pack: dict[str, torch.Tensor], q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """cuDNN's FP8 attention on cudnn_fp8_quantize's tensors -> [B, H, Tq, D] bf16 (without V's mean)."""
+    b, h, tq, d = q.shape
+    g, t, ws, handle = cudnn_fp8_graph(b, h, tq, k.shape[2], d)
+    out = torch.empty((b, h, tq, d), device=q.device, dtype=torch.bfloat16)
+    amax = torch.empty((2, 1, 1, 1, 1), device=q.device, dtype=torch.float32)
+    variant = {t[n]: pack[n] for n in pack} | {t["o"]: out, t["amax_s"]: amax[0], t["amax_o"]: amax[1]}
+    g.execute(variant, ws, handle=handle)
+    return out
+
+
+def cudnn_fp8s(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Smoothed FP8 attention through cuDNN's frontend, quantization included: [B, H, T, D] -> [B, H, T, D]."""
+    pack, vm = cudnn_fp8_quantize(q, k, v)
+    return (cudnn_fp8_call(pack, q, k).float() + vm).to(q.dtype)
+
+
+def cudnn_fp8_kernel_only(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Any:
+    """cuDNN's FP8 attention on inputs quantized once."""
+    pack, _ = cudnn_fp8_quantize(q, k, v)
+    return lambda: cudnn_fp8_call(pack, q, k)
+
+
 def kernel_only(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: Any = None) -> Any:
     """The kernel of an 8-bit variant on inputs quantized once (what the attention costs beyond its producers'
     fused quantization in an engine)."""
@@ -311,6 +408,9 @@ def sage_kernel_only(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Any:
     scale = q.shape[-1] ** -0.5
     run = sm90_compile.qk_int8_sv_f8_accum_f32_fuse_v_scale_attn_inst_buf
     return lambda: run(q8, k8, v8, o, qs, ks, vs, 1, 0, 3, scale, 0)  # HND, not causal, per-thread, no LSE
+
+
+KERNEL_ONLY = {"sage_all": sage_kernel_only, "fa3_fp8s": fa3_kernel_only, "cudnn_fp8s": cudnn_fp8_kernel_only}
 
 
 def step_attn(dev: torch.device, tiny: bool, only: str = "", tile_sweep: bool = True) -> dict[str, Any]:
@@ -344,9 +444,9 @@ def step_attn(dev: torch.device, tiny: bool, only: str = "", tile_sweep: bool = 
                     if dev.type == "cuda" and name in VARIANTS:
                         s = timed(kernel_only(name, q, k, v), dev)
                         row[name].update(kernel_ms=s * 1e3, kernel_TFLOPs=flops / s / 1e12)
-                    elif dev.type == "cuda" and name in ("sage_all", "fa3_fp8s"):
+                    elif dev.type == "cuda" and name in KERNEL_ONLY:
                         try:
-                            only = sage_kernel_only if name == "sage_all" else fa3_kernel_only
+                            only = KERNEL_ONLY[name]
                             s = timed(only(q, k, v), dev)
                             row[name].update(kernel_ms=s * 1e3, kernel_TFLOPs=flops / s / 1e12)
                         except Exception as e:  # the package's internals moved: the full call's figures stand

@@ -37,7 +37,9 @@
 # The `fa3` mode also needs FlashAttention-3's and CUTLASS's sources in the carry (2.5 MB): in Dao-AILab/flash-attention
 # (tested at 0251105a) `git archive --format=tar.gz -o .whl/fa-hopper.tgz HEAD hopper LICENSE`, in NVIDIA/cutlass
 # `git archive --format=tar.gz -o .whl/cutlass-include.tgz 7127592 include LICENSE.txt` (the commit flash-attention's
-# csrc/cutlass submodule names); unpack them on the machine and name them in FA3_SRC and CUTLASS_SRC:
+# csrc/cutlass submodule names); unpack them on the machine and name them in FA3_SRC and CUTLASS_SRC. cuDNN's FP8
+# attention is timed too when .whl/cfe/ holds the nvidia-cudnn-frontend wheel (cp312, 12 MB; `pip download
+# --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 nvidia-cudnn-frontend`):
 #     ... && tar -xzf .whl/fa-hopper.tgz -C /tmp/fa3-src && tar -xzf .whl/cutlass-include.tgz -C /tmp/cutlass && ...
 #     FA3_SRC=/tmp/fa3-src CUTLASS_SRC=/tmp/cutlass PYTHONPATH=/tmp/site bash lab/gpu_job.sh start s -- \
 #       bash lab/gpu_lease_sage.sh /tmp/r /tmp/wh /tmp/sage-src fa3; PYTHONPATH=/tmp/site bash lab/gpu_job.sh wait s 540 /tmp/r
@@ -46,8 +48,9 @@
 # only the kernels that decide in step 3); "minimal": the build, then steps 3 (cuDNN, sage, fp8s) and 2 only;
 # "engines": the build, the test that kernel modes lower their SDPA fallbacks to cuDNN, then step 6 (cudnn, sage);
 # "fa3": FlashAttention-3's Hopper forward built too (lab/fa3_build.py from $FA3_SRC and $CUTLASS_SRC, beside the
-# SageAttention build), then the lowering test, the kernel table (cuDNN, FA3 bf16, FA3 smoothed FP8, sage), the
-# eager DiT's velocity with FA3 FP8 at every stage-2 step, and step 6 (cudnn, sage): about 15 min.
+# SageAttention build), then the lowering test, the kernel table (cuDNN, FA3 bf16, FA3 smoothed FP8, cuDNN FP8 through
+# its frontend, sage), the eager DiT's velocity with both FP8 kernels at every stage-2 step, and step 6 (cudnn,
+# sage): about 15 min.
 # FA4_WAIT_S: how long step 5 waits for the last FA4 wheel (default 60).
 # fvrt must be importable (PYTHONPATH=/tmp/site after `pip install --target /tmp/site .`).
 set -uo pipefail
@@ -78,6 +81,10 @@ if [[ "${4:-}" == fa3 ]]; then
     --jobs "$(nproc)" >"$R/fa3-build.log" 2>&1
     echo "rc=$?" >>"$R/fa3-build.log") &
   fa3_pid=$!
+  # cuDNN's FP8 attention through its Python frontend (WH/cfe: the nvidia-cudnn-frontend wheel, 12 MB), if carried
+  if compgen -G "$W/cfe/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/fa4 "$W"/cfe/*.whl 2>&1 | tail -n 3
+  fi
   step "GPU test: a kernel mode's small attentions lower to cuDNN"
   gpu_tests lowering-test tests/test_sage_attention.py -k lower_their_small
   wait "$sage_pid"
@@ -85,11 +92,11 @@ if [[ "${4:-}" == fa3 ]]; then
   wait "$fa3_pid"
   tail -n 3 "$R/fa3-build.log"
   export PYTHONPATH="$PYTHONPATH:/tmp/sage:/tmp/fa3"
-  step "attention kernels at the DiT's shapes (cuDNN, FA3 bf16, FA3 FP8, sage)"
+  step "attention kernels at the DiT's shapes (cuDNN, FA3 bf16, FA3 FP8, cuDNN FP8, sage)"
   PYTHONUNBUFFERED=1 python3 lab/gpu_attention.py --out "$R/attn" --steps attn \
-    --attn-only cudnn_bf16,fa3_bf16,fa3_fp8s,sage_all --no-attn-sweep 2>&1 | tee "$R/attn.log" | tail -n 12
-  step "eager full-size DiT with FA3 FP8"
-  PYTHONUNBUFFERED=1 python3 lab/gpu_attention.py --out "$R/dit" --steps dit --dit-attention fa3_fp8s,fa3_bf16 \
+    --attn-only cudnn_bf16,fa3_bf16,fa3_fp8s,cudnn_fp8s,sage_all --no-attn-sweep 2>&1 | tee "$R/attn.log" | tail -n 12
+  step "eager full-size DiT with FA3 FP8 and cuDNN FP8"
+  PYTHONUNBUFFERED=1 python3 lab/gpu_attention.py --out "$R/dit" --steps dit --dit-attention fa3_fp8s,cudnn_fp8s \
     --dit-keep-ends - --dit-fp8-linears= --no-dit-flash --no-dit-fast-accum 2>&1 | tee "$R/dit.log" | tail -n 8
   step "full-size DiT engines, one run: cudnn,sage"
   PYTHONUNBUFFERED=1 FVRT_CXX=g++-12 python3 lab/gpu_build_engines.py --stages dit --attention cudnn,sage \

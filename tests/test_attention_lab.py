@@ -1,9 +1,10 @@
-"""FlashAttention-3's lab path (lab/fa3_build.py, lab/gpu_attention.py's fa3 variants), as far as the CPU reaches.
+"""The FP8 attention candidates of the lab (lab/fa3_build.py, lab/gpu_attention.py's `fa3_fp8s` and `cudnn_fp8s`),
+as far as the CPU reaches.
 
-The kernels build and run only on a Hopper GPU (lab/gpu_lease_sage.sh ... fa3). Here: the build's switches say what
-upstream's Python side reads (flash_attn_config), the build refuses folders that are not its sources, and the
-smoothed FP8 quantization the `fa3_fp8s` variant hands to the kernel reproduces attention once dequantized (the
-kernel's own FP8 P rounding aside)."""
+The kernels run only on a Hopper GPU (lab/gpu_lease_sage.sh ... fa3). Here: FlashAttention-3's build switches say
+what upstream's Python side reads (flash_attn_config), its build refuses folders that are not its sources, and the
+smoothed FP8 quantizations the two variants hand to their kernels (a descale per head for FlashAttention-3, per
+tensor for cuDNN) reproduce attention once dequantized (the kernels' own FP8 P rounding aside)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
 import torch
 import torch.nn.functional as F
 from helpers import rel_error
@@ -78,20 +80,29 @@ def test_the_build_refuses_folders_that_are_not_its_sources(tmp_path: Path) -> N
     assert not (tmp_path / "t").exists()
 
 
-def test_smoothed_fp8_quantization_reproduces_attention_once_dequantized() -> None:
-    """K and V smoothed by their token means (softmax ignores K's; V's is added back) and one E4M3 descale per head:
+@pytest.mark.parametrize("kernel", ["fa3", "cudnn"])
+def test_smoothed_fp8_quantization_reproduces_attention_once_dequantized(kernel: str) -> None:
+    """K and V smoothed by their token means (softmax ignores K's; V's is added back) and E4M3 descales:
     dequantized, the attention stays within 8-bit error of fp32, on random inputs and on trained-like ones (large
-    per-channel key offsets, which per-tensor FP8 without smoothing cannot hold)."""
+    per-channel key offsets, which FP8 without smoothing cannot hold); without V's mean added back it does not."""
     ga = _lab("gpu_attention")
     g = torch.Generator().manual_seed(0)
     for make, bound in ((ga.qkv_random, 0.06), (ga.qkv_trained_like, 0.04)):
         q, k, v = make((1, 4, 384, 128), torch.device("cpu"), g)
-        z, vm = ga.fa3_quantize(q, k, v)
-        q8, qs, k8, ks, v8, vs = z
-        assert q8.dtype == torch.float8_e4m3fn and q8.shape == (1, 384, 4, 128) and q8.stride(-1) == 1
-        assert qs.shape == (1, 4) and qs.dtype == torch.float32 and qs.is_contiguous()
-        assert k8.float().mean(dim=1).abs().max() < 0.5 * k8.float().abs().max()  # smoothed: no offset left
-        deq = lambda x8, s: x8.transpose(1, 2).float() * s[:, :, None, None]  # noqa: E731
-        got = F.scaled_dot_product_attention(deq(q8, qs), deq(k8, ks), deq(v8, vs)) + vm
+        if kernel == "fa3":
+            z, vm = ga.fa3_quantize(q, k, v)
+            q8, qs, k8, ks, v8, vs = z
+            assert q8.dtype == torch.float8_e4m3fn and q8.shape == (1, 384, 4, 128) and q8.stride(-1) == 1
+            assert qs.shape == (1, 4) and qs.dtype == torch.float32 and qs.is_contiguous()
+            deq = lambda x8, s: x8.transpose(1, 2).float() * s[:, :, None, None]  # noqa: E731
+            qd, kd, vd = deq(q8, qs), deq(k8, ks), deq(v8, vs)
+        else:
+            pack, vm = ga.cudnn_fp8_quantize(q, k, v)
+            assert pack["q"].dtype == torch.float8_e4m3fn and pack["q"].shape == q.shape and pack["q"].is_contiguous()
+            assert pack["descale_q"].shape == (1, 1, 1, 1) and float(pack["scale_s"]) == 448.0
+            qd, kd, vd = (pack[n].float() * pack[f"descale_{n}"] for n in "qkv")
+        assert kd.mean(dim=2).abs().max() < 0.05 * kd.abs().max()  # smoothed: no key offset left
+        got = F.scaled_dot_product_attention(qd, kd, vd)
         exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
-        assert rel_error(got, exact) < bound, (make.__name__, rel_error(got, exact))
+        assert rel_error(got + vm, exact) < bound, (make.__name__, rel_error(got + vm, exact))
+        assert rel_error(got, exact) > 2 * bound  # V's mean is part of the answer
