@@ -22,8 +22,8 @@
   `cudnn_fp8s`, E4M3 Q, K, V with one descale per tensor, K and V smoothed as below, bf16 output; also timed
   kernel-only), with torch's own cuDNN library.
 - `attn` and `dit` also take FlashAttention-3's Hopper forward where `flash_attn_3` (built by lab/fa3_build.py) is
-  on PYTHONPATH: `fa3_bf16` (exact) and `fa3_fp8s` (E4M3 Q, K, V with one descale per head, K and V smoothed by
-  their token means: softmax ignores K's, V's is added back to the output; also timed kernel-only).
+  on PYTHONPATH: `fa3_bf16` (exact) and `fa3_fp8s` (the `--attention fa3fp8` engines' fvrt.plugins.fa3_attention:
+  E4M3 Q, K, V with one descale per head, K and V smoothed by their token means; also timed kernel-only).
 
     PYTHONPATH=. python3 lab/gpu_attention.py --out DIR [--steps ceil,attn,dit,gemm,fa4] [--fa4-site /tmp/fa4]
     python lab/gpu_attention.py --out DIR --tiny --device cpu      # CPU dry run of the code paths
@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from fvrt.builder.models import common
-from fvrt.plugins import fa4_attention, sage_attention
+from fvrt.plugins import fa3_attention, fa4_attention, sage_attention
 from fvrt.plugins import fp8_attention as fa
 
 ATTN_SHAPES = {"s2_video_self": (1, 32, 32640, 128), "s1_video_self": (1, 32, 8160, 128)}
@@ -230,7 +230,7 @@ def attention_fns(dev: torch.device) -> dict[str, Any]:
             fns["cudnn_fp8s"] = cudnn_fp8s
         if fa3_loaded():  # FlashAttention-3 built by lab/fa3_build.py
             fns["fa3_bf16"] = fa3_bf16
-            fns["fa3_fp8s"] = fa3_fp8s
+            fns["fa3_fp8s"] = fa3_attention.kernel  # the --attention fa3fp8 engines' quantization and op
     else:
         fns["math_bf16"] = sdpa_with(SDPBackend.MATH)
     fns.update({n: variant_fn(n) for n in VARIANTS})
@@ -239,11 +239,7 @@ def attention_fns(dev: torch.device) -> dict[str, Any]:
 
 def fa3_loaded() -> bool:
     """FlashAttention-3's extension importable (lab/fa3_build.py's TARGET on PYTHONPATH) and its op registered."""
-    try:
-        import flash_attn_3._C  # noqa: F401  (registers torch.ops.flash_attn_3)
-    except ImportError:
-        return False
-    return hasattr(torch.ops.flash_attn_3, "fwd")
+    return fa3_attention.available() is None
 
 
 def fa3_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -252,38 +248,13 @@ def fa3_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return t(torch.ops.flash_attn_3.fwd(t(q), t(k), t(v), softmax_scale=q.shape[-1] ** -0.5)[0])
 
 
-E4M3_MAX = 448.0
-
-
-def fa3_quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """[B, H, T, D] -> FA3's FP8 inputs ([B, T, H, D] E4M3 views of Q, K - mean_t K, V - mean_t V, and their
-    [B, H] float32 descales: amax / 448 per head) and V's token mean [B, H, 1, D] (float32) to add back."""
-    vm = v.float().mean(dim=2, keepdim=True)
-    xs = (q.float(), k.float() - k.float().mean(dim=2, keepdim=True), v.float() - vm)
-    out: list[torch.Tensor] = []
-    for x in xs:
-        scale = x.abs().amax(dim=(2, 3)).clamp_min(1e-12) / E4M3_MAX
-        out.append((x / scale[:, :, None, None]).to(torch.float8_e4m3fn).transpose(1, 2))
-        out.append(scale.contiguous())
-    return out, vm
-
-
-def fa3_fp8_call(z: list[torch.Tensor], d: int) -> torch.Tensor:
-    """FlashAttention-3's E4M3 forward on fa3_quantize's tensors -> [B, T, H, D] bf16 (without V's mean)."""
-    q8, qs, k8, ks, v8, vs = z
-    return torch.ops.flash_attn_3.fwd(q8, k8, v8, q_descale=qs, k_descale=ks, v_descale=vs, softmax_scale=d**-0.5)[0]
-
-
-def fa3_fp8s(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Smoothed FP8 attention through FlashAttention-3, quantization included: [B, H, T, D] -> [B, H, T, D]."""
-    z, vm = fa3_quantize(q, k, v)
-    return (fa3_fp8_call(z, q.shape[-1]).transpose(1, 2).float() + vm).to(q.dtype)
-
-
 def fa3_kernel_only(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Any:
-    """FlashAttention-3's E4M3 kernel on inputs quantized once."""
-    z, _ = fa3_quantize(q, k, v)
-    return lambda: fa3_fp8_call(z, q.shape[-1])
+    """FlashAttention-3's E4M3 kernel (the `--attention fa3fp8` engines' op) on inputs quantized once."""
+    z, _ = fa3_attention.quantize(q, k, v)
+    return lambda: fa3_attention.fa3fp8_attention(*z)
+
+
+E4M3_MAX = fa3_attention.E4M3_MAX
 
 
 def cudnn_fe_loaded() -> bool:

@@ -48,9 +48,9 @@
 # only the kernels that decide in step 3); "minimal": the build, then steps 3 (cuDNN, sage, fp8s) and 2 only;
 # "engines": the build, the test that kernel modes lower their SDPA fallbacks to cuDNN, then step 6 (cudnn, sage);
 # "fa3": FlashAttention-3's Hopper forward built too (lab/fa3_build.py from $FA3_SRC and $CUTLASS_SRC, beside the
-# SageAttention build), then the lowering test, the kernel table (cuDNN, FA3 bf16, FA3 smoothed FP8, cuDNN FP8 through
-# its frontend, sage), the eager DiT's velocity with both FP8 kernels at every stage-2 step, and step 6 (cudnn,
-# sage): about 15 min.
+# SageAttention build), then the lowering test, the fa3fp8 op's GPU tests, the kernel table (cuDNN, FA3 bf16, FA3
+# smoothed FP8 = `--attention fa3fp8`, cuDNN FP8 through its frontend, sage), the eager DiT's velocity with both FP8
+# kernels at every stage-2 step, and step 6 (cudnn, sage, fa3fp8): about 15 min.
 # FA4_WAIT_S: how long step 5 waits for the last FA4 wheel (default 60).
 # fvrt must be importable (PYTHONPATH=/tmp/site after `pip install --target /tmp/site .`).
 set -uo pipefail
@@ -92,15 +92,18 @@ if [[ "${4:-}" == fa3 ]]; then
   wait "$fa3_pid"
   tail -n 3 "$R/fa3-build.log"
   export PYTHONPATH="$PYTHONPATH:/tmp/sage:/tmp/fa3"
+  python3 -c "from fvrt.plugins import fa3_attention as f; import torch; print('fa3:', f.supported(torch.device('cuda')))"
+  step "GPU tests: the fa3fp8 op (error, CUDA-graph capture)"
+  gpu_tests fa3-tests tests/test_fa3_attention.py
   step "attention kernels at the DiT's shapes (cuDNN, FA3 bf16, FA3 FP8, cuDNN FP8, sage)"
   PYTHONUNBUFFERED=1 python3 lab/gpu_attention.py --out "$R/attn" --steps attn \
     --attn-only cudnn_bf16,fa3_bf16,fa3_fp8s,cudnn_fp8s,sage_all --no-attn-sweep 2>&1 | tee "$R/attn.log" | tail -n 12
   step "eager full-size DiT with FA3 FP8 and cuDNN FP8"
   PYTHONUNBUFFERED=1 python3 lab/gpu_attention.py --out "$R/dit" --steps dit --dit-attention fa3_fp8s,cudnn_fp8s \
     --dit-keep-ends - --dit-fp8-linears= --no-dit-flash --no-dit-fast-accum 2>&1 | tee "$R/dit.log" | tail -n 8
-  step "full-size DiT engines, one run: cudnn,sage"
-  PYTHONUNBUFFERED=1 FVRT_CXX=g++-12 python3 lab/gpu_build_engines.py --stages dit --attention cudnn,sage \
-    --repeats 2 --out "$R/engines" 2>&1 | tee "$R/engines.log" | tail -n 12
+  step "full-size DiT engines, one run: cudnn,sage,fa3fp8"
+  PYTHONUNBUFFERED=1 FVRT_CXX=g++-12 python3 lab/gpu_build_engines.py --stages dit --attention cudnn,sage,fa3fp8 \
+    --repeats 2 --out "$R/engines" 2>&1 | tee "$R/engines.log" | tail -n 14
   step "done (fa3)"
   exit 0
 fi

@@ -51,6 +51,7 @@ ATTENTION_MIN_CC: dict[str, tuple[tuple[int, int], str]] = {
     "fp8s": (FP8_MIN_CC, "smoothed FP8 attention"),
     "fa4": ((9, 0), "FlashAttention-4 attention"),
     "sage": ((9, 0), "SageAttention 8-bit attention"),
+    "fa3fp8": ((9, 0), "FlashAttention-3 FP8 attention"),
 }
 QUANTIZED = tuple(n for n, p in PRECISIONS.items() if p.low_bit)
 TEXT_PRECISIONS = tuple(n for n, p in PRECISIONS.items() if p.text)

@@ -10,10 +10,10 @@ DiT inputs replayed through the FP8 engines) and the decoded-video PSNR / audio 
 With `--official` (default on), the official implementation runs last in the same process: ltx-pipelines 1.0.0's
 distilled 8+3 pipeline, stage by stage, over ltx-core modules holding the same random weights (regenerated from
 the build's seed; scripts/official_distilled.py), eager, PyTorch SDPA, in the reference precision's dtype (bf16
-for bf16 / fp8 / nvfp4 with any +fa8, +fa8s, +fa4, +sage or +ft8); its per-stage compute times (model building timed
-apart), its MP4 encode (ltx-pipelines' own `encode_video`, PyAV), peak memory, and two same-run ratios per fvrt
-distilled run: "compute" (both sides without the MP4) and "end to end" (both with it). No ratio is ever taken
-against a number from another run. Writes `bench.json` and `bench.md` to --out.
+for bf16 / fp8 / nvfp4 with any +fa8, +fa8s, +fa4, +sage, +fa3 or +ft8); its per-stage compute times (model
+building timed apart), its MP4 encode (ltx-pipelines' own `encode_video`, PyAV), peak memory, and two same-run
+ratios per fvrt distilled run: "compute" (both sides without the MP4) and "end to end" (both with it). No ratio
+is ever taken against a number from another run. Writes `bench.json` and `bench.md` to --out.
 
 GPU machine (1080p, full-size random weights; engines are rebuilt only when missing or stale):
     FVRT_CXX=g++-12 python3 scripts/bench.py --random full --device cuda --profile 1080p --out $OUT
@@ -135,9 +135,11 @@ SUFFIXES = {
     "fa8s": "smoothed FP8 attention in the DiT (--attention fp8s)",
     "fa4": "FlashAttention-4 in the DiT (--attention fa4)",
     "sage": "SageAttention 2 (INT8 Q K^T, FP8 P V) in the DiT (--attention sage)",
+    "fa3": "FlashAttention-3's FP8 kernel in the DiT (--attention fa3fp8)",
     "ft8": "FP8 Gemma decoder layers (--text-precision fp8; fp8 / nvfp4 only)",
 }
-ATTENTION_SUFFIXES = {"fa8": "fp8", "fa8s": "fp8s", "fa4": "fa4", "sage": "sage"}  # suffix -> --attention
+# suffix -> --attention
+ATTENTION_SUFFIXES = {"fa8": "fp8", "fa8s": "fp8s", "fa4": "fa4", "sage": "sage", "fa3": "fa3fp8"}
 
 
 def variant(name: str) -> tuple[str, str | None, str]:
@@ -530,8 +532,8 @@ def main() -> None:
         "--precisions",
         default="bf16,fp8",
         help="comma list of bf16, fp8, nvfp4, optionally with one of +fa8 (FP8 attention in the DiT), +fa8s (smoothed "
-        "FP8 attention), +fa4 (FlashAttention-4), +sage (SageAttention 2) and, on fp8 / nvfp4, +ft8 (FP8 text "
-        "encoder), e.g. fp8+ft8+fa4; the first is the quality reference",
+        "FP8 attention), +fa4 (FlashAttention-4), +sage (SageAttention 2), +fa3 (FlashAttention-3 FP8) and, on fp8 / "
+        "nvfp4, +ft8 (FP8 text encoder), e.g. fp8+ft8+fa4; the first is the quality reference",
     )
     ap.add_argument("--presets", default="distilled,realtime")
     ap.add_argument("--repeats", type=int, default=2)

@@ -1,5 +1,5 @@
-"""The FP8 attention candidates of the lab (lab/fa3_build.py, lab/gpu_attention.py's `fa3_fp8s` and `cudnn_fp8s`),
-as far as the CPU reaches.
+"""The FP8 attention candidates of the lab (lab/fa3_build.py, lab/gpu_attention.py's `fa3_fp8s`, which is
+fvrt.plugins.fa3_attention's, and `cudnn_fp8s`), as far as the CPU reaches.
 
 The kernels run only on a Hopper GPU (lab/gpu_lease_sage.sh ... fa3). Here: FlashAttention-3's build switches say
 what upstream's Python side reads (flash_attn_config), its build refuses folders that are not its sources, and the
@@ -18,6 +18,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import rel_error
+
+from fvrt.plugins import fa3_attention
 
 LAB = Path(__file__).resolve().parents[1] / "lab"
 
@@ -90,8 +92,8 @@ def test_smoothed_fp8_quantization_reproduces_attention_once_dequantized(kernel:
     for make, bound in ((ga.qkv_random, 0.06), (ga.qkv_trained_like, 0.04)):
         q, k, v = make((1, 4, 384, 128), torch.device("cpu"), g)
         if kernel == "fa3":
-            z, vm = ga.fa3_quantize(q, k, v)
-            q8, qs, k8, ks, v8, vs = z
+            z, vm = fa3_attention.quantize(q, k, v)
+            q8, k8, v8, qs, ks, vs = z
             assert q8.dtype == torch.float8_e4m3fn and q8.shape == (1, 384, 4, 128) and q8.stride(-1) == 1
             assert qs.shape == (1, 4) and qs.dtype == torch.float32 and qs.is_contiguous()
             deq = lambda x8, s: x8.transpose(1, 2).float() * s[:, :, None, None]  # noqa: E731

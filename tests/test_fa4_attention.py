@@ -82,9 +82,9 @@ def test_fa4_reaches_the_dit_engines_only_and_needs_hopper() -> None:
 
 
 class _AttnBlock(torch.nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, d: int = 64) -> None:
         super().__init__()
-        self.proj = torch.nn.Linear(64, 64)
+        self.proj = torch.nn.Linear(d, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.proj(x)  # [B, H, T, D]
@@ -95,19 +95,22 @@ class _AttnBlock(torch.nn.Module):
 def test_an_aoti_engine_calls_the_op_back_and_needs_it_registered(
     tmp_path: Path, mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The mechanism `--attention fa4` and `sage` engines rely on, on the CPU (where the op is SDPA): AOTInductor
+    """The mechanism `--attention fa4`, `sage` and `fa3fp8` engines rely on, on the CPU (where the op is SDPA, for
+    fa3fp8 on the dequantized inputs, after the quantization the engine compiles itself): AOTInductor
     compiles the custom op as a call through the dispatcher; the package runs in a process that imported the plugin,
     and a process that did not cannot load it (the runtime registers the op for such manifests)."""
     torch.manual_seed(0)
-    model = _AttnBlock().eval()
-    x = torch.randn(1, 2, 24, 64)
     plugin = CALLBACK_ATTENTION[mode]
+    d = getattr(plugin, "HEAD_DIM", 64)  # fa3fp8: the one head dim its kernels are built for
+    model = _AttnBlock(d).eval()
+    x = torch.randn(1, 2, 24, d)
     monkeypatch.setattr(plugin, "MIN_TOKENS", 0, raising=False)  # sage: the op at this tiny size too
     with kernel_attention(mode):
         ep = torch.export.export(model, (x,))
+        want = model(x).detach()  # the mode's eager result (fa3fp8: its quantization, then the op's fallback)
     assert any(f"{mode}_attention" in str(n.target) for n in ep.graph.nodes), ep.graph
     package = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "attn.pt2"))
-    torch.save({"x": x, "want": model(x).detach()}, tmp_path / "io.pt")
+    torch.save({"x": x, "want": want}, tmp_path / "io.pt")
 
     script = textwrap.dedent(f"""
         import sys, torch

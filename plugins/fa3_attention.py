@@ -1,0 +1,165 @@
+"""FlashAttention-3's FP8 Hopper kernel as the DiT engines' attention: `--attention fa3fp8` (8-bit, approximate).
+
+What it computes: K smoothed by subtracting its mean over tokens (softmax-invariant) and V by subtracting its mean
+(added back to the output, exact since every softmax row sums to 1); Q, K and V in FP8 E4M3 with one scale per
+(batch, head) (amax / 448); FlashAttention-3's SM90 forward (WGMMA FP8, P in E4M3, in-kernel V transpose, FP32
+accumulation) with those descales, bf16 out. The quantization is plain torch code in the exported graph, so
+Inductor fuses it into the Q/K/V producers (RMS norm, RoPE); only the attention is the op.
+
+Why this kernel: issue 18's 8-bit gate asks for 1.4x cuDNN bf16. SageAttention 2 reaches 1.23x (its kernel alone
+1.34x) on the H100; FlashAttention-3's paper reports FP8 close to 1.2 PFLOP/s against cuDNN's 633-654 TFLOP/s
+measured here. Not yet measured on our machines: lab/gpu_lease_sage.sh's `fa3` mode times it and the DiT's
+velocity with it before this mode is used for anything (docs/benchmarks.md).
+
+How it is installed: FlashAttention-3 is not on the package index. `lab/fa3_build.py` builds its head-dim-128 SM90
+forward (bf16 and E4M3) from source into a folder to put on PYTHONPATH; `import flash_attn_3._C` registers
+`torch.ops.flash_attn_3.fwd`, whose kernels launch on torch's current stream (CUDA graphs capture them).
+
+How it reaches an AOTInductor engine: as fa4 and sage, `fvrt::fa3fp8_attention` is a `torch.library.custom_op`
+that the engine calls back through the dispatcher; the runtime imports this module for a manifest that records
+`attention: fa3fp8` and refuses in one line where the kernel cannot run (not built, not a Hopper GPU). Every other
+device runs the op as SDPA on the dequantized inputs (the CPU fallback: it computes what the kernel is given, in
+fp32, so CPU tests check the quantization and the wiring, and GPU tests the kernel).
+
+Where: as sage, only attentions with at least MIN_TOKENS queries and keys (the DiT's stage-2 video
+self-attention) use it; the others stay on cuDNN bf16. Head dim 128 only (the kernels this build compiles).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from fvrt.plugins.support import cuda_support, cudnn_first
+from fvrt.runtime.precision import ATTENTION_MIN_CC
+
+MODE = "fa3fp8"
+OP_NAME = f"fvrt::{MODE}_attention"
+NAME = "FlashAttention-3 FP8"
+MIN_CC = MAX_CC = ATTENTION_MIN_CC[MODE][0]  # the SM90 kernels (WGMMA, TMA): Hopper only
+PACKAGE = "flash_attn_3"
+INSTALL_HINT = "build FlashAttention-3's Hopper forward with lab/fa3_build.py and put its --target on PYTHONPATH"
+HEAD_DIM = 128
+E4M3_MAX = 448.0
+SETTINGS: dict[str, Any] = {"scales": "per (batch, head)", "smooth_k": True, "smooth_v": True, "format": "e4m3"}
+# As sage's threshold (recorded in the manifest): the stage-2 video self-attention only, until the kernel's
+# crossover against cuDNN is measured.
+MIN_TOKENS = 16_384
+
+
+def available() -> str | None:
+    """None when FlashAttention-3's extension imports and registers its forward, else why not (one line)."""
+    try:
+        if importlib.util.find_spec(PACKAGE) is None:
+            return f"{PACKAGE} is not installed ({INSTALL_HINT})"
+        importlib.import_module(f"{PACKAGE}._C")
+    except Exception as e:  # a broken build (missing extension, wrong torch): say what failed
+        return f"{PACKAGE} does not import: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if not hasattr(torch.ops.flash_attn_3, "fwd"):
+        return f"{PACKAGE} registered no forward op ({INSTALL_HINT})"
+    return None
+
+
+def version() -> str | None:
+    """The installed FlashAttention-3's version (recorded in the manifest), None without it."""
+    try:
+        mod = importlib.import_module(PACKAGE)
+    except Exception:
+        return None
+    return str(getattr(mod, "__version__", "source build"))
+
+
+def supported(device: torch.device) -> str | None:
+    """None when `device` can run the op's FlashAttention-3 FP8 kernel, else why not (one line)."""
+    return cuda_support(device, "FlashAttention-3's FP8 kernel", MIN_CC, MAX_CC, "Hopper (9.0)") or available()
+
+
+@torch.library.custom_op(OP_NAME, mutates_args=())
+def fa3fp8_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_descale: torch.Tensor,
+    k_descale: torch.Tensor,
+    v_descale: torch.Tensor,
+) -> torch.Tensor:
+    """Unmasked attention, scale 1/sqrt(D), on E4M3 q [B, Tq, H, D], k and v [B, Tk, H, D] with float32 descales
+    [B, H] (x = x8 * descale) -> [B, Tq, H, D] bf16. CUDA: FlashAttention-3's FP8 forward; elsewhere: SDPA on the
+    dequantized inputs in fp32 (the fallback)."""
+    scale = q.shape[-1] ** -0.5
+    if q.device.type == "cuda":
+        out = torch.ops.flash_attn_3.fwd(
+            q, k, v, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale, softmax_scale=scale
+        )[0]
+        return out.contiguous()
+    deq = lambda x8, s: x8.float().transpose(1, 2) * s[:, :, None, None]  # noqa: E731  [B, H, T, D]
+    out = F.scaled_dot_product_attention(deq(q, q_descale), deq(k, k_descale), deq(v, v_descale), scale=scale)
+    return out.transpose(1, 2).to(torch.bfloat16).contiguous()
+
+
+@fa3fp8_attention.register_fake
+def _(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_descale: torch.Tensor,
+    k_descale: torch.Tensor,
+    v_descale: torch.Tensor,
+) -> torch.Tensor:
+    return q.new_empty((*q.shape[:-1], v.shape[-1]), dtype=torch.bfloat16)
+
+
+def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """[B, H, T, D] Q, K, V -> the op's inputs in its order ([B, T, H, D] E4M3 views of Q, K - mean_t K and
+    V - mean_t V, then their [B, H] float32 descales, amax / 448) and V's token mean [B, H, 1, D] (float32) to add
+    back."""
+    vm = v.float().mean(dim=2, keepdim=True)
+    xs = (q.float(), k.float() - k.float().mean(dim=2, keepdim=True), v.float() - vm)
+    descales = [x.abs().amax(dim=(2, 3)).clamp_min(1e-12) / E4M3_MAX for x in xs]
+    x8 = [(x / s[:, :, None, None]).to(torch.float8_e4m3fn).transpose(1, 2) for x, s in zip(xs, descales, strict=True)]
+    return [*x8, *descales], vm
+
+
+def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Quantization and the op on [B, H, T, D] -> [B, H, Tq, D] in q's dtype, at any size."""
+    if q.shape[-1] != HEAD_DIM or k.shape[-1] != HEAD_DIM or v.shape[-1] != HEAD_DIM:
+        raise ValueError(f"{NAME} takes head dim {HEAD_DIM} for Q, K and V, got {q.shape[-1]}")
+    z, vm = quantize(q, k, v)
+    out = fa3fp8_attention(*z).transpose(1, 2)
+    return (out.float() + vm).to(q.dtype)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """What `fvrt.builder.models.common.sdpa` calls under `kernel_attention("fa3fp8")`: the op where both Q and K
+    have at least MIN_TOKENS tokens and the head dim is 128, cuDNN bf16 attention elsewhere."""
+    if min(q.shape[-2], k.shape[-2]) < MIN_TOKENS or q.shape[-1] != HEAD_DIM:
+        with cudnn_first():
+            return F.scaled_dot_product_attention(q, k, v)
+    return kernel(q, k, v)
+
+
+def describe() -> dict[str, Any]:
+    """What an engine built with this op records in its manifest entry."""
+    settings = {**SETTINGS, "min_tokens": MIN_TOKENS}
+    return {"attention_kernel": PACKAGE, "attention_kernel_version": version(), "attention_settings": settings}
+
+
+__all__ = [
+    "E4M3_MAX",
+    "MIN_TOKENS",
+    "MODE",
+    "NAME",
+    "OP_NAME",
+    "attention",
+    "available",
+    "describe",
+    "fa3fp8_attention",
+    "kernel",
+    "quantize",
+    "supported",
+    "version",
+]
