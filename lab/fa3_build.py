@@ -100,30 +100,17 @@ def include_dirs(work: Path, cutlass: Path) -> list[str]:
 
 
 def compile_objects(work: Path, cutlass: Path) -> None:
-    """The dry run: each source compiled to an object file, as the build would."""
-    import subprocess
-    import sysconfig
+    """The dry run: each CUDA source compiled to an object file, as the build would."""
+    from ext_build import compile_objects as compile_cu
 
-    from torch.utils.cpp_extension import include_paths
-
-    nvcc = shutil.which("nvcc") or str(Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc")
-    inc = [f"-I{p}" for p in (*include_dirs(work, cutlass), *include_paths("cuda"))]
-    inc.append(f"-I{sysconfig.get_paths()['include']}")
-    for s in SOURCES:
-        t = time.perf_counter()
-        obj = work / (Path(s).stem + ".o")
-        cmd = [nvcc, "-c", s, "-o", str(obj), *inc, *NVCC_FLAGS, *FEATURE_ARGS, *STABLE_ARGS, "-Xcompiler=-fPIC"]
-        subprocess.run(cmd, cwd=work, check=True)
-        print(f"compiled {s} in {time.perf_counter() - t:.0f} s ({obj.stat().st_size} bytes)", flush=True)
+    compile_cu(work, SOURCES, NVCC_FLAGS + FEATURE_ARGS + STABLE_ARGS, include_dirs(work, cutlass))
 
 
 def build(work: Path, cutlass: Path, jobs: int) -> None:
     """flash_attn_3._C built in place (work/flash_attn_3/_C*.so) with torch's extension builder and ninja."""
-    from setuptools import setup
-    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+    from ext_build import build_inplace
+    from torch.utils.cpp_extension import CUDAExtension
 
-    os.environ["MAX_JOBS"] = str(jobs)
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
     ext = CUDAExtension(
         name="flash_attn_3._C",
         sources=SOURCES,
@@ -134,17 +121,7 @@ def build(work: Path, cutlass: Path, jobs: int) -> None:
         include_dirs=include_dirs(work, cutlass),
         py_limited_api=True,
     )
-    cwd = Path.cwd()
-    os.chdir(work)
-    try:
-        setup(
-            name="flash_attn_3",
-            ext_modules=[ext],
-            cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-            script_args=["build_ext", "--inplace"],
-        )
-    finally:
-        os.chdir(cwd)
+    build_inplace(work, "flash_attn_3", [ext], jobs)
 
 
 def main() -> None:

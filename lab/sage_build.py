@@ -98,30 +98,16 @@ def prepare(src: Path, work: Path) -> None:
 
 def compile_objects(work: Path) -> None:
     """The dry run: each patched .cu file compiled to an object file with nvcc, as the build would."""
-    import subprocess
-    import sysconfig
+    from ext_build import compile_objects as compile_cu
 
-    from torch.utils.cpp_extension import include_paths
-
-    nvcc = shutil.which("nvcc") or str(Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc")
-    inc = [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
-    if cuda_home := os.environ.get("CUDA_HOME"):
-        inc.append(f"-I{Path(cuda_home) / 'include'}")
-    for sources in EXTENSIONS.values():
-        for s in (s for s in sources if s.endswith(".cu")):
-            t = time.perf_counter()
-            obj = work / (Path(s).stem + ".o")
-            subprocess.run([nvcc, "-c", s, "-o", str(obj), *inc, *NVCC_FLAGS, "-Xcompiler=-fPIC"], cwd=work, check=True)
-            print(f"compiled {s} in {time.perf_counter() - t:.0f} s ({obj.stat().st_size} bytes)", flush=True)
+    compile_cu(work, [s for sources in EXTENSIONS.values() for s in sources], NVCC_FLAGS)
 
 
 def build(work: Path, jobs: int) -> None:
     """Both extensions built in place (work/sageattention/_*.so) with torch's extension builder and ninja."""
-    from setuptools import setup
-    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    from ext_build import build_inplace
+    from torch.utils.cpp_extension import CUDA_HOME, CUDAExtension
 
-    os.environ["MAX_JOBS"] = str(jobs)
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
     # the Hopper extension calls the driver API (cuTensorMapEncodeTiled): link libcuda, through the toolkit's stub
     # where the machine has no unversioned libcuda.so
     stubs = [str(p) for p in [Path(CUDA_HOME or "/usr/local/cuda") / "lib64" / "stubs"] if p.is_dir()]
@@ -135,17 +121,7 @@ def build(work: Path, jobs: int) -> None:
         )
         for name, sources in EXTENSIONS.items()
     ]
-    cwd = Path.cwd()
-    os.chdir(work)
-    try:
-        setup(
-            name="sageattention",
-            ext_modules=exts,
-            cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-            script_args=["build_ext", "--inplace"],
-        )
-    finally:
-        os.chdir(cwd)
+    build_inplace(work, "sageattention", exts, jobs)
 
 
 def main() -> None:

@@ -27,14 +27,12 @@ self-attention) use it; the others stay on cuDNN bf16. Head dim 128 only (the ke
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from fvrt.plugins.support import cuda_support, cudnn_first
+from fvrt.plugins.support import cuda_support, import_problem, routed, settings_entry, source_build_version
 from fvrt.runtime.precision import ATTENTION_MIN_CC
 
 MODE = "fa3fp8"
@@ -53,12 +51,8 @@ MIN_TOKENS = 16_384
 
 def available() -> str | None:
     """None when FlashAttention-3's extension imports and registers its forward, else why not (one line)."""
-    try:
-        if importlib.util.find_spec(PACKAGE) is None:
-            return f"{PACKAGE} is not installed ({INSTALL_HINT})"
-        importlib.import_module(f"{PACKAGE}._C")
-    except Exception as e:  # a broken build (missing extension, wrong torch): say what failed
-        return f"{PACKAGE} does not import: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if why := import_problem(f"{PACKAGE}._C", PACKAGE, INSTALL_HINT):
+        return why
     if not hasattr(torch.ops.flash_attn_3, "fwd"):
         return f"{PACKAGE} registered no forward op ({INSTALL_HINT})"
     return None
@@ -66,11 +60,7 @@ def available() -> str | None:
 
 def version() -> str | None:
     """The installed FlashAttention-3's version (recorded in the manifest), None without it."""
-    try:
-        mod = importlib.import_module(PACKAGE)
-    except Exception:
-        return None
-    return str(getattr(mod, "__version__", "source build"))
+    return source_build_version(PACKAGE, PACKAGE)
 
 
 def supported(device: torch.device) -> str | None:
@@ -102,14 +92,7 @@ def fa3fp8_attention(
 
 
 @fa3fp8_attention.register_fake
-def _(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    q_descale: torch.Tensor,
-    k_descale: torch.Tensor,
-    v_descale: torch.Tensor,
-) -> torch.Tensor:
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *_descales: torch.Tensor) -> torch.Tensor:
     return q.new_empty((*q.shape[:-1], v.shape[-1]), dtype=torch.bfloat16)
 
 
@@ -136,16 +119,12 @@ def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """What `fvrt.builder.models.common.sdpa` calls under `kernel_attention("fa3fp8")`: the op where both Q and K
     have at least MIN_TOKENS tokens and the head dim is 128, cuDNN bf16 attention elsewhere."""
-    if min(q.shape[-2], k.shape[-2]) < MIN_TOKENS or q.shape[-1] != HEAD_DIM:
-        with cudnn_first():
-            return F.scaled_dot_product_attention(q, k, v)
-    return kernel(q, k, v)
+    return routed(q, k, v, kernel, MIN_TOKENS, ok=q.shape[-1] == HEAD_DIM)
 
 
 def describe() -> dict[str, Any]:
     """What an engine built with this op records in its manifest entry."""
-    settings = {**SETTINGS, "min_tokens": MIN_TOKENS}
-    return {"attention_kernel": PACKAGE, "attention_kernel_version": version(), "attention_settings": settings}
+    return settings_entry(PACKAGE, version(), SETTINGS, MIN_TOKENS)
 
 
 __all__ = [

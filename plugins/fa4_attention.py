@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import logging
 import pickle
 from collections.abc import Iterable, Iterator, Sequence
@@ -39,7 +38,7 @@ from typing import Any
 
 import torch
 
-from fvrt.plugins.support import cuda_support, sdpa_bthd
+from fvrt.plugins.support import cuda_support, import_problem, sdpa_bthd
 from fvrt.runtime.precision import ATTENTION_MIN_CC
 
 OP_NAME = "fvrt::fa4_attention"
@@ -62,13 +61,7 @@ _recorders: list[set[Shapes]] = []  # the sets of the active `traced_shapes` con
 
 def available() -> str | None:
     """None when flash-attn-4's CuTe interface can be imported, else why not (one line)."""
-    try:
-        if importlib.util.find_spec("flash_attn") is None:
-            return f"{PACKAGE} is not installed ({INSTALL_HINT})"
-        importlib.import_module("flash_attn.cute")
-    except Exception as e:  # a broken install (missing CuTe DSL, wrong CUDA): say what failed
-        return f"{PACKAGE} does not import: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    return None
+    return import_problem("flash_attn.cute", PACKAGE, INSTALL_HINT)
 
 
 def version() -> str | None:

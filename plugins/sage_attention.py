@@ -27,13 +27,18 @@ model's [B, H, T, D], read through their strides) and returns [B, Tq, H, D].
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from fvrt.plugins.support import cuda_support, cudnn_first, sdpa_bthd
+from fvrt.plugins.support import (
+    cuda_support,
+    import_problem,
+    routed,
+    sdpa_bthd,
+    settings_entry,
+    source_build_version,
+)
 from fvrt.runtime.precision import ATTENTION_MIN_CC
 
 OP_NAME = "fvrt::sage_attention"
@@ -56,12 +61,9 @@ MIN_TOKENS = 16_384
 
 def available() -> str | None:
     """None when SageAttention 2's SM90 kernel imports, else why not (one line)."""
-    try:
-        if importlib.util.find_spec(PACKAGE) is None:
-            return f"{PACKAGE} is not installed ({INSTALL_HINT})"
-        core = importlib.import_module(f"{PACKAGE}.core")
-    except Exception as e:  # a broken build (missing extension, wrong torch): say what failed
-        return f"{PACKAGE} does not import: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if why := import_problem(f"{PACKAGE}.core", PACKAGE, INSTALL_HINT):
+        return why
+    core = importlib.import_module(f"{PACKAGE}.core")
     if not getattr(core, "SM90_ENABLED", False) or not hasattr(core, "sageattn_qk_int8_pv_fp8_cuda_sm90"):
         return f"{PACKAGE} has no Hopper kernel (its _qattn_sm90 extension did not import; {INSTALL_HINT})"
     return None
@@ -69,16 +71,7 @@ def available() -> str | None:
 
 def version() -> str | None:
     """The installed SageAttention's version (recorded in the manifest), None without it."""
-    try:
-        mod = importlib.import_module(PACKAGE)
-    except Exception:
-        return None
-    from importlib import metadata
-
-    try:
-        return metadata.version(PACKAGE)
-    except metadata.PackageNotFoundError:  # built in place by lab/sage_build.py: no distribution metadata
-        return getattr(mod, "__version__", "source build")
+    return source_build_version(PACKAGE, PACKAGE)  # built in place by lab/sage_build.py: no distribution metadata
 
 
 def supported(device: torch.device) -> str | None:
@@ -118,13 +111,9 @@ def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """What `fvrt.builder.models.common.sdpa` calls under `kernel_attention("sage")`: the op where both Q and K
     have at least MIN_TOKENS tokens, cuDNN bf16 attention (as `--attention cudnn` exports it) elsewhere."""
-    if min(q.shape[-2], k.shape[-2]) < MIN_TOKENS:
-        with cudnn_first():
-            return F.scaled_dot_product_attention(q, k, v)
-    return kernel(q, k, v)
+    return routed(q, k, v, kernel, MIN_TOKENS)
 
 
 def describe() -> dict[str, Any]:
     """What an engine built with this op records in its manifest entry."""
-    settings = {**SETTINGS, "min_tokens": MIN_TOKENS}
-    return {"attention_kernel": PACKAGE, "attention_kernel_version": version(), "attention_settings": settings}
+    return settings_entry(PACKAGE, version(), SETTINGS, MIN_TOKENS)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,64 @@ def cuda_support(device: torch.device, kernel: str, lo: tuple[int, int], hi: tup
     if not lo <= cc <= hi:
         return f"{kernel} runs on {gpus} GPUs; this GPU is {cc[0]}.{cc[1]}"
     return None
+
+
+def import_problem(module: str, package: str, hint: str) -> str | None:
+    """None when `module` imports, else why not in one line, naming the distribution `package`: not installed
+    (its top-level package is not found; `hint` says how to install it), or the import's error (a broken build or
+    install: a missing extension, another torch or CUDA)."""
+    import importlib
+    import importlib.util
+
+    try:
+        if importlib.util.find_spec(module.split(".")[0]) is None:
+            return f"{package} is not installed ({hint})"
+        importlib.import_module(module)
+    except Exception as e:
+        return f"{package} does not import: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
+
+
+def source_build_version(module: str, package: str) -> str | None:
+    """The version to record for a kernel package: its distribution's (`package`), else, for one built in place
+    from source (no distribution metadata), the module's `__version__` or "source build"; None when `module` does
+    not import."""
+    import importlib
+    from importlib import metadata
+
+    try:
+        mod = importlib.import_module(module)
+    except Exception:
+        return None
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return str(getattr(mod, "__version__", "source build"))
+
+
+def routed(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kernel: Callable[..., torch.Tensor],
+    min_tokens: int,
+    ok: bool = True,
+) -> torch.Tensor:
+    """A size-routed kernel mode's attention on [B, H, T, D]: `kernel` where `ok` and both Q and K have at least
+    `min_tokens` tokens, else cuDNN bf16 attention (as `--attention cudnn` exports it)."""
+    if not ok or min(q.shape[-2], k.shape[-2]) < min_tokens:
+        with cudnn_first():
+            return F.scaled_dot_product_attention(q, k, v)
+    return kernel(q, k, v)
+
+
+def settings_entry(package: str, version: str | None, settings: dict[str, Any], min_tokens: int) -> dict[str, Any]:
+    """What an engine built with a size-routed call-back op records in its manifest entry."""
+    return {
+        "attention_kernel": package,
+        "attention_kernel_version": version,
+        "attention_settings": {**settings, "min_tokens": min_tokens},
+    }
 
 
 def sdpa_bthd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
