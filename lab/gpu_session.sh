@@ -13,7 +13,8 @@
 # The official pipeline runs last in the bench's process (same-run ratios) when ltx-core, ltx-pipelines and PyAV
 # import (carry their wheels, docs/benchmarks.md); else the bench runs with --no-official and says so.
 # A `+sage` precision needs SageAttention 2 built on the machine: $SAGE_SRC (its source, unpacked) is built by
-# lab/sage_build.py in the background while the tests and the decoder probe run, into /tmp/sage.
+# lab/sage_build.py in the background while the tests and the decoder probe run, into /tmp/sage; a `+fa3`
+# precision FlashAttention-3 ($FA3_SRC, $CUTLASS_SRC: see lab/gpu_lease_sage.sh) by lab/fa3_build.py, into /tmp/fa3.
 #
 #   PRECISIONS=fp8+ft8,fp8+ft8+sage SAGE_SRC=/tmp/sage-src bash lab/gpu_job.sh start s -- bash lab/gpu_session.sh
 set -uo pipefail
@@ -35,6 +36,16 @@ if [[ ",$PRECISIONS," == *+sage* ]]; then
   sage_pid=$!
   export PYTHONPATH="${PYTHONPATH:-}:/tmp/sage"
 fi
+fa3_pid=
+if [[ ",$PRECISIONS," == *+fa3* ]]; then
+  step "FlashAttention-3: building its head-dim-128 forward in the background ($R/fa3-build.log)"
+  (python3 lab/fa3_build.py --src "${FA3_SRC:?a +fa3 precision needs FA3_SRC}" \
+    --cutlass "${CUTLASS_SRC:?a +fa3 precision needs CUTLASS_SRC}" --target /tmp/fa3 --jobs "$(nproc)" \
+    >"$R/fa3-build.log" 2>&1
+    echo "rc=$?" >>"$R/fa3-build.log") &
+  fa3_pid=$!
+  export PYTHONPATH="${PYTHONPATH:-}:/tmp/fa3"
+fi
 
 layout=auto
 if [[ ",$STEPS," == *,tests,* ]]; then
@@ -53,11 +64,14 @@ if [[ ",$STEPS," == *,vae,* ]]; then
 fi
 [[ ",$STEPS," == *,bench,* ]] || exit 0
 
-if [[ -n "$sage_pid" ]]; then
-  step "SageAttention 2: waiting for its build"
-  wait "$sage_pid"
-  tail -n 2 "$R/sage-build.log"
-fi
+for build in sage fa3; do
+  pid_var="${build}_pid"
+  if [[ -n "${!pid_var}" ]]; then
+    step "$build: waiting for its build"
+    wait "${!pid_var}"
+    tail -n 2 "$R/$build-build.log"
+  fi
+done
 official=--official
 python3 -c "import ltx_core, ltx_pipelines, av" 2>/dev/null || {
   official=--no-official
