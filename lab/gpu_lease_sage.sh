@@ -89,18 +89,27 @@ if [[ "${4:-}" == fa3 ]]; then
   gpu_tests lowering-test tests/test_sage_attention.py -k lower_their_small
   wait "$sage_pid"
   tail -n 2 "$R/sage-build.log"
+  export PYTHONPATH="$PYTHONPATH:/tmp/sage"
+  # while FlashAttention-3 compiles: what needs no build (cuDNN's FP8 through the frontend, sage)
+  step "attention kernels at the DiT's shapes (cuDNN, cuDNN FP8, sage)"
+  PYTHONUNBUFFERED=1 python3 lab/gpu_attention.py --out "$R/attn-a" --steps attn \
+    --attn-only cudnn_bf16,cudnn_fp8s,sage_all --no-attn-sweep 2>&1 | tee "$R/attn-a.log" | tail -n 10
+  step "eager full-size DiT with cuDNN FP8"
+  PYTHONUNBUFFERED=1 python3 lab/gpu_attention.py --out "$R/dit-a" --steps dit --dit-attention cudnn_fp8s \
+    --dit-keep-ends - --dit-fp8-linears= --no-dit-flash --no-dit-fast-accum 2>&1 | tee "$R/dit-a.log" | tail -n 6
+  step "FlashAttention-3: waiting for its build"
   wait "$fa3_pid"
   tail -n 3 "$R/fa3-build.log"
-  export PYTHONPATH="$PYTHONPATH:/tmp/sage:/tmp/fa3"
+  export PYTHONPATH="$PYTHONPATH:/tmp/fa3"
   python3 -c "from fvrt.plugins import fa3_attention as f; import torch; print('fa3:', f.supported(torch.device('cuda')))"
   step "GPU tests: the fa3fp8 op (error, CUDA-graph capture)"
   gpu_tests fa3-tests tests/test_fa3_attention.py
-  step "attention kernels at the DiT's shapes (cuDNN, FA3 bf16, FA3 FP8, cuDNN FP8, sage)"
-  PYTHONUNBUFFERED=1 python3 lab/gpu_attention.py --out "$R/attn" --steps attn \
-    --attn-only cudnn_bf16,fa3_bf16,fa3_fp8s,cudnn_fp8s,sage_all --no-attn-sweep 2>&1 | tee "$R/attn.log" | tail -n 12
-  step "eager full-size DiT with FA3 FP8 and cuDNN FP8"
-  PYTHONUNBUFFERED=1 python3 lab/gpu_attention.py --out "$R/dit" --steps dit --dit-attention fa3_fp8s,cudnn_fp8s \
-    --dit-keep-ends - --dit-fp8-linears= --no-dit-flash --no-dit-fast-accum 2>&1 | tee "$R/dit.log" | tail -n 8
+  step "attention kernels at the DiT's shapes (cuDNN, FA3 bf16, FA3 FP8)"
+  PYTHONUNBUFFERED=1 python3 lab/gpu_attention.py --out "$R/attn-b" --steps attn \
+    --attn-only cudnn_bf16,fa3_bf16,fa3_fp8s --no-attn-sweep 2>&1 | tee "$R/attn-b.log" | tail -n 10
+  step "eager full-size DiT with FA3 FP8"
+  PYTHONUNBUFFERED=1 python3 lab/gpu_attention.py --out "$R/dit-b" --steps dit --dit-attention fa3_fp8s \
+    --dit-keep-ends - --dit-fp8-linears= --no-dit-flash --no-dit-fast-accum 2>&1 | tee "$R/dit-b.log" | tail -n 6
   step "full-size DiT engines, one run: cudnn,sage,fa3fp8"
   PYTHONUNBUFFERED=1 FVRT_CXX=g++-12 python3 lab/gpu_build_engines.py --stages dit --attention cudnn,sage,fa3fp8 \
     --repeats 2 --out "$R/engines" 2>&1 | tee "$R/engines.log" | tail -n 14
