@@ -66,6 +66,14 @@ gpu_tests() {  # log name, pytest args...
   python3 -m pytest -q -p no:cacheprovider -m gpu -rs "$@" 2>&1 | tee "$R/$name.log" | tail -n 25
 }
 
+lowering_test_then_sage() {  # the cuDNN-lowering GPU test while SageAttention builds, then SageAttention importable
+  step "GPU test: a kernel mode's small attentions lower to cuDNN"
+  gpu_tests lowering-test tests/test_sage_attention.py -k lower_their_small
+  wait "$sage_pid"
+  tail -n 2 "$R/sage-build.log"
+  export PYTHONPATH="$PYTHONPATH:/tmp/sage"
+}
+
 step "SageAttention 2: building its Hopper kernels in the background ($R/sage-build.log)"
 (python3 lab/sage_build.py --src "$S" --target /tmp/sage --jobs "$(nproc)" >"$R/sage-build.log" 2>&1
   echo "rc=$?" >>"$R/sage-build.log") &
@@ -85,11 +93,7 @@ if [[ "${4:-}" == fa3 ]]; then
   if compgen -G "$W/cfe/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/fa4 "$W"/cfe/*.whl 2>&1 | tail -n 3
   fi
-  step "GPU test: a kernel mode's small attentions lower to cuDNN"
-  gpu_tests lowering-test tests/test_sage_attention.py -k lower_their_small
-  wait "$sage_pid"
-  tail -n 2 "$R/sage-build.log"
-  export PYTHONPATH="$PYTHONPATH:/tmp/sage"
+  lowering_test_then_sage
   # while FlashAttention-3 compiles: what needs no build (cuDNN's FP8 through the frontend, sage)
   step "attention kernels at the DiT's shapes (cuDNN, cuDNN FP8, sage)"
   PYTHONUNBUFFERED=1 python3 lab/gpu_attention.py --out "$R/attn-a" --steps attn \
@@ -131,11 +135,7 @@ if [[ "${4:-}" == minimal ]]; then  # a few minutes of device time: the build, t
 fi
 
 if [[ "${4:-}" == engines ]]; then  # the DiT engines cuDNN vs sage again, after the cuDNN-first fix (~9 min)
-  step "GPU test: a kernel mode's small attentions lower to cuDNN"
-  gpu_tests lowering-test tests/test_sage_attention.py -k lower_their_small
-  wait "$sage_pid"
-  tail -n 2 "$R/sage-build.log"
-  export PYTHONPATH="$PYTHONPATH:/tmp/sage"
+  lowering_test_then_sage
   step "full-size DiT engines, one run: cudnn,sage"
   PYTHONUNBUFFERED=1 FVRT_CXX=g++-12 python3 lab/gpu_build_engines.py --stages dit --attention cudnn,sage \
     --repeats 2 --out "$R/engines" 2>&1 | tee "$R/engines.log" | tail -n 12
