@@ -96,12 +96,20 @@ def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *_descales: torch.Tenso
     return q.new_empty((*q.shape[:-1], v.shape[-1]), dtype=torch.bfloat16)
 
 
+def smooth(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """[B, H, T, D] -> (Q, K - mean_t K, V - mean_t V) in float32, and V's token mean [B, H, 1, D] to add back to
+    the attention's output (softmax ignores K's mean; every softmax row sums to 1, so V's comes back exactly)."""
+    kf, vf = k.float(), v.float()
+    vm = vf.mean(dim=2, keepdim=True)
+    return (q.float(), kf - kf.mean(dim=2, keepdim=True), vf - vm), vm
+
+
 def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """[B, H, T, D] Q, K, V -> the op's inputs in its order ([B, T, H, D] E4M3 views of Q, K - mean_t K and
-    V - mean_t V, then their [B, H] float32 descales, amax / 448) and V's token mean [B, H, 1, D] (float32) to add
-    back."""
-    vm = v.float().mean(dim=2, keepdim=True)
-    xs = (q.float(), k.float() - k.float().mean(dim=2, keepdim=True), v.float() - vm)
+    """[B, H, T, D] Q, K, V -> the op's inputs in its order ([B, T, H, D] E4M3 views of the smoothed Q, K and V,
+    then their [B, H] float32 descales, amax / 448) and V's token mean [B, H, 1, D] (float32) to add back."""
+    xs, vm = smooth(q, k, v)
     descales = [x.abs().amax(dim=(2, 3)).clamp_min(1e-12) / E4M3_MAX for x in xs]
     x8 = [(x / s[:, :, None, None]).to(torch.float8_e4m3fn).transpose(1, 2) for x, s in zip(xs, descales, strict=True)]
     return [*x8, *descales], vm
