@@ -48,9 +48,10 @@
 # only the kernels that decide in step 3); "minimal": the build, then steps 3 (cuDNN, sage, fp8s) and 2 only;
 # "engines": the build, the test that kernel modes lower their SDPA fallbacks to cuDNN, then step 6 (cudnn, sage);
 # "fa3": FlashAttention-3's Hopper forward built too (lab/fa3_build.py from $FA3_SRC and $CUTLASS_SRC, beside the
-# SageAttention build), then the lowering test, the fa3fp8 op's GPU tests, the kernel table (cuDNN, FA3 bf16, FA3
-# smoothed FP8 = `--attention fa3fp8`, cuDNN FP8 through its frontend, sage), the eager DiT's velocity with both FP8
-# kernels at every stage-2 step, and step 6 (cudnn, sage, fa3fp8): about 15 min.
+# SageAttention build); while they compile, cuDNN FP8 through its frontend (kernel rows, the eager DiT's velocity at
+# every stage-2 step) and the lowering test; then the fa3fp8 op's GPU tests, the kernel table (cuDNN, FA3 bf16, FA3
+# smoothed FP8 = `--attention fa3fp8`, sage), the eager DiT's velocity with FA3 FP8, and step 6 (cudnn, sage,
+# fa3fp8): about 15 min.
 # FA4_WAIT_S: how long step 5 waits for the last FA4 wheel (default 60).
 # fvrt must be importable (PYTHONPATH=/tmp/site after `pip install --target /tmp/site .`).
 set -uo pipefail
@@ -93,14 +94,15 @@ if [[ "${4:-}" == fa3 ]]; then
   if compgen -G "$W/cfe/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/fa4 "$W"/cfe/*.whl 2>&1 | tail -n 3
   fi
-  lowering_test_then_sage
-  # while FlashAttention-3 compiles: what needs no build (cuDNN's FP8 through the frontend, sage)
-  step "attention kernels at the DiT's shapes (cuDNN, cuDNN FP8, sage)"
+  # while both build: what needs no build (cuDNN's FP8 through the frontend), then the lowering test and sage's
+  # kernel row once its build is in
+  step "attention kernels at the DiT's shapes (cuDNN, cuDNN FP8)"
   PYTHONUNBUFFERED=1 python3 lab/gpu_attention.py --out "$R/attn-a" --steps attn \
-    --attn-only cudnn_bf16,cudnn_fp8s,sage_all --no-attn-sweep 2>&1 | tee "$R/attn-a.log" | tail -n 10
+    --attn-only cudnn_bf16,cudnn_fp8s --no-attn-sweep 2>&1 | tee "$R/attn-a.log" | tail -n 10
   step "eager full-size DiT with cuDNN FP8"
   PYTHONUNBUFFERED=1 python3 lab/gpu_attention.py --out "$R/dit-a" --steps dit --dit-attention cudnn_fp8s \
     --dit-keep-ends - --dit-fp8-linears= --no-dit-flash --no-dit-fast-accum 2>&1 | tee "$R/dit-a.log" | tail -n 6
+  lowering_test_then_sage
   step "FlashAttention-3: waiting for its build"
   wait "$fa3_pid"
   tail -n 3 "$R/fa3-build.log"
@@ -108,9 +110,9 @@ if [[ "${4:-}" == fa3 ]]; then
   python3 -c "from fvrt.plugins import fa3_attention as f; import torch; print('fa3:', f.supported(torch.device('cuda')))"
   step "GPU tests: the fa3fp8 op (error, CUDA-graph capture)"
   gpu_tests fa3-tests tests/test_fa3_attention.py
-  step "attention kernels at the DiT's shapes (cuDNN, FA3 bf16, FA3 FP8)"
+  step "attention kernels at the DiT's shapes (cuDNN, FA3 bf16, FA3 FP8, sage)"
   PYTHONUNBUFFERED=1 python3 lab/gpu_attention.py --out "$R/attn-b" --steps attn \
-    --attn-only cudnn_bf16,fa3_bf16,fa3_fp8s --no-attn-sweep 2>&1 | tee "$R/attn-b.log" | tail -n 10
+    --attn-only cudnn_bf16,fa3_bf16,fa3_fp8s,sage_all --no-attn-sweep 2>&1 | tee "$R/attn-b.log" | tail -n 10
   step "eager full-size DiT with FA3 FP8"
   PYTHONUNBUFFERED=1 python3 lab/gpu_attention.py --out "$R/dit-b" --steps dit --dit-attention fa3_fp8s \
     --dit-keep-ends - --dit-fp8-linears= --no-dit-flash --no-dit-fast-accum 2>&1 | tee "$R/dit-b.log" | tail -n 6
