@@ -231,6 +231,7 @@ def attention_fns(dev: torch.device) -> dict[str, Any]:
         if fa3_loaded():  # FlashAttention-3 built by lab/fa3_build.py
             fns["fa3_bf16"] = fa3_bf16
             fns["fa3_fp8s"] = fa3_attention.kernel  # the --attention fa3fp8 engines' quantization and op
+            fns["fa3fp8"] = fa3_attention.attention  # as the engines route it: cuDNN below MIN_TOKENS or at head dim 64
     else:
         fns["math_bf16"] = sdpa_with(SDPBackend.MATH)
     fns.update({n: variant_fn(n) for n in VARIANTS})

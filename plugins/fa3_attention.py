@@ -27,6 +27,8 @@ self-attention) use it; the others stay on cuDNN bf16. Head dim 128 only (the ke
 
 from __future__ import annotations
 
+import functools
+import importlib
 from typing import Any
 
 import torch
@@ -68,6 +70,14 @@ def supported(device: torch.device) -> str | None:
     return cuda_support(device, "FlashAttention-3's FP8 kernel", MIN_CC, MAX_CC, "Hopper (9.0)") or available()
 
 
+@functools.cache
+def forward() -> Any:
+    """torch.ops.flash_attn_3.fwd, its extension imported first: an engine calls the op back in a process that may
+    never have asked available()."""
+    importlib.import_module(f"{PACKAGE}._C")
+    return torch.ops.flash_attn_3.fwd
+
+
 @torch.library.custom_op(OP_NAME, mutates_args=())
 def fa3fp8_attention(
     q: torch.Tensor,
@@ -82,9 +92,7 @@ def fa3fp8_attention(
     dequantized inputs in fp32 (the fallback)."""
     scale = q.shape[-1] ** -0.5
     if q.device.type == "cuda":
-        out = torch.ops.flash_attn_3.fwd(
-            q, k, v, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale, softmax_scale=scale
-        )[0]
+        out = forward()(q, k, v, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale, softmax_scale=scale)[0]
         return out.contiguous()
     deq = lambda x8, s: x8.float().transpose(1, 2) * s[:, :, None, None]  # noqa: E731  [B, H, T, D]
     out = F.scaled_dot_product_attention(deq(q, q_descale), deq(k, k_descale), deq(v, v_descale), scale=scale)

@@ -119,6 +119,23 @@ def test_available_says_how_to_build_it_when_it_is_missing(monkeypatch: pytest.M
     )
 
 
+def test_the_op_imports_the_extension_before_it_looks_up_the_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    # an AOTInductor engine calls the op back in a process that never asked available(): without the import,
+    # torch.ops.flash_attn_3 has no `fwd` (as the first full-size fa3fp8 engine found on an H100, 2026-12-07)
+    imported: list[str] = []
+
+    def record(name: str) -> None:
+        imported.append(name)
+        raise ImportError(name)
+
+    monkeypatch.setattr(fa3_attention.importlib, "import_module", record)
+    fa3_attention.forward.cache_clear()
+    with pytest.raises(ImportError):
+        fa3_attention.forward()
+    fa3_attention.forward.cache_clear()
+    assert imported == ["flash_attn_3._C"]
+
+
 # ---- GPU (Hopper with FlashAttention-3 built by lab/fa3_build.py) ----------------------------------------------
 
 
