@@ -52,6 +52,7 @@ ATTENTION_MIN_CC: dict[str, tuple[tuple[int, int], str]] = {
     "fa4": ((9, 0), "FlashAttention-4 attention"),
     "sage": ((9, 0), "SageAttention 8-bit attention"),
     "fa3fp8": ((9, 0), "FlashAttention-3 FP8 attention"),
+    "fa3": ((9, 0), "FlashAttention-3 attention"),
 }
 QUANTIZED = tuple(n for n, p in PRECISIONS.items() if p.low_bit)
 TEXT_PRECISIONS = tuple(n for n, p in PRECISIONS.items() if p.text)

@@ -136,10 +136,11 @@ SUFFIXES = {
     "fa4": "FlashAttention-4 in the DiT (--attention fa4)",
     "sage": "SageAttention 2 (INT8 Q K^T, FP8 P V) in the DiT (--attention sage)",
     "fa3": "FlashAttention-3's FP8 kernel in the DiT (--attention fa3fp8)",
+    "fa3b": "FlashAttention-3's bf16 kernel in the DiT (--attention fa3, exact)",
     "ft8": "FP8 Gemma decoder layers (--text-precision fp8; fp8 / nvfp4 only)",
 }
 # suffix -> --attention
-ATTENTION_SUFFIXES = {"fa8": "fp8", "fa8s": "fp8s", "fa4": "fa4", "sage": "sage", "fa3": "fa3fp8"}
+ATTENTION_SUFFIXES = {"fa8": "fp8", "fa8s": "fp8s", "fa4": "fa4", "sage": "sage", "fa3": "fa3fp8", "fa3b": "fa3"}
 
 
 def variant(name: str) -> tuple[str, str | None, str]:

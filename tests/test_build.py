@@ -232,7 +232,7 @@ needs_rtx = pytest.mark.skipif(RTX_MISSING is not None, reason=f"TensorRT-RTX un
     [
         (
             ["--attention", "decomposable"],
-            "--attention: choose one of default, cudnn, fp8, fp8s, fa4, sage, fa3fp8 for --backend torch-aot",
+            "--attention: choose one of default, cudnn, fp8, fp8s, fa4, sage, fa3fp8, fa3 for --backend torch-aot",
         ),
         (["--backend", "tensorrt-rtx", "--attention", "cudnn"], "choose one of default, decomposable for --backend"),
         (["--target-cc", "8.9"], "--target-cc: only --backend tensorrt-rtx takes it, not --backend torch-aot"),

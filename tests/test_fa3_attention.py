@@ -20,7 +20,7 @@ from helpers import assert_replays_on_new_inputs, rel_error
 
 from fvrt.builder.build import BuildError, BuildRequest, build_engines
 from fvrt.builder.models.common import kernel_attention, sdpa
-from fvrt.plugins import CALLBACK_ATTENTION, fa3_attention, kernel_attention_fn
+from fvrt.plugins import CALLBACK_ATTENTION, fa3_attention, fa3_exact, kernel_attention_fn
 from fvrt.runtime.engine import check_attention_kernels
 from fvrt.runtime.manifest import EngineError
 from fvrt.runtime.precision import min_compute_capability
@@ -91,21 +91,53 @@ def test_small_attentions_and_other_head_dims_stay_on_sdpa_and_the_quantization_
         assert any("amax" in o for o in ops) == want and any(o == "aten.to.dtype" for o in ops) == want
 
 
+def test_fa3_exact_is_sdpa_off_the_gpu_and_a_hopper_call_back_mode() -> None:
+    q, k, v = _qkv(6)
+    got = fa3_exact.kernel(q, k, v)
+    assert got.shape == q.shape and torch.equal(got, F.scaled_dot_product_attention(q, k, v))
+    with pytest.raises(ValueError, match="takes head dim 128"):
+        fa3_exact.kernel(*_qkv(2, d=64))
+    assert CALLBACK_ATTENTION["fa3"] is fa3_exact and kernel_attention_fn("fa3") is fa3_exact.attention
+    assert min_compute_capability("bf16", "fa3") == ((9, 0), "bf16 with FlashAttention-3 attention")
+    entry = fa3_exact.describe()
+    assert entry["attention_kernel"] == "flash_attn_3"
+    assert entry["attention_settings"] == {"format": "bf16", "min_tokens": fa3_exact.MIN_TOKENS}
+
+
+def test_fa3_exact_routes_the_video_self_attentions_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fa3_exact, "MIN_TOKENS", 81)
+    for tq, tk, d, want in ((96, 80, 128, False), (96, 81, 64, False), (96, 81, 128, True)):
+        q, k, v = _qkv(7, tq=tq, tk=tk, d=d)
+        with kernel_attention("fa3"):
+            ep = torch.export.export(_Sdpa(), (q, k, v))
+        ops = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+        assert any(o == "fvrt.fa3_attention.default" for o in ops) == want, (tq, tk, d, ops)
+        assert any("scaled_dot_product" in o for o in ops) == (not want), (tq, tk, d, ops)
+
+
 def _manifest(attention: str) -> SimpleNamespace:
     entry = lambda a: SimpleNamespace(extra={"attention": a})  # noqa: E731
     return SimpleNamespace(stages={"text_out": entry("cudnn"), "dit_block": entry(attention)})
 
 
-def test_the_runtime_and_the_build_refuse_fa3fp8_where_it_cannot_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("mode", "name", "kernel"),
+    [
+        ("fa3fp8", "FlashAttention-3 FP8", "FlashAttention-3's FP8 kernel"),
+        ("fa3", "FlashAttention-3", "FlashAttention-3's kernel"),
+    ],
+)
+def test_the_runtime_and_the_build_refuse_fa3_modes_where_they_cannot_run(
+    tmp_path: Path, mode: str, name: str, kernel: str
+) -> None:
     with pytest.raises(
         EngineError,
-        match=r"engine dit_block was built with --attention fa3fp8 \(FlashAttention-3 FP8\): "
-        r"FlashAttention-3's FP8 kernel runs on CUDA GPUs only$",
+        match=rf"engine dit_block was built with --attention {mode} \({name}\): {kernel} runs on CUDA GPUs only$",
     ):
-        check_attention_kernels(Path("eng"), _manifest("fa3fp8"), torch.device("cpu"))
+        check_attention_kernels(Path("eng"), _manifest(mode), torch.device("cpu"))
     out = tmp_path / "eng"
-    with pytest.raises(BuildError, match=r"^--attention fa3fp8: FlashAttention-3's FP8 kernel runs on CUDA GPUs only$"):
-        build_engines(BuildRequest(out_dir=out, random="tiny", device="cpu", attention="fa3fp8"), log=lambda _: None)
+    with pytest.raises(BuildError, match=rf"^--attention {mode}: {kernel} runs on CUDA GPUs only$"):
+        build_engines(BuildRequest(out_dir=out, random="tiny", device="cpu", attention=mode), log=lambda _: None)
     assert not out.exists()
 
 
@@ -163,3 +195,19 @@ def test_fa3fp8_op_is_captured_by_a_cuda_graph() -> None:
     _need_fa3()
     q, k, v = (t.to(torch.bfloat16) for t in _qkv(5, 700, 700, device="cuda"))
     assert_replays_on_new_inputs(fa3_attention.kernel, q, k, v)
+
+
+@pytest.mark.gpu
+def test_fa3_exact_matches_cudnn_and_is_captured_by_a_cuda_graph() -> None:
+    """Exact attention: FlashAttention-3's bf16 forward against fp32 within bf16's error (cuDNN's: 0.0023 on random
+    inputs at full size), at partial tiles, plain and offset keys; then CUDA-graph capture and replay."""
+    _need_fa3()
+    for tq, tk in ((1000, 1000), (513, 128), (300, 777)):
+        for offset in (False, True):
+            q, k, v = (t.to(torch.bfloat16) for t in _qkv(tq + tk + 1, tq, tk, device="cuda", offset=offset))
+            exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+            got = fa3_exact.kernel(q, k, v)
+            assert got.shape == q.shape and got.dtype == torch.bfloat16
+            assert rel_error(got, exact) < 0.01, (tq, tk, offset, rel_error(got, exact))
+    q, k, v = (t.to(torch.bfloat16) for t in _qkv(8, 700, 700, device="cuda"))
+    assert_replays_on_new_inputs(fa3_exact.kernel, q, k, v)

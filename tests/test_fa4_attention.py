@@ -60,7 +60,7 @@ def test_sdpa_switch_reaches_the_op_inside_the_block_only() -> None:
         inside = sdpa(q, k, v)
     assert any("fa4_attention" in c for c in calls), calls
     assert torch.equal(inside, F.scaled_dot_product_attention(q, k, v))
-    with pytest.raises(ValueError, match="kernel attention mode must be one of"), kernel_attention("fa3"):
+    with pytest.raises(ValueError, match="kernel attention mode must be one of"), kernel_attention("fa5"):
         pass
     assert KERNEL_ATTENTION[:3] == ("fp8", "fp8s", "fa4") and kernel_attention_fn("fa4") is fa4_attention.attention
     with pytest.raises(ValueError, match="kernel attention mode"):

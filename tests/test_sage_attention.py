@@ -61,7 +61,10 @@ class _Sdpa(torch.nn.Module):
 
 
 def test_sage_is_a_call_back_mode_of_the_dit_engines_only_and_needs_hopper(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert KERNEL_ATTENTION == ("fp8", "fp8s", "fa4", "sage", "fa3fp8") and CALLBACK_ATTENTION["sage"] is sage_attention
+    assert (
+        KERNEL_ATTENTION == ("fp8", "fp8s", "fa4", "sage", "fa3fp8", "fa3")
+        and CALLBACK_ATTENTION["sage"] is sage_attention
+    )
     assert kernel_attention_fn("sage") is sage_attention.attention
     assert [stage_attention("sage", s) for s in ("dit_block", "dit_in", "text_out", "video_decoder")] == [
         "sage",

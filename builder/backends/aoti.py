@@ -55,8 +55,9 @@ WEIGHTS_SUFFIX = ".safetensors"
 LAYER_PREFIX = "layers.{}."  # per-layer weight names in the dit_block weights file (runtime reads the same)
 # SDPA backend baked into CUDA engines at export time. The kernel modes (fvrt.plugins.KERNEL_ATTENTION) reach the
 # DiT engines only: "fp8"/"fp8s" (fvrt.plugins.fp8_attention, a Triton kernel compiled into the engine), "fa4"
-# (fvrt.plugins.fa4_attention, FlashAttention-4), "sage" (fvrt.plugins.sage_attention, SageAttention 2) and
-# "fa3fp8" (fvrt.plugins.fa3_attention, FlashAttention-3 FP8), the last three called back through the dispatcher
+# (fvrt.plugins.fa4_attention, FlashAttention-4), "sage" (fvrt.plugins.sage_attention, SageAttention 2),
+# "fa3fp8" (fvrt.plugins.fa3_attention, FlashAttention-3 FP8) and "fa3" (fvrt.plugins.fa3_exact, its bf16 kernel), the
+# last four called back through the dispatcher
 # (fvrt.plugins.CALLBACK_ATTENTION); every other stage keeps bf16 cuDNN attention.
 ATTENTION_CHOICES = ("default", "cudnn", *KERNEL_ATTENTION)
 

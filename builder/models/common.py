@@ -94,8 +94,8 @@ def kernel_attention(mode: str) -> Iterator[None]:
     (per-tensor E4M3 Q, K, V and P) or "fp8s" (smoothed, per-token Q/K and per-channel V scales) from
     fvrt.plugins.fp8_attention, "fa4" (FlashAttention-4) from fvrt.plugins.fa4_attention, "sage" (SageAttention 2,
     INT8 Q K^T and FP8 P V) from fvrt.plugins.sage_attention, "fa3fp8" (FlashAttention-3's FP8 kernel) from
-    fvrt.plugins.fa3_attention. The builder wraps the export of the DiT engines in it (--attention fp8 / fp8s /
-    fa4 / sage / fa3fp8)."""
+    fvrt.plugins.fa3_attention, "fa3" (its bf16 kernel, exact) from fvrt.plugins.fa3_exact. The builder wraps the
+    export of the DiT engines in it (--attention fp8 / fp8s / fa4 / sage / fa3fp8 / fa3)."""
     from fvrt.plugins import kernel_attention_fn
 
     _KERNEL_ATTENTION.append(kernel_attention_fn(mode))  # ValueError for an unknown mode
