@@ -23,7 +23,9 @@
   kernel-only), with torch's own cuDNN library.
 - `attn` and `dit` also take FlashAttention-3's Hopper forward where `flash_attn_3` (built by lab/fa3_build.py) is
   on PYTHONPATH: `fa3_bf16` (exact) and `fa3_fp8s` (the `--attention fa3fp8` engines' fvrt.plugins.fa3_attention:
-  E4M3 Q, K, V with one descale per head, K and V smoothed by their token means; also timed kernel-only).
+  E4M3 Q, K, V with one descale per head, K and V smoothed by their token means; also timed kernel-only),
+  `fa3_fp8s_fused` (the same under torch.compile: the quantization fused as in the engines) and `fa3fp8` (routed as
+  the engines route it: cuDNN below its threshold and at head dim 64).
 
     PYTHONPATH=. python3 lab/gpu_attention.py --out DIR [--steps ceil,attn,dit,gemm,fa4] [--fa4-site /tmp/fa4]
     python lab/gpu_attention.py --out DIR --tiny --device cpu      # CPU dry run of the code paths
@@ -232,6 +234,8 @@ def attention_fns(dev: torch.device) -> dict[str, Any]:
             fns["fa3_bf16"] = fa3_bf16
             fns["fa3_fp8s"] = fa3_attention.kernel  # the --attention fa3fp8 engines' quantization and op
             fns["fa3fp8"] = fa3_attention.attention  # as the engines route it: cuDNN below MIN_TOKENS or at head dim 64
+            # the quantization fused by Inductor, as AOTInductor fuses it in the engines
+            fns["fa3_fp8s_fused"] = torch.compile(fa3_attention.kernel, fullgraph=True)
     else:
         fns["math_bf16"] = sdpa_with(SDPBackend.MATH)
     fns.update({n: variant_fn(n) for n in VARIANTS})

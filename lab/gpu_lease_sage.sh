@@ -110,7 +110,7 @@ if [[ "${4:-}" == fa3 ]]; then
   export PYTHONPATH="$PYTHONPATH:/tmp/sage"
   step "attention kernels at the DiT's shapes (cuDNN, FA3 bf16, FA3 FP8, sage)"
   PYTHONUNBUFFERED=1 python3 lab/gpu_attention.py --out "$R/attn-b" --steps attn \
-    --attn-only cudnn_bf16,fa3_bf16,fa3_fp8s,sage_all --no-attn-sweep 2>&1 | tee "$R/attn-b.log" | tail -n 10
+    --attn-only cudnn_bf16,fa3_bf16,fa3_fp8s,fa3_fp8s_fused,sage_all --no-attn-sweep 2>&1 | tee "$R/attn-b.log" | tail -n 10
   step "full-size DiT engines, one run: cudnn,fa3,fa3fp8,sage"
   PYTHONUNBUFFERED=1 FVRT_CXX=g++-12 python3 lab/gpu_build_engines.py --stages dit --attention cudnn,fa3,fa3fp8,sage \
     --repeats 2 --out "$R/engines" 2>&1 | tee "$R/engines.log" | tail -n 16

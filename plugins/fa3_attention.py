@@ -124,10 +124,15 @@ def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[list[to
     return [*x8, *descales], vm
 
 
+def check_head_dim(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """ValueError unless Q, K and V have head dim 128: the only one this build of FlashAttention-3 compiles."""
+    if q.shape[-1] != HEAD_DIM or k.shape[-1] != HEAD_DIM or v.shape[-1] != HEAD_DIM:
+        raise ValueError(f"{name} takes head dim {HEAD_DIM} for Q, K and V, got {q.shape[-1]}")
+
+
 def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Quantization and the op on [B, H, T, D] -> [B, H, Tq, D] in q's dtype, at any size."""
-    if q.shape[-1] != HEAD_DIM or k.shape[-1] != HEAD_DIM or v.shape[-1] != HEAD_DIM:
-        raise ValueError(f"{NAME} takes head dim {HEAD_DIM} for Q, K and V, got {q.shape[-1]}")
+    check_head_dim(NAME, q, k, v)
     z, vm = quantize(q, k, v)
     out = fa3fp8_attention(*z).transpose(1, 2)
     return (out.float() + vm).to(q.dtype)
@@ -152,6 +157,7 @@ __all__ = [
     "OP_NAME",
     "attention",
     "available",
+    "check_head_dim",
     "describe",
     "fa3fp8_attention",
     "kernel",

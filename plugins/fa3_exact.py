@@ -27,7 +27,7 @@ from fvrt.plugins.support import cuda_support, routed, sdpa_bthd, settings_entry
 from fvrt.runtime.precision import ATTENTION_MIN_CC
 
 MODE = "fa3"
-OP_NAME = "fvrt::fa3_attention"
+OP_NAME = f"fvrt::{MODE}_attention"
 NAME = "FlashAttention-3"
 MIN_CC = MAX_CC = ATTENTION_MIN_CC[MODE][0]  # the SM90 kernels: Hopper only
 HEAD_DIM = fa3_attention.HEAD_DIM
@@ -59,8 +59,7 @@ def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """The op on [B, H, T, D] -> [B, H, Tq, D] (a transposed view of its [B, Tq, H, D]), at any size."""
-    if q.shape[-1] != HEAD_DIM or v.shape[-1] != HEAD_DIM:
-        raise ValueError(f"{NAME} takes head dim {HEAD_DIM} for Q, K and V, got {q.shape[-1]}")
+    fa3_attention.check_head_dim(NAME, q, k, v)
     return fa3_exact_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
 

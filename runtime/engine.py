@@ -54,7 +54,7 @@ def check_environment(root: Path, manifest: Manifest, device: torch.device) -> N
 
 
 def check_attention_kernels(root: Path, manifest: Manifest, device: torch.device) -> None:
-    """Engines built with a call-back mode (fvrt.plugins.CALLBACK_ATTENTION: `--attention fa4`, `sage`, `fa3fp8`)
+    """Engines built with a call-back mode (fvrt.plugins.CALLBACK_ATTENTION: `--attention fa4`, `sage`, `fa3fp8`, `fa3`)
     call their op (`fvrt::<mode>_attention`) back through the dispatcher: register it (importing fvrt.plugins,
     which imports every plugin) before any engine loads, refuse in one line when its kernel cannot run here
     (package missing, or not a GPU it supports), and have a plugin that ships kernels with its engines (FA4) load
