@@ -36,13 +36,29 @@ COUNT = 2
 
 
 @pytest.fixture(scope="module")
-def fp8_build(module_tmp: Callable[[str], Path]) -> Path:
-    out = module_tmp("fp8") / "engines"
-    build_engines(
+def bf16_dit(module_tmp: Callable[[str], Path]) -> Path:
+    """The tiny release's bf16 DiT engines. Each low-bit build here goes into a hard-linked copy of them, as the
+    benchmark builds fp8 next to bf16, so it compiles only its quantised block group (one engine instead of five)."""
+    out = module_tmp("bf16") / "engines"
+    build_engines(BuildRequest(out_dir=out, random="tiny", precision="bf16", stages=("dit",)), log=lambda _: None)
+    return out
+
+
+def next_to(bf16: Path, out: Path) -> Path:
+    """`out`: a hard-linked copy of the bf16 engine directory `bf16`, for a build into it."""
+    shutil.copytree(bf16, out, copy_function=link_or_copy)
+    return out
+
+
+@pytest.fixture(scope="module")
+def fp8_build(module_tmp: Callable[[str], Path], bf16_dit: Path) -> Path:
+    out = next_to(bf16_dit, module_tmp("fp8") / "engines")
+    result = build_engines(
         BuildRequest(out_dir=out, random="tiny", precision="fp8", stages=("dit",), calib_prompts=PROMPTS,
                      calib_count=COUNT),
         log=lambda _: None,
     )  # fmt: skip
+    assert result.built == ["dit_block_1"] and result.rebound == ["dit_block"]
     return out
 
 
@@ -113,15 +129,13 @@ def assert_blocks_match(eng: EngineDir, quant: object) -> None:
 TINY_KEYS = ("tiny/s1", "tiny/s2")
 
 
-def test_fp8_build_next_to_bf16_compiles_only_the_fp8_blocks(tmp_path: Path, models: tuple) -> None:
+def test_fp8_build_next_to_bf16_compiles_only_the_fp8_blocks(tmp_path: Path, models: tuple, bf16_dit: Path) -> None:
     """An fp8 build into a (hard-linked) copy of a bf16 directory, calibrated on given recorded passes (what the
     benchmark does with its bf16 run): the bf16 block group keeps the bf16 code with a weights file of its own
     layers (block 0 here; 0 and 43-47 at full size), prep / in / out are reused whole, only the FP8 group
     compiles; the bf16 directory stays intact."""
     _, quant, inputs, _ = models
-    bf16, fp8 = tmp_path / "bf16", tmp_path / "fp8"
-    build_engines(BuildRequest(out_dir=bf16, random="tiny", precision="bf16", stages=("dit",)), log=lambda _: None)
-    shutil.copytree(bf16, fp8, copy_function=link_or_copy)
+    bf16, fp8 = bf16_dit, next_to(bf16_dit, tmp_path / "fp8")
     req = BuildRequest(out_dir=fp8, random="tiny", precision="fp8", stages=("dit",), calib_inputs=tuple(inputs))
     result = build_engines(req, log=lambda _: None)
     assert result.built == ["dit_block_1"] and result.rebound == ["dit_block"]
@@ -223,10 +237,10 @@ def test_low_bit_engines_build_with_tensorrt_rtx(tmp_path: Path, precision: str,
     assert m.build.compute_capability == cc
 
 
-def test_nvfp4_build_keeps_narrow_layers_bf16_and_runs(tmp_path: Path) -> None:
+def test_nvfp4_build_keeps_narrow_layers_bf16_and_runs(tmp_path: Path, bf16_dit: Path) -> None:
     """NVFP4 needs 16-element blocks: the tiny model's 8-wide audio Linears stay bf16 (logged and recorded in
     the recipe's exclusions); the other selected layers become NVFP4 (emulated on CPU) and the engines run."""
-    out = tmp_path / "nvfp4"
+    out = next_to(bf16_dit, tmp_path / "nvfp4")
     build_engines(
         BuildRequest(out_dir=out, random="tiny", precision="nvfp4", stages=("dit",), calib_prompts=PROMPTS,
                      calib_count=1),
