@@ -23,7 +23,10 @@ device runs the op as SDPA on the dequantized inputs (the CPU fallback: it compu
 fp32, so CPU tests check the quantization and the wiring, and GPU tests the kernel).
 
 Where: as sage, only attentions with at least MIN_TOKENS queries and keys (the DiT's stage-2 video
-self-attention) use it; the others stay on cuDNN bf16. Head dim 128 only (the kernels this build compiles).
+self-attention) use it. Below that, the same build's exact bf16 kernel (fvrt.plugins.fa3_exact, op
+`fvrt::fa3_attention`) takes what `--attention fa3` gives it (head dim 128, at least fa3_exact.MIN_TOKENS: the
+stage-1 video self-attention, 8,160 tokens at 1080p, where it was 1.21x cuDNN on the H100); cuDNN bf16 the rest.
+Head dim 128 only (the kernels this build compiles).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fvrt.plugins.support import cuda_support, import_problem, routed, settings_entry, source_build_version
+from fvrt.plugins.support import cuda_support, import_problem, settings_entry, source_build_version
 from fvrt.runtime.precision import ATTENTION_MIN_CC
 
 MODE = "fa3fp8"
@@ -140,13 +143,21 @@ def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """What `fvrt.builder.models.common.sdpa` calls under `kernel_attention("fa3fp8")`: the op where both Q and K
-    have at least MIN_TOKENS tokens and the head dim is 128, cuDNN bf16 attention elsewhere."""
-    return routed(q, k, v, kernel, MIN_TOKENS, ok=q.shape[-1] == HEAD_DIM)
+    have at least MIN_TOKENS tokens and the head dim is 128; below, `--attention fa3`'s routing (the exact bf16
+    kernel from fa3_exact.MIN_TOKENS, cuDNN bf16 attention elsewhere)."""
+    from fvrt.plugins import fa3_exact  # imports this module
+
+    if q.shape[-1] == HEAD_DIM and min(q.shape[-2], k.shape[-2]) >= MIN_TOKENS:
+        return kernel(q, k, v)
+    return fa3_exact.attention(q, k, v)
 
 
 def describe() -> dict[str, Any]:
-    """What an engine built with this op records in its manifest entry."""
-    return settings_entry(PACKAGE, version(), SETTINGS, MIN_TOKENS)
+    """What an engine built with this op records in its manifest entry (`bf16_min_tokens`: where the exact kernel
+    starts)."""
+    from fvrt.plugins import fa3_exact
+
+    return settings_entry(PACKAGE, version(), {**SETTINGS, "bf16_min_tokens": fa3_exact.MIN_TOKENS}, MIN_TOKENS)
 
 
 __all__ = [

@@ -73,6 +73,7 @@ def test_fa3fp8_is_a_call_back_mode_of_the_dit_engines_only_and_needs_hopper() -
     assert fa3_attention.supported(torch.device("cpu")) == "FlashAttention-3's FP8 kernel runs on CUDA GPUs only"
     settings = fa3_attention.describe()["attention_settings"]
     assert settings["min_tokens"] == fa3_attention.MIN_TOKENS == 16_384
+    assert settings["bf16_min_tokens"] == fa3_exact.MIN_TOKENS == 8_000
     assert settings["smooth_k"] and settings["smooth_v"]
 
 
@@ -92,6 +93,26 @@ def test_small_attentions_and_other_head_dims_stay_on_sdpa(mode: str, monkeypatc
         assert any("scaled_dot_product" in o for o in ops) == (not want), (tq, tk, d, ops)
         quantized = any("amax" in o for o in ops) and any(o == "aten.to.dtype" for o in ops)
         assert quantized == (want and mode == "fa3fp8"), (tq, tk, d, ops)
+
+
+def test_fa3fp8_gives_the_exact_kernel_what_fa3_routes_below_its_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fa3fp8 = fa3's routing plus FP8 from its own threshold: below fa3_exact.MIN_TOKENS cuDNN (SDPA), from there the
+    exact bf16 op unquantized, from fa3_attention.MIN_TOKENS the FP8 op (the 1080p stage-1 and stage-2 video
+    self-attentions: 8,160 and 32,640 tokens)."""
+    monkeypatch.setattr(fa3_exact, "MIN_TOKENS", 40)
+    monkeypatch.setattr(fa3_attention, "MIN_TOKENS", 81)
+    fp8_op, exact_op = (m.OP_NAME.replace("::", ".") + ".default" for m in (fa3_attention, fa3_exact))
+    cases = ((32, 48, 128, "sdpa"), (48, 80, 128, exact_op), (96, 81, 128, fp8_op), (96, 96, 64, "sdpa"))
+    for tq, tk, d, want in cases:
+        q, k, v = _qkv(5, tq=tq, tk=tk, d=d)
+        with kernel_attention("fa3fp8"):
+            ep = torch.export.export(_Sdpa(), (q, k, v))
+            got = _Sdpa()(q, k, v)
+        ops = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+        calls = [o for o in ops if o in (fp8_op, exact_op) or "scaled_dot_product" in o]
+        assert len(calls) == 1 and (calls[0] == want or (want == "sdpa" and "scaled_dot_product" in calls[0])), ops
+        exact = F.scaled_dot_product_attention(q, k, v)
+        assert rel_error(got, exact) < (0.06 if want == fp8_op else 1e-6), (tq, tk, d)
 
 
 def test_fa3_exact_is_sdpa_off_the_gpu_and_a_hopper_call_back_mode() -> None:
