@@ -291,10 +291,19 @@ def test_ndhwc_conv_weights_build_the_same_vae_engines(built: Built, tmp_path: P
 
 
 def test_build_cost(built: Built) -> None:
-    """Records the CI cost of a full tiny build (printed with -s / in the -ra summary on failure)."""
+    """The CI cost of a full tiny build (printed with -s / in the -ra summary on failure), against the build's own
+    median engine compile: the CPU machines that run CI differ by up to 2.4x (the same suite took 33 and 79 min),
+    so a bound in seconds trips on a slow machine, while a ratio measured in one process does not. No engine may
+    cost more than 7 median engines, nor the whole build more than 21. The LTX-2.3 build measured 4.95 and 16.4 on
+    the 2-core machine (2026-12-07: audio decoder 149.6 s, median 30.2 s, 494 s in all); it measured 10.3 and 22.1
+    in the landing CI before its tiny vocoder kept two of the three resblock kernels."""
     table = {n: e.extra["build_seconds"] for n, e in built.result.manifest.stages.items()}
-    print(f"tiny torch-aot build LTX-{built.ckpt.version.value}: {built.seconds:.1f} s total; {table}")
-    assert built.seconds < 600
+    median = float(np.median(list(table.values())))
+    print(f"tiny torch-aot build LTX-{built.ckpt.version.value}: {built.seconds:.1f} s total, median engine "
+          f"{median:.1f} s; {table}")  # fmt: skip
+    worst = max(table, key=table.__getitem__)
+    assert table[worst] < 7 * median, f"{worst} compiled in {table[worst]:.1f} s, {table[worst] / median:.1f} medians"
+    assert built.seconds < 21 * median, f"{built.seconds:.1f} s is {built.seconds / median:.1f} median engines"
 
 
 class _Rope1080p(torch.nn.Module):
