@@ -25,7 +25,7 @@
   on PYTHONPATH: `fa3_bf16` (exact) and `fa3_fp8s` (the `--attention fa3fp8` engines' fvrt.plugins.fa3_attention:
   E4M3 Q, K, V with one descale per head, K and V smoothed by their token means; also timed kernel-only),
   `fa3_fp8s_fused` (the same under torch.compile: the quantization fused as in the engines) and `fa3fp8` (routed as
-  the engines route it: cuDNN below its threshold and at head dim 64).
+  the engines route it: FA3's bf16 kernel from 8,000 to its threshold, cuDNN below that and at head dim 64).
 
     PYTHONPATH=. python3 lab/gpu_attention.py --out DIR [--steps ceil,attn,dit,gemm,fa4] [--fa4-site /tmp/fa4]
     python lab/gpu_attention.py --out DIR --tiny --device cpu      # CPU dry run of the code paths
@@ -233,7 +233,7 @@ def attention_fns(dev: torch.device) -> dict[str, Any]:
         if fa3_loaded():  # FlashAttention-3 built by lab/fa3_build.py
             fns["fa3_bf16"] = fa3_bf16
             fns["fa3_fp8s"] = fa3_attention.kernel  # the --attention fa3fp8 engines' quantization and op
-            fns["fa3fp8"] = fa3_attention.attention  # as the engines route it: cuDNN below MIN_TOKENS or at head dim 64
+            fns["fa3fp8"] = fa3_attention.attention  # routed as the engines: FA3 bf16 from 8,000 tokens, else cuDNN
             # the quantization fused by Inductor, as AOTInductor fuses it in the engines
             fns["fa3_fp8s_fused"] = torch.compile(fa3_attention.kernel, fullgraph=True)
     else:
