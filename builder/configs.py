@@ -143,10 +143,16 @@ TINY_VOCODER: dict[str, Any] = {
     # Channels halve per upsample, so the width must stay >= 2**len(rates): finals here are 2 channels.
     "2.0": {"upsample_initial_channel": 64},  # HiFi-GAN, 5 upsamples (1024 released)
     "2.3": {
-        "vocoder": {"upsample_initial_channel": 128, "resblock_kernel_sizes": [3, 11],
-                    "resblock_dilation_sizes": [[1, 3, 5], [1, 3, 5]]},  # BigVGAN, 6 upsamples (1536 released)
-        "bwe": {"upsample_initial_channel": 64, "resblock_kernel_sizes": [7],
-                "resblock_dilation_sizes": [[1, 3, 5]]},  # BWE generator, 5 upsamples (512 released)
+        "vocoder": {
+            "upsample_initial_channel": 128,
+            "resblock_kernel_sizes": [3, 11],
+            "resblock_dilation_sizes": [[1, 3, 5], [1, 3, 5]],
+        },  # BigVGAN, 6 upsamples (1536 released)
+        "bwe": {
+            "upsample_initial_channel": 64,
+            "resblock_kernel_sizes": [7],
+            "resblock_dilation_sizes": [[1, 3, 5]],
+        },  # BWE generator, 5 upsamples (512 released)
     },
 }
 TINY_UPSAMPLER: dict[str, Any] = {
