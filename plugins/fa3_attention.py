@@ -38,7 +38,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fvrt.plugins.support import cuda_support, import_problem, settings_entry, source_build_version
+from fvrt.plugins.support import cuda_support, import_problem, routed, settings_entry, source_build_version
 from fvrt.runtime.precision import ATTENTION_MIN_CC
 
 MODE = "fa3fp8"
@@ -147,9 +147,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     kernel from fa3_exact.MIN_TOKENS, cuDNN bf16 attention elsewhere)."""
     from fvrt.plugins import fa3_exact  # imports this module
 
-    if q.shape[-1] == HEAD_DIM and min(q.shape[-2], k.shape[-2]) >= MIN_TOKENS:
-        return kernel(q, k, v)
-    return fa3_exact.attention(q, k, v)
+    return routed(q, k, v, kernel, MIN_TOKENS, ok=q.shape[-1] == HEAD_DIM, below=fa3_exact.attention)
 
 
 def describe() -> dict[str, Any]:

@@ -61,10 +61,13 @@ def routed(
     kernel: Callable[..., torch.Tensor],
     min_tokens: int,
     ok: bool = True,
+    below: Callable[..., torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """A size-routed kernel mode's attention on [B, H, T, D]: `kernel` where `ok` and both Q and K have at least
-    `min_tokens` tokens, else cuDNN bf16 attention (as `--attention cudnn` exports it)."""
+    `min_tokens` tokens, else `below(q, k, v)`, by default cuDNN bf16 attention (as `--attention cudnn` exports it)."""
     if not ok or min(q.shape[-2], k.shape[-2]) < min_tokens:
+        if below is not None:
+            return below(q, k, v)
         with cudnn_first():
             return F.scaled_dot_product_attention(q, k, v)
     return kernel(q, k, v)
