@@ -11,7 +11,7 @@
 # the fa3 ops' GPU tests after the bench);
 # $PRECISIONS: the bench's variants (default fp8+ft8,bf16: the first calibrates on eager pipeline runs). The decoder's layout for the bench is the probe's
 # verdict: NDHWC (the CUDA default) unless its engine failed to build or run, then NCDHW.
-# The official pipeline runs last in the bench's process (same-run ratios) when ltx-core, ltx-pipelines and PyAV
+# The official pipeline runs in the bench's process after the first precision (same-run ratios) when ltx-core, ltx-pipelines and PyAV
 # import (carry their wheels, docs/benchmarks.md); else the bench runs with --no-official and says so.
 # A `+sage` precision needs SageAttention 2 built on the machine: $SAGE_SRC (its source, unpacked) is built by
 # lab/sage_build.py in the background while the tests and the decoder probe run, into /tmp/sage; a `+fa3`
