@@ -87,11 +87,13 @@ python3 -c "import ltx_core, ltx_pipelines, av" 2>/dev/null || {
 # the fp8+ft8 build and its two presets take ~15 min on the H100; bf16 after it reuses all but its DiT block and
 # needs ~4 min for both presets: start it only when that much is left
 left=$((BUDGET - SECONDS))
-deadline=$((left - 240))
+deadline=$((left - ${DEADLINE_MARGIN_S:-240}))
 step "bench, conv layout $layout, deadline ${deadline} s"
+# shorter leases: BENCH_OPTS="" drops the kernel trace and the prefetched-text row (about 1 min per precision)
+# shellcheck disable=SC2086  # BENCH_OPTS is a list of flags
 python3 scripts/bench.py --random full --device cuda --profile 1080p --precisions "$PRECISIONS" \
   --presets distilled,realtime --repeats 1 --repeats-dit 3 --calib-method hooks --memory offload --drop-reference \
-  --trace --prefetch-text "$official" --conv-layout "$layout" --engines /dev/shm/eng --out "$R/bench" \
+  ${BENCH_OPTS---trace --prefetch-text} "$official" --conv-layout "$layout" --engines /dev/shm/eng --out "$R/bench" \
   --deadline-s "$deadline"
 for build in sage fa3; do
   pid_var="${build}_pid"
