@@ -4,6 +4,7 @@ arithmetic (compute without the MP4 on both sides, end to end with it on both)."
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -117,3 +118,45 @@ def test_the_official_mp4_step_writes_video_and_audio_and_reports_its_time(tmp_p
         assert (video.codec_context.name, video.width, video.height) == ("h264", 96, 64)
         assert (audio.codec_context.name, audio.sample_rate, audio.channels) == ("aac", 16_000, 2)
         assert sum(1 for _ in mp4.decode(video=0)) == 9
+
+
+def test_the_official_runs_after_the_reference_and_its_ratios_cover_every_precision(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The official side runs right after the first precision (a deadline that cuts the later ones keeps the
+    same-run ratio); the ratios written at the end cover the precisions measured after it too."""
+    calls: list[str] = []
+    timings = {"fp8+ft8": (13.35, 1.22), "fp8+ft8+fa3": (12.00, 1.00)}
+
+    def fake_precision(args, name, res, ref):
+        calls.append(name)
+        res["precisions"][name] = {"distilled": {"warm_median": _warm(*timings[name])}}
+
+    def fake_official(args, res, ref):
+        calls.append("official")
+        res["official"] = {"total_s": OFFICIAL, "speedup": bench.speedups(OFFICIAL, res["precisions"])}
+
+    monkeypatch.setattr(bench, "bench_precision", fake_precision)
+    monkeypatch.setattr(bench, "bench_official", fake_official)
+    monkeypatch.setattr(bench, "table", lambda res: "")
+    argv = ["bench.py", "--device", "cpu", "--precisions", "fp8+ft8,fp8+ft8+fa3", "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench.main()
+    assert calls == ["fp8+ft8", "official", "fp8+ft8+fa3"]
+    got = json.loads((tmp_path / "bench.json").read_text())["official"]["speedup"]
+    assert set(got) == {"fp8+ft8 distilled", "fp8+ft8+fa3 distilled"}
+    assert got["fp8+ft8+fa3 distilled"]["compute"] == pytest.approx(20.30 / 11.00)
+
+    # the official side takes the job past its deadline: the later precision is skipped, the ratio stays
+    calls.clear()
+
+    def slow_official(args, res, ref):
+        fake_official(args, res, ref)
+        monkeypatch.setattr(bench, "T0", bench.T0 - 2000)  # as if it had run 2,000 s
+
+    monkeypatch.setattr(bench, "bench_official", slow_official)
+    monkeypatch.setattr(sys, "argv", [*argv, "--deadline-s", "1000"])
+    bench.main()
+    assert calls == ["fp8+ft8", "official"]
+    res = json.loads((tmp_path / "bench.json").read_text())
+    assert res["skipped"] == ["fp8+ft8+fa3"] and set(res["official"]["speedup"]) == {"fp8+ft8 distilled"}
