@@ -160,3 +160,11 @@ def test_the_official_runs_after_the_reference_and_its_ratios_cover_every_precis
     assert calls == ["fp8+ft8", "official"]
     res = json.loads((tmp_path / "bench.json").read_text())
     assert res["skipped"] == ["fp8+ft8+fa3"] and set(res["official"]["speedup"]) == {"fp8+ft8 distilled"}
+
+
+def test_the_markdown_shows_a_later_precisions_psnr_against_the_official_pipeline() -> None:
+    q = {"min_video_cosine": 0.9998, "min_audio_cosine": 0.9997, "video_psnr_db": 41.0, "audio_snr_db": 30.0}
+    res = {"precisions": {}, "presets": [], "quality": {"fp8+ft8+fa3_vs_fp8+ft8": q}}
+    assert "official" not in bench.table(res)
+    q |= {"video_psnr_db_vs_official": 36.3, "audio_snr_db_vs_official": 28.5}
+    assert "against the official pipeline 36.3 dB, audio 28.5 dB" in bench.table(res)
