@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import shutil
@@ -33,6 +34,7 @@ import statistics
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -343,30 +345,36 @@ def bench_official(args: argparse.Namespace, res: dict[str, Any], ref: dict[str,
         out[f"video_psnr_db_vs_{ref['precision']}"] = psnr(frames.numpy(), ref["frames"])
         out[f"audio_snr_db_vs_{ref['precision']}"] = snr(audio.numpy(), ref["audio"])
         ref["official"] = (frames.numpy(), audio.numpy())  # the later precisions' outputs are compared with it too
-    out["speedup"] = speedups(total, res["precisions"])
-    res["official"] = out
+    res["official"] = out  # its same-run ratios are derived in save()
     log(f"official: compute {total['compute']:.2f} s, MP4 {mp4_s:.2f} s (models built in "
         f"{sum(timer.build.values()):.1f} s)")  # fmt: skip
 
 
-def run_official(args: argparse.Namespace, res: dict[str, Any], ref: dict[str, Any]) -> None:
-    """bench_official unless past the deadline; a failure is recorded, not raised."""
+def step(args: argparse.Namespace, res: dict[str, Any], name: str, run: Callable[[], None]) -> None:
+    """One step of the bench (a precision, the official side): skipped past the deadline; a failure is recorded,
+    not raised, so the steps after it and what the earlier ones measured are kept."""
     if time.perf_counter() - T0 > args.deadline_s:
-        log(f"official: skipped (past the {args.deadline_s:.0f} s deadline)")
-        res.setdefault("skipped", []).append("official")
-        return
-    try:
-        bench_official(args, res, ref)
-    except Exception as e:
-        log(f"official: FAILED: {type(e).__name__}: {e}")
-        traceback.print_exc()
-        res.setdefault("errors", {})["official"] = f"{type(e).__name__}: {e}"
-        e.__traceback__ = None
-    gc.collect()
+        log(f"{name}: skipped (past the {args.deadline_s:.0f} s deadline)")
+        res.setdefault("skipped", []).append(name)
+    else:
+        try:
+            run()
+        except Exception as e:
+            log(f"{name}: FAILED: {type(e).__name__}: {e}")
+            traceback.print_exc()
+            res.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"
+            e.__traceback__ = None  # its frames hold the pipeline, its graphs and engines
+        gc.collect()  # after a failure too (H100: a failed bf16 left 30 GB of graph pools and fp8 ran out of memory)
+        if torch.device(args.device).type == "cuda":
+            torch.cuda.empty_cache()
+    save(args, res)
 
 
 def save(args: argparse.Namespace, res: dict[str, Any]) -> None:
-    """bench.json after every step: a run cut short still leaves what it measured."""
+    """bench.json after every step: a run cut short still leaves what it measured. The same-run ratios are derived
+    here, so they cover every precision measured so far, also those after the official side."""
+    if "official" in res:
+        res["official"]["speedup"] = speedups(res["official"]["total_s"], res["precisions"])
     (Path(args.out) / "bench.json").write_text(json.dumps(res, indent=1, default=float))
 
 
@@ -624,30 +632,11 @@ def main() -> None:
     }
     ref: dict[str, Any] = {}
     for i, precision in enumerate(args.precisions.split(",")):
-        if time.perf_counter() - T0 > args.deadline_s:
-            log(f"{precision}: skipped (past the {args.deadline_s:.0f} s deadline)")
-            res.setdefault("skipped", []).append(precision)
-            continue
-        try:
-            bench_precision(args, precision, res, ref)
-        except Exception as e:  # keep what the earlier steps measured; say what failed
-            log(f"{precision}: FAILED: {type(e).__name__}: {e}")
-            traceback.print_exc()
-            res.setdefault("errors", {})[precision] = f"{type(e).__name__}: {e}"
-            e.__traceback__ = None  # its frames hold the pipeline, its graphs and engines
-        gc.collect()  # after a failure too (H100: a failed bf16 left 30 GB of graph pools and fp8 ran out of memory)
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+        step(args, res, precision, functools.partial(bench_precision, args, precision, res, ref))
         if i == 0 and args.official and res["precisions"]:
             # right after the reference precision, whose video it is compared with: a deadline that cuts the later
             # variants short still leaves the same-run ratio
-            run_official(args, res, ref)
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
-        save(args, res)
-    if "official" in res:  # the ratios of the precisions measured after it too
-        res["official"]["speedup"] = speedups(res["official"]["total_s"], res["precisions"])
-        save(args, res)
+            step(args, res, "official", functools.partial(bench_official, args, res, ref))
     md = f"{res['gpu']}, torch {res['torch']}, {res['date']}, profile {args.profile}\n\n{table(res)}\n"
     (Path(args.out) / "bench.md").write_text(md)
     print(md)
