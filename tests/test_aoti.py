@@ -294,9 +294,11 @@ def test_build_cost(built: Built) -> None:
     """The CI cost of a full tiny build (printed with -s / in the -ra summary on failure), against the build's own
     median engine compile: the CPU machines that run CI differ by up to 2.4x (the same suite took 33 and 79 min),
     so a bound in seconds trips on a slow machine, while a ratio measured in one process does not. No engine may
-    cost more than 7 median engines, nor the whole build more than 21. The LTX-2.3 build measured 4.95 and 16.4 on
-    the 2-core machine (2026-12-07: audio decoder 149.6 s, median 30.2 s, 494 s in all); it measured 10.3 and 22.1
-    in the landing CI before its tiny vocoder kept two of the three resblock kernels."""
+    cost more than 7 median engines, nor the whole build more than 21. The LTX-2.3 build measured 3.37 and 14.6 on
+    the 2-core machine once its wrappers lost AOTInductor's input-check functions and CPU wrappers compiled at -O0
+    (2026-12-07: audio decoder 42.1 s, median 12.5 s, 182.5 s in all; 4.84 and 16.4 just before, back to back). It
+    measured 7.0 in a landing CI before that change, and 10.3 and 22.1 before its tiny vocoder kept two of the
+    three resblock kernels (docs/results/2026-12-07-cpu-wrapper-compile.md)."""
     table = {n: e.extra["build_seconds"] for n, e in built.result.manifest.stages.items()}
     median = float(np.median(list(table.values())))
     print(f"tiny torch-aot build LTX-{built.ckpt.version.value}: {built.seconds:.1f} s total, median engine "
@@ -329,6 +331,41 @@ def test_bf16_rope_at_1080p_positions_matches_eager_exactly(tmp_path: Path) -> N
     got = torch._inductor.aoti_load_package(str(tmp_path / "rope.pt2"))(pos)
     for g, r in zip(got, _Rope1080p()(pos), strict=True):
         assert torch.equal(g, r)
+
+
+class _WeightsAsInputs(torch.nn.Module):
+    def forward(self, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(torch.nn.functional.silu(torch.nn.functional.linear(x, w1, b1)), w2)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_engine_wrapper_has_no_input_check_functions_and_runs_unchanged(tmp_path: Path, device: str) -> None:
+    """`compile_program` leaves out AOTInductor's per-input `check_input_<i>` functions (44,000 of the tiny audio
+    decoder's 51,700 wrapper lines, see `without_input_check_codegen`), keeps the `__check_inputs_outputs` that
+    `run_impl` calls, restores Inductor's code generator afterwards, and the engine computes what eager does.
+    A CPU wrapper is compiled at -O0, a CUDA one at Inductor's -O1."""
+    import zipfile
+
+    from torch._inductor.codegen.cpp_wrapper_cpu import CppWrapperCpu
+    from torch._inductor.package import package_aoti
+
+    from fvrt.builder.backends import cxx
+    from fvrt.builder.backends.aoti import compile_program, inductor_options
+
+    original = CppWrapperCpu.generate_input_output_runtime_checks
+    g = torch.Generator().manual_seed(0)
+    args = tuple(torch.randn(s, generator=g).to(device) for s in ((16, 8), (16,), (4, 16), (3, 8)))
+    ep = torch.export.export(_WeightsAsInputs(), args)
+    pt2 = tmp_path / "mlp.pt2"
+    package_aoti(str(pt2), compile_program(ep, args, cxx.select(None).path))  # the builder's compiler
+    assert CppWrapperCpu.generate_input_output_runtime_checks is original
+    with zipfile.ZipFile(pt2) as z:
+        (wrapper,) = [z.read(n).decode() for n in z.namelist() if n.endswith(".wrapper.cpp")]
+    assert "__check_inputs_outputs(" in wrapper and "check_input_0" not in wrapper
+    got = torch._inductor.aoti_load_package(str(pt2))(*args)
+    torch.testing.assert_close(got, _WeightsAsInputs()(*args), rtol=1e-4, atol=1e-5)
+    assert inductor_options(device="cpu")["aot_inductor.compile_wrapper_opt_level"] == "O0"
+    assert "aot_inductor.compile_wrapper_opt_level" not in inductor_options(device="cuda")
 
 
 @pytest.mark.gpu
