@@ -30,7 +30,7 @@ import torch
 
 import fvrt
 from fvrt.builder.backends.aoti import ATTENTION_CHOICES
-from fvrt.builder.backends.base import Backend
+from fvrt.builder.backends.base import Backend, Finish
 from fvrt.builder.checkpoint import LTXCheckpoint, load_checkpoint
 from fvrt.builder.keys import checkpoint_identity, sha256_json, stage_keys, tool_versions
 from fvrt.builder.precision import quantize_dit, quantize_text, stage_precision
@@ -149,27 +149,35 @@ def _build_stage(
     old: Manifest | None,
     result: BuildResult,
     log: Log,
-) -> StageEntry:
-    """One engine: reuse it, rebind new weights to its code, or compile it."""
+) -> Finish:
+    """One engine: reuse it, rebind new weights to its code, or compile it. Returns the call that gives its
+    entry: everything that reads `spec`'s model is done before this returns, so the caller may free the model;
+    a compile still running in a worker process is waited for by that call (`Backend.start`)."""
     code_key, stage_key = keys
     prev = old.stages.get(spec.name) if old is not None else None
     out = Path(plan.request.out_dir)
+
+    def keyed(entry: StageEntry) -> StageEntry:
+        return replace(entry, extra={**entry.extra, "code_key": code_key, "stage_key": stage_key})
+
     if prev is not None and prev.extra.get("stage_key") == stage_key:
         _reuse(out, prev, tmp)
         result.reused.append(spec.name)
         log(f"{spec.name}: unchanged, reused")
-        return prev
+        return lambda: prev
     if prev is not None and prev.extra.get("code_key") == code_key and backend.rebinds:
         _reuse(out, prev, tmp, weights=False)
-        entry = backend.rebind(spec, tmp, prev)
+        entry = keyed(backend.rebind(spec, tmp, prev))
         result.rebound.append(spec.name)
         log(f"{spec.name}: code unchanged, new weights written")
-    else:
-        entry = backend.build(spec, tmp, precision=stage_precision(plan, spec), log=log)
-        result.built.append(spec.name)
-        if plan.request.verify:
-            entry = replace(entry, extra={**entry.extra, "verify": verify_built(spec, tmp, entry, plan.device, log)})
-    return replace(entry, extra={**entry.extra, "code_key": code_key, "stage_key": stage_key})
+        return lambda: entry
+    finish = backend.start(spec, tmp, precision=stage_precision(plan, spec), log=log)
+    result.built.append(spec.name)
+    if plan.request.verify:  # needs the model and the engine now: this stage waits for its compile
+        entry = finish()
+        entry = keyed(replace(entry, extra={**entry.extra, "verify": verify_built(spec, tmp, entry, plan.device, log)}))
+        return lambda: entry
+    return lambda: keyed(finish())
 
 
 def _drop_stages(ckpt: LTXCheckpoint, names: Sequence[str]) -> None:
@@ -288,24 +296,27 @@ def _build_into(
     """Load the weights, build or reuse every engine into `tmp`, and return the result with its manifest."""
     req = plan.request
     build_key, ckpt_id = keys
-    stages: dict[str, StageEntry] = {}
     result = BuildResult(Path(req.out_dir), None, up_to_date=False)  # type: ignore[arg-type]
     ckpt = _load(plan, scratch, log)
     quant = quantize_dit(plan, ckpt, scratch, log) if req.precision in QUANTIZED else None
     text_quant = quantize_text(plan, ckpt, scratch, log) if req.text_precision != "bf16" else None
     specs = {s.name: s for s in engine_specs(ckpt, plan.profiles, device=plan.device, seed=req.seed)}
     last_use = {s: i for i, stage in enumerate(plan.stages) for s in loader_stages([stage])}
+    finishes: dict[str, Finish] = {}
     for i, stage in enumerate(plan.stages):  # dit_block: one engine per layer group (e.g. bf16 and FP8 blocks)
         for name in [n for n in specs if is_block_engine(n)] if stage == "dit_block" else [stage]:
             keys = stage_keys(plan, name, ckpt.config, ckpt_id, specs[name])
-            entry = _build_stage(plan, specs[name], plan.backend, tmp, keys, old, result, log)
-            if quant is not None and is_block_engine(name):
-                entry = replace(entry, extra={**entry.extra, "quantization": quant})
-            if text_quant is not None and name == "text_block":
-                entry = replace(entry, extra={**entry.extra, "quantization": text_quant})
-            stages[name] = entry
+            finishes[name] = _build_stage(plan, specs[name], plan.backend, tmp, keys, old, result, log)
         # full size: 12B Gemma + 19B DiT + the 1080p decode (--verify) do not fit 80 GB together
         _drop_stages(ckpt, [s for s, last in last_use.items() if last == i])
+    stages: dict[str, StageEntry] = {}
+    for name, finish in finishes.items():  # in stage order; with --jobs, waits for the workers' compiles
+        entry = finish()
+        if quant is not None and is_block_engine(name):
+            entry = replace(entry, extra={**entry.extra, "quantization": quant})
+        if text_quant is not None and name == "text_block":
+            entry = replace(entry, extra={**entry.extra, "quantization": text_quant})
+        stages[name] = entry
     assets = copy_tokenizer(plan, tmp, scratch, log) if set(STAGE_GROUPS["text_encoder"]) & set(plan.stages) else {}
     manifest = Manifest(
         format_version=FORMAT_VERSION,
@@ -378,6 +389,7 @@ def build_engines(req: BuildRequest, log: Log = logger.info) -> BuildResult:
             raise BuildError(f"disk full while building {out}; nothing was written") from e
         raise
     finally:
+        plan.backend.close()  # compile workers (--jobs): stopped at once when the build failed
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 

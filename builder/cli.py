@@ -115,6 +115,14 @@ EXIT_INTERNAL = 1
     help="torch-aot: how the video VAE engines store their 3-D conv weights: auto | ncdhw | ndhwc. auto = ndhwc on "
     "CUDA (cuDNN then runs every conv channels-last, without its per-conv layout transposes), ncdhw on the CPU.",
 )
+@click.option(
+    "--jobs",
+    default=1,
+    show_default=True,
+    type=int,
+    help="torch-aot: compile processes. Above 1, each engine's AOTInductor compile runs in one of that many "
+    "worker processes while the next engines export; 1 compiles in this process.",
+)
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of random weights and sample inputs.")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR even if it is not an engine directory.")
 @click.option("--debug", is_flag=True, help="Show tracebacks of internal errors.")
@@ -140,6 +148,7 @@ def fvrt_build(
     calib_method: str,
     verify: bool,
     conv_layout: str,
+    jobs: int,
     seed: int,
     force: bool,
     debug: bool,
@@ -169,6 +178,7 @@ def fvrt_build(
         text_precision=text_precision,
         verify=verify,
         conv_layout=conv_layout,
+        jobs=jobs,
     )
     result = build_engines(request, log=lambda msg: click.echo(msg))
     click.echo(describe(result))

@@ -72,6 +72,7 @@ class BuildRequest:
     text_precision: str = "bf16"  # "fp8": the Gemma decoder layers in FP8 (text_block), calibrated on the prompts
     verify: bool = False  # torch-aot: run each new engine against eager on fresh inputs; errors go in the manifest
     conv_layout: str = "auto"  # torch-aot: the video VAE engines' 3-D conv weight layout (aoti.CONV_LAYOUT_CHOICES)
+    jobs: int = 1  # torch-aot: compile processes; > 1 compiles in worker processes while the next engines export
 
 
 def parse_profile(text: str) -> Profile:
@@ -240,7 +241,9 @@ def _validate_quantized(req: BuildRequest, stages: Sequence[str]) -> None:
 def make_backend(req: BuildRequest) -> Backend:
     """The backend object for `req.backend` configured with the request's options; one-line BuildError for an
     option that backend does not take or a value it refuses."""
-    options = BackendOptions(req.attention, req.target_ccs, req.cxx, req.conv_layout, torch.device(req.device))
+    options = BackendOptions(
+        req.attention, req.target_ccs, req.cxx, req.conv_layout, torch.device(req.device), req.jobs
+    )
     try:
         return configure(req.backend, options)
     except OptionError as e:

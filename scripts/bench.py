@@ -216,6 +216,7 @@ def bench_precision(args: argparse.Namespace, name: str, res: dict[str, Any], re
             verify=args.verify,
             seed=args.seed,
             conv_layout=args.conv_layout,
+            jobs=args.build_jobs,
         ),
         log=log,
     )
@@ -575,6 +576,7 @@ def main() -> None:
     ap.add_argument("--repeats-dit", type=int, default=5, help="timed DiT passes per shape key")
     ap.add_argument("--attention", default="cudnn")
     ap.add_argument("--conv-layout", default="auto", help="fvrt-build --conv-layout of the VAE engines")
+    ap.add_argument("--build-jobs", type=int, default=1, help="fvrt-build --jobs: compile processes")
     ap.add_argument("--calib-count", type=int, default=8, help="eager calibration runs (without a reference run)")
     ap.add_argument("--calib-method", default="modelopt", choices=["modelopt", "hooks"])
     ap.add_argument("--memory", default="offload", choices=["keep", "phase", "offload"], help="runtime memory policy")

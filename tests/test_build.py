@@ -241,6 +241,11 @@ needs_rtx = pytest.mark.skipif(RTX_MISSING is not None, reason=f"TensorRT-RTX un
         (["--backend", "tensorrt-rtx", "--target-cc", "8.9", "--target-cc", "hopper"], "cannot read compute"),
         (["--conv-layout", "nhwc"], "--conv-layout: choose one of auto, ncdhw, ndhwc, got 'nhwc'"),
         (["--backend", "tensorrt-rtx", "--conv-layout", "ndhwc"], "--conv-layout: only --backend torch-aot takes it"),
+        (["--jobs", "0"], "--jobs: at least 1 compile process, got 0"),
+        (
+            ["--backend", "tensorrt-rtx", "--jobs", "2"],
+            "--jobs: only --backend torch-aot takes it, not --backend tensorrt-rtx (it builds one plan",
+        ),
     ],
 )
 def test_tensorrt_options_refused_in_one_line(

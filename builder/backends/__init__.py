@@ -13,12 +13,14 @@ import importlib
 
 from fvrt.builder.backends.base import Backend, BackendInfo, BackendOptions, refuse_options
 
+_TRT_JOBS = "it builds one plan at a time in this process"
 BACKENDS: dict[str, BackendInfo] = {
-    "torch-aot": BackendInfo("fvrt.builder.backends.aoti", frozenset({"cxx", "conv_layout"}), verifies=True),
+    "torch-aot": BackendInfo("fvrt.builder.backends.aoti", frozenset({"cxx", "conv_layout", "jobs"}), verifies=True),
     "tensorrt": BackendInfo(
-        "fvrt.builder.backends.tensorrt", refusals={"target_ccs": "full TensorRT builds for the GPU it runs on"}
+        "fvrt.builder.backends.tensorrt",
+        refusals={"target_ccs": "full TensorRT builds for the GPU it runs on", "jobs": _TRT_JOBS},
     ),
-    "tensorrt-rtx": BackendInfo("fvrt.builder.backends.tensorrt", frozenset({"target_ccs"})),
+    "tensorrt-rtx": BackendInfo("fvrt.builder.backends.tensorrt", frozenset({"target_ccs"}), {"jobs": _TRT_JOBS}),
 }
 
 

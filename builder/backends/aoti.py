@@ -28,12 +28,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import multiprocessing
+import os
 import re
+import shutil
 import struct
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +48,7 @@ from torch.utils import _pytree as pytree
 
 from fvrt.builder import stages
 from fvrt.builder.backends import cxx as cxx_select
-from fvrt.builder.backends.base import BackendOptions, OptionError, check_attention, per_layer_fields
+from fvrt.builder.backends.base import BackendOptions, Finish, OptionError, check_attention, per_layer_fields
 from fvrt.builder.stages.base import EngineSpec
 from fvrt.plugins import CALLBACK_ATTENTION, KERNEL_ATTENTION, fp8_attention
 from fvrt.plugins.support import cudnn_first
@@ -368,7 +372,8 @@ def _constant_bytes(ep: Any) -> int:
 
 @dataclass
 class CompiledKey:
-    """Per shape key: the compiled files, the I/O shapes and where the time went."""
+    """Per shape key: the compiled files, the I/O shapes and where the time went. `pending`: the compile running
+    in a worker process (`CompilePool`), whose result replaces `files` and `compile_s`."""
 
     files: list[Any]
     input_shapes: list[tuple[list[int], str]]
@@ -376,6 +381,93 @@ class CompiledKey:
     export_s: float
     compile_s: float
     constants_bytes: int
+    pending: Future[tuple[list[str], float]] | None = field(default=None, compare=False)
+
+
+ArgLayout = tuple[tuple[int, ...], tuple[int, ...], str, str]  # size, stride, dtype name, device
+
+
+@dataclass(frozen=True)
+class CompileJob:
+    """One compile for a worker process: the exported program (a `torch.export.save` file), the layouts of its
+    example inputs, and what the in-process compile runs under (compiler, SDPA backend)."""
+
+    program: str
+    args: tuple[ArgLayout, ...]
+    cxx: str | None
+    attention: str
+    threads: int  # Inductor's own compile processes (Triton kernels) in this worker: the machine's CPUs / jobs
+
+
+def _layout(t: torch.Tensor) -> ArgLayout:
+    return tuple(t.shape), tuple(t.stride()), str(t.dtype).removeprefix("torch."), str(t.device)
+
+
+def _example(layout: ArgLayout) -> torch.Tensor:
+    """A tensor of that layout. AOTInductor reads only shapes, strides, dtypes and devices from its example
+    inputs (its Triton autotuning times them, whatever their values), so zeros stand in for the weights."""
+    size, stride, dtype, device = layout
+    t = torch.empty_strided(size, stride, dtype=getattr(torch, dtype), device=device)
+    with contextlib.suppress(RuntimeError, NotImplementedError):  # a dtype without fill_ stays uninitialised
+        t.zero_()
+    return t
+
+
+def compile_job(job: CompileJob) -> tuple[list[str], float]:
+    """Run in a worker process: load the program, compile it as `compile_program` does in the build process;
+    returns the generated files (on this machine's disk, for `package_aoti`) and the seconds it took."""
+    t0 = time.perf_counter()
+    from fvrt.builder.quant import fp8, nvfp4  # noqa: F401 (their ops must exist before the program loads)
+
+    if job.attention in fp8_attention.MODES:
+        fp8_attention.register()
+    torch._inductor.config.compile_threads = job.threads  # read when Inductor starts its pool, at the first compile
+    ep = torch.export.load(job.program)
+    args = [_example(a) for a in job.args]
+    device = next((torch.device(a[3]) for a in job.args if a[3].startswith("cuda")), torch.device("cpu"))
+    with attention_backend(job.attention, device):
+        files = compile_program(ep, args, job.cxx)
+    return [str(f) for f in files], time.perf_counter() - t0
+
+
+class CompilePool:
+    """`jobs` worker processes that compile exported programs while the build process exports the next engines
+    (`fvrt-build --jobs N`). Export needs the model and stays in the build process; an AOTInductor compile needs
+    only the program and the layouts of its inputs, and spends its time in Python code generation and one
+    single-threaded C++ compile of the wrapper, so compiles of different engines run side by side. Workers are
+    spawned, not forked: the build process may hold a CUDA context. Programs are saved under the folder given
+    to `submit` (the temporary build directory) and removed when their compile has been collected."""
+
+    def __init__(self, jobs: int) -> None:
+        if jobs < 2:
+            raise ValueError(f"a compile pool needs at least 2 jobs, got {jobs}")
+        self.jobs = jobs
+        self._executor: ProcessPoolExecutor | None = None
+        self._count = 0
+
+    def submit(self, ep: Any, args: Sequence[torch.Tensor], cxx: str | None, attention: str, folder: Path) -> Future:
+        if self._executor is None:
+            self._executor = ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"))
+        folder.mkdir(parents=True, exist_ok=True)
+        self._count += 1
+        program = folder / f"{self._count}.program.pt2"
+        torch.export.save(ep, str(program))
+        threads = max(1, (os.cpu_count() or 1) // self.jobs)
+        job = CompileJob(str(program), tuple(_layout(a) for a in args), cxx, attention, threads)
+        return self._executor.submit(compile_job, job)
+
+    def close(self) -> None:
+        """Cancel what has not started and stop the workers (at once: a failed build does not wait for them)."""
+        if self._executor is None:
+            return
+        executor, self._executor = self._executor, None
+        processes = list((getattr(executor, "_processes", None) or {}).values())
+        executor.shutdown(wait=False, cancel_futures=True)
+        for proc in processes:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in processes:
+            proc.join(timeout=10)
 
 
 class TorchAOTBackend:
@@ -396,6 +488,7 @@ class TorchAOTBackend:
         self.cxx = cxx  # explicit compiler (--cxx); None: $FVRT_CXX or the first candidate that works
         self._compiler: cxx_select.Compiler | None = None
         self.device = torch.device("cpu")  # where the build runs (`configure`): resolves conv_layout "auto"
+        self.pool: CompilePool | None = None  # --jobs N > 1: compiles in N worker processes (`configure`)
 
     @property
     def compiler(self) -> cxx_select.Compiler:
@@ -436,19 +529,27 @@ class TorchAOTBackend:
         weights: Sequence[torch.Tensor],
         device: torch.device,
         conv_layout: str = "ncdhw",
+        program_dir: Path | None = None,
     ) -> CompiledKey:
         """Export and compile engine `spec` for shape key `key` with `weights` (ordered as `names`, in the file
-        layout `conv_layout`) as inputs."""
+        layout `conv_layout`) as inputs. With a compile pool and `program_dir`, the compile is handed to a worker
+        (the program saved under `program_dir`) and the key comes back `pending`."""
         module = spec.module_for(key)
         inputs = tuple(t.clone() for t in spec.sample_inputs(key))  # no two inputs share memory
         if len(inputs) != len(spec.input_names):
             raise RuntimeError(f"engine {spec.name}: {len(inputs)} sample inputs for {len(spec.input_names)} names")
-        with attention_backend(stage_attention(self.attention, spec.name, device), device):
+        attention = stage_attention(self.attention, spec.name, device)
+        files: list[Any] = []
+        pending = None
+        with attention_backend(attention, device):
             t0 = time.perf_counter()
             ep = export(module, names, weights, inputs, conv_layout)
             _check_no_baked_weights(ep, module, spec.name)
             t1 = time.perf_counter()
-            files = compile_program(ep, (*weights, *inputs), self.compiler.path)
+            if self.pool is not None and program_dir is not None:
+                pending = self.pool.submit(ep, (*weights, *inputs), self.compiler.path, attention, program_dir)
+            else:
+                files = compile_program(ep, (*weights, *inputs), self.compiler.path)
             t2 = time.perf_counter()
         outs = _output_specs(ep)
         if len(outs) != len(spec.output_names):
@@ -460,6 +561,7 @@ class TorchAOTBackend:
             t1 - t0,
             t2 - t1,
             _constant_bytes(ep),
+            pending,
         )
 
     def weight_plan(
@@ -495,6 +597,21 @@ class TorchAOTBackend:
         write_weights: bool = True,
     ) -> StageEntry:
         """Compile every shape key of `spec` into `out_dir/<name>.pt2` and write `out_dir/<name>.safetensors`."""
+        return self.start(spec, out_dir, precision=precision, log=log, write_weights=write_weights)()
+
+    def start(
+        self,
+        spec: EngineSpec,
+        out_dir: Path,
+        *,
+        precision: str,
+        log: Log,
+        write_weights: bool = True,
+    ) -> Finish:
+        """`build` in two halves: export every shape key and write the weights file now; package the compiled
+        keys when the returned call is made. Without a compile pool the compiles run here, before it returns;
+        with one they run in its workers, and the returned call waits for them. What the returned call keeps
+        of `spec` is names and metadata, never its tensors."""
         out_dir = Path(out_dir)
         t_start = time.perf_counter()
         module = spec.module_for(spec.shape_keys[0])
@@ -505,11 +622,9 @@ class TorchAOTBackend:
         input_names, file_names, file_tensors = self.weight_plan(spec, conv_layout)
         # per-layer engines take the block's tensors as inputs; the others their file tensors, in the file layout
         weights = [all_tensors[n] for n in input_names] if spec.per_layer else [file_tensors[n] for n in input_names]
-        from torch._inductor.package import package_aoti
-
         attention = stage_attention(self.attention, spec.name, device)
         compiled: dict[str, CompiledKey] = {}
-        packages: dict[str, Path] = {}
+        programs = out_dir / f".{spec.name}.programs"  # saved programs for the pool, removed by `finish`
         # a call-back plugin that ships compiled kernels with its engines (FA4: it compiles them in Python at first
         # call) learns from the export which shapes the op is called with, then compiles and exports them
         plugin = CALLBACK_ATTENTION.get(attention)  # CUDA only (stage_attention)
@@ -517,67 +632,101 @@ class TorchAOTBackend:
         with plugin.traced_shapes() if ships else contextlib.nullcontext(set()) as op_shapes:
             for key in spec.shape_keys:
                 log(f"{spec.name} [{key}]: export + AOTInductor compile ({len(weights)} weight inputs)")
-                compiled[key] = c = self.compile_key(spec, key, input_names, weights, device, conv_layout)
-                packages[key] = out_dir / package_name(spec.name, key)
-                package_aoti(str(packages[key]), c.files)  # one model ("model") per package
-                log(f"{spec.name} [{key}]: export {c.export_s:.1f} s, compile {c.compile_s:.1f} s")
+                compiled[key] = c = self.compile_key(spec, key, input_names, weights, device, conv_layout, programs)
+                if c.pending is not None:
+                    log(f"{spec.name} [{key}]: export {c.export_s:.1f} s, compile handed to a worker")
+                else:
+                    log(f"{spec.name} [{key}]: export {c.export_s:.1f} s, compile {c.compile_s:.1f} s")
         kernels = plugin.save_kernels(out_dir, spec.name, op_shapes, device) if ships else []
         if kernels:
             log(f"{spec.name}: {len(kernels)} {plugin.NAME} kernels compiled and exported")
-        files = [p.name for p in packages.values()] + kernels
-        package = packages[spec.shape_keys[0]]
         weights_file = out_dir / f"{spec.name}{WEIGHTS_SUFFIX}"
         if write_weights:
             save_weights(weights_file, file_tensors, {"format": "pt", "engine": spec.name})
-        build_s = time.perf_counter() - t_start
-        weight_dtypes = sorted({dtype_name(t.dtype) for t in file_tensors.values()})
-        n_in = len(weights)
-
-        def tensor_specs(names: Sequence[str], which: str) -> list[TensorSpec]:
-            specs = []
-            for i, name in enumerate(names):
-                per_key = {k: getattr(c, which)[i] for k, c in compiled.items()}
-                dtypes = {d for _, d in per_key.values()}
-                if len(dtypes) != 1:
-                    raise RuntimeError(f"engine {spec.name}: {which} '{name}' changes dtype across shape keys")
-                specs.append(TensorSpec(name, dtypes.pop(), {k: s for k, (s, _) in per_key.items()}))
-            return specs
-
+        if len(weights) != len(file_names):
+            raise RuntimeError(f"engine {spec.name}: {len(weights)} weight inputs for {len(file_names)} file names")
+        name, input_names_, output_names = spec.name, list(spec.input_names), list(spec.output_names)
+        layer_fields = per_layer_fields(spec)
         extra: dict[str, Any] = {
             "device": device.type,
             "attention": attention,
             **(plugin.describe() if plugin is not None else {}),
             **({"attention_kernels": len(kernels)} if ships else {}),
             "conv_layout": conv_layout,
-            "models": {k: p.name for k, p in packages.items()},
-            "weight_dtypes": weight_dtypes,
-            "code_bytes": sum(p.stat().st_size for p in packages.values()),
+            "weight_dtypes": sorted({dtype_name(t.dtype) for t in file_tensors.values()}),
             "weights_bytes": sum(t.numel() * t.element_size() for t in file_tensors.values()),
-            "constants_bytes": max(c.constants_bytes for c in compiled.values()),
-            "build_seconds": round(build_s, 2),
-            "export_seconds": {k: round(c.export_s, 2) for k, c in compiled.items()},
-            "compile_seconds": {k: round(c.compile_s, 2) for k, c in compiled.items()},
             "torch": torch.__version__,
             "cxx": self.compiler.version or self.compiler.path,
             **({"notes": spec.notes} if spec.notes else {}),
         }
-        if n_in != len(file_names):
-            raise RuntimeError(f"engine {spec.name}: {n_in} weight inputs for {len(file_names)} file names")
-        return StageEntry(
-            name=spec.name,
-            backend=self.name,
-            file=package.name,
-            sha256=sha256_file(package),
-            precision=precision,
-            inputs=tensor_specs(spec.input_names, "input_shapes"),
-            outputs=tensor_specs(spec.output_names, "output_shapes"),
-            weights=weights_file.name if write_weights else None,
-            weights_sha256=sha256_file(weights_file) if write_weights else None,
-            extra=extra,
-            files={f: sha256_file(out_dir / f) for f in files},
-            weight_names=file_names,
-            **per_layer_fields(spec),
-        )
+        own_s = time.perf_counter() - t_start  # this process's share so far; a worker's compile is added below
+
+        def finish() -> StageEntry:
+            from torch._inductor.package import package_aoti
+
+            nonlocal own_s
+            t_finish, waited = time.perf_counter(), 0.0
+            packages: dict[str, Path] = {}
+            for key, c in list(compiled.items()):
+                if c.pending is not None:
+                    t_wait = time.perf_counter()
+                    try:
+                        files, seconds = c.pending.result()
+                    except Exception as e:
+                        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                        raise RuntimeError(f"engine {name} [{key}]: the compile worker failed: {why}") from e
+                    waited += time.perf_counter() - t_wait
+                    compiled[key] = c = replace(c, files=files, compile_s=seconds, pending=None)
+                    log(f"{name} [{key}]: compile {seconds:.1f} s (worker)")
+                    own_s += seconds
+                packages[key] = out_dir / package_name(name, key)
+                package_aoti(str(packages[key]), c.files)  # one model ("model") per package
+            shutil.rmtree(programs, ignore_errors=True)
+            build_s = own_s + time.perf_counter() - t_finish - waited
+
+            def tensor_specs(names: Sequence[str], which: str) -> list[TensorSpec]:
+                specs = []
+                for i, tensor in enumerate(names):
+                    per_key = {k: getattr(c, which)[i] for k, c in compiled.items()}
+                    dtypes = {d for _, d in per_key.values()}
+                    if len(dtypes) != 1:
+                        raise RuntimeError(f"engine {name}: {which} '{tensor}' changes dtype across shape keys")
+                    specs.append(TensorSpec(tensor, dtypes.pop(), {k: s for k, (s, _) in per_key.items()}))
+                return specs
+
+            files = [p.name for p in packages.values()] + kernels
+            package = packages[next(iter(compiled))]
+            return StageEntry(
+                name=name,
+                backend=self.name,
+                file=package.name,
+                sha256=sha256_file(package),
+                precision=precision,
+                inputs=tensor_specs(input_names_, "input_shapes"),
+                outputs=tensor_specs(output_names, "output_shapes"),
+                weights=weights_file.name if write_weights else None,
+                weights_sha256=sha256_file(weights_file) if write_weights else None,
+                extra={
+                    **extra,
+                    "models": {k: p.name for k, p in packages.items()},
+                    "code_bytes": sum(p.stat().st_size for p in packages.values()),
+                    "constants_bytes": max(c.constants_bytes for c in compiled.values()),
+                    "build_seconds": round(build_s, 2),
+                    "export_seconds": {k: round(c.export_s, 2) for k, c in compiled.items()},
+                    "compile_seconds": {k: round(c.compile_s, 2) for k, c in compiled.items()},
+                    **({"compile_jobs": self.pool.jobs} if self.pool is not None else {}),
+                },
+                files={f: sha256_file(out_dir / f) for f in files},
+                weight_names=file_names,
+                **layer_fields,
+            )
+
+        return finish
+
+    def close(self) -> None:
+        """Stop the compile pool's workers, if any (the build loop calls it once, also on failure)."""
+        if self.pool is not None:
+            self.pool.close()
 
     def rebind(self, spec: EngineSpec, out_dir: Path, entry: StageEntry) -> StageEntry:
         """Keep `entry`'s compiled package (already in `out_dir`) and write the weights of `spec`'s (new)
@@ -628,6 +777,9 @@ def configure(name: str, options: BackendOptions) -> TorchAOTBackend:
     plugin = CALLBACK_ATTENTION.get(options.attention)
     if plugin is not None and (why := plugin.supported(options.device)):
         raise OptionError(f"--attention {options.attention}: {why}")
+    if options.jobs < 1:
+        raise OptionError(f"--jobs: at least 1 compile process, got {options.jobs}")
     backend = TorchAOTBackend(options.attention, options.cxx, options.conv_layout)
     backend.device = options.device
+    backend.pool = CompilePool(options.jobs) if options.jobs > 1 else None
     return backend

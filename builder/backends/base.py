@@ -17,6 +17,7 @@ from fvrt.builder.stages.base import EngineSpec
 from fvrt.runtime.manifest import StageEntry
 
 Log = Callable[[str], None]
+Finish = Callable[[], StageEntry]  # waits for what `Backend.start` left running and describes the engine
 
 
 class OptionError(ValueError):
@@ -32,6 +33,7 @@ class BackendOptions:
     cxx: str | None = None
     conv_layout: str = "auto"
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    jobs: int = 1
 
 
 # option field -> (flag, its default): an option away from its default is refused by backends that do not take it
@@ -39,6 +41,7 @@ OPTION_FLAGS: dict[str, tuple[str, Any]] = {
     "target_ccs": ("--target-cc", ()),
     "cxx": ("--cxx", None),
     "conv_layout": ("--conv-layout", "auto"),
+    "jobs": ("--jobs", 1),
 }
 
 
@@ -89,6 +92,16 @@ class Backend(Protocol):
         the backend allows) and describe them. `out_dir` is the temporary build directory."""
         ...
 
+    def start(self, spec: EngineSpec, out_dir: Path, *, precision: str, log: Log) -> Finish:
+        """`build`, split where the model is no longer needed: everything that reads `spec`'s modules happens
+        before it returns, so the build loop may free them; the returned call waits for the rest (compiles running
+        in other processes) and returns the entry. A backend that compiles in this process does it all here."""
+        ...
+
+    def close(self) -> None:
+        """Stop whatever `start` left running (worker processes); the build loop calls it once, also on failure."""
+        ...
+
     def rebind(self, spec: EngineSpec, out_dir: Path, entry: StageEntry) -> StageEntry:
         """Keep `entry`'s code (already in `out_dir`) and write `spec`'s weights for it (only when `rebinds`)."""
         ...
@@ -122,6 +135,7 @@ __all__ = [
     "Backend",
     "BackendInfo",
     "BackendOptions",
+    "Finish",
     "OptionError",
     "check_attention",
     "per_layer_fields",

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from fvrt.builder.backends import onnx_export as OX
-from fvrt.builder.backends.base import BackendOptions, OptionError, check_attention, per_layer_fields
+from fvrt.builder.backends.base import BackendOptions, Finish, OptionError, check_attention, per_layer_fields
 from fvrt.builder.stages.base import EngineSpec
 from fvrt.runtime.manifest import StageEntry, TensorSpec, sha256_file
 from fvrt.runtime.precision import QUANTIZED
@@ -241,6 +241,14 @@ class TensorRTBackend:
 
     def rebind(self, spec: EngineSpec, out_dir: Path, entry: StageEntry) -> StageEntry:
         raise NotImplementedError(f"{self.name}: plans embed their weights; a new checkpoint is built anew")
+
+    def start(self, spec: EngineSpec, out_dir: Path, *, precision: str, log: Log) -> Finish:
+        """The whole build, in this process (TensorRT's builder parallelises inside one plan)."""
+        entry = self.build(spec, out_dir, precision=precision, log=log)
+        return lambda: entry
+
+    def close(self) -> None:
+        """Nothing runs outside this process."""
 
     def compute_capabilities(self) -> list[str]:
         """What the plans can run on: the RTX target list, or the build GPU's compute capability."""
