@@ -400,7 +400,7 @@ class CompileJob:
 
 
 def _layout(t: torch.Tensor) -> ArgLayout:
-    return tuple(t.shape), tuple(t.stride()), str(t.dtype).removeprefix("torch."), str(t.device)
+    return tuple(t.shape), tuple(t.stride()), dtype_name(t.dtype), str(t.device)
 
 
 def _example(layout: ArgLayout) -> torch.Tensor:
