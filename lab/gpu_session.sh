@@ -7,8 +7,8 @@
 #   bash lab/gpu_job.sh wait s 540 /tmp/r      # back to back until it ends
 #
 # $1: results folder (default /tmp/r); $2: seconds this job may run (default 1500): the bench gets a deadline so
-# that it starts no precision or second preset it cannot finish; $3: the steps (default tests,vae,bench; fa3tests:
-# the fa3 ops' GPU tests after the bench);
+# that it starts no precision or second preset it cannot finish; $3: the steps (default tests,vae,bench; aotitests:
+# the engine wrapper's and parallel compiles' GPU tests first; fa3tests: the fa3 ops' GPU tests after the bench);
 # $PRECISIONS: the bench's variants (default fp8+ft8,bf16: the first calibrates on eager pipeline runs). The decoder's layout for the bench is the probe's
 # verdict: NDHWC (the CUDA default) unless its engine failed to build or run, then NCDHW.
 # The official pipeline runs in the bench's process after the first precision (same-run ratios) when ltx-core, ltx-pipelines and PyAV
@@ -49,6 +49,19 @@ if [[ ",$PRECISIONS," == *+fa3* ]]; then
 fi
 
 layout=auto
+# the AOTInductor wrapper without its per-input check functions, and parallel compiles (--jobs), on CUDA: when
+# either fails, the bench compiles in one process (BENCH_OPTS loses its --build-jobs)
+if [[ ",$STEPS," == *,aotitests,* ]]; then
+  step "GPU tests: the engine wrapper and parallel compiles"
+  python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_compile_jobs.py \
+    "tests/test_aoti.py::test_engine_wrapper_has_no_input_check_functions_and_runs_unchanged" >"$R/aoti-tests.log" 2>&1
+  rc=$?
+  tail -n 25 "$R/aoti-tests.log"
+  if ((rc != 0)) && [[ -n "${BENCH_OPTS+set}" ]]; then
+    BENCH_OPTS=$(sed -E 's/--build-jobs [0-9]+//' <<<"${BENCH_OPTS-}")
+    echo "the GPU tests failed: the bench compiles in one process (BENCH_OPTS=$BENCH_OPTS)"
+  fi
+fi
 if [[ ",$STEPS," == *,tests,* ]]; then
   step "GPU tests"
   python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_pipeline.py tests/test_fp8_attention.py \
