@@ -38,7 +38,10 @@ if [[ ",$PRECISIONS," == *+sage* ]]; then
   export PYTHONPATH="${PYTHONPATH:-}:/tmp/sage"
 fi
 fa3_pid=
-if [[ ",$PRECISIONS," == *+fa3* ]]; then
+if [[ ",$PRECISIONS," == *+fa3* && -d /tmp/fa3/flash_attn_3 ]]; then
+  step "FlashAttention-3: built already in /tmp/fa3 (an earlier job on this machine)"
+  export PYTHONPATH="${PYTHONPATH:-}:/tmp/fa3"
+elif [[ ",$PRECISIONS," == *+fa3* ]]; then
   step "FlashAttention-3: building its head-dim-128 forward in the background ($R/fa3-build.log)"
   (python3 lab/fa3_build.py --src "${FA3_SRC:?a +fa3 precision needs FA3_SRC}" \
     --cutlass "${CUTLASS_SRC:?a +fa3 precision needs CUTLASS_SRC}" --target /tmp/fa3 --jobs "$(nproc)" \

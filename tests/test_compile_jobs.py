@@ -4,6 +4,9 @@ keys, bit-identical outputs; a worker's failure must fail the build in one line,
 
 from __future__ import annotations
 
+import threading
+import time
+from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
 
@@ -109,3 +112,92 @@ def test_a_failed_worker_fails_the_build_in_one_line(tmp_path: Path, monkeypatch
 def test_compile_pool_needs_two_jobs() -> None:
     with pytest.raises(ValueError, match="at least 2 jobs"):
         aoti.CompilePool(1)
+
+
+class _FakeCuda:
+    """A tensor stand-in on a CUDA device with `nbytes` of storage (the gate reads nothing else)."""
+
+    is_cuda = True
+    device = torch.device("cuda", 0)
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+
+    def untyped_storage(self) -> _FakeCuda:
+        return self
+
+
+def test_cuda_compiles_go_to_workers_only_while_the_gpu_has_room(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`CompilePool.admit`: CPU compiles always go to a worker; a CUDA compile needs its inputs' bytes plus the
+    headroom free after what running compiles were granted, waits for a running one when short, and with none
+    running stays in the build process (after one `empty_cache`), saying why."""
+    monkeypatch.setattr(aoti, "_cuda_bytes", lambda args: (torch.device("cuda", 0), sum(a.nbytes for a in args)))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(1))
+    emptied: list[int] = []
+    gib = 1 << 30
+    free = {"bytes": 20 * gib}
+    pool = aoti.CompilePool(2, free_gpu_bytes=lambda device: free["bytes"])
+    head = aoti.WORKER_GPU_HEADROOM
+    assert pool.admit([_FakeCuda(2 * gib)]) and pool.refusal == ""
+
+    # one compile running, granted 2 GiB + headroom: the next one fits only in what is left
+    running: Future = Future()
+    pool._running[running] = 2 * gib + head
+    left = 20 * gib - (2 * gib + head)
+    assert pool.admit([_FakeCuda(left - head)])
+
+    # short while it runs: admit waits for it; when it ends, its grant is released and the compile goes
+    timer = threading.Timer(0.2, lambda: running.set_result(([], 0.0)))
+    timer.start()
+    t0 = time.perf_counter()
+    assert pool.admit([_FakeCuda(left)])
+    assert time.perf_counter() - t0 >= 0.15 and not pool._running
+
+    # nothing running and still short: one empty_cache, then the build process compiles, and the log says why
+    free["bytes"] = head
+    assert not pool.admit([_FakeCuda(gib)])
+    assert emptied == [1]
+    need = f"{(head + gib) / gib:.1f} GiB (1.0 GiB of inputs)"
+    assert pool.refusal == f"{head / gib:.1f} GiB free on the GPU, a worker needs {need}: compiled in the build process"
+
+
+def test_cpu_compiles_always_go_to_workers() -> None:
+    pool = aoti.CompilePool(2, free_gpu_bytes=lambda device: pytest.fail("a CPU compile asked for GPU memory"))
+    assert pool.admit([torch.zeros(4), torch.zeros(2, dtype=torch.int64)]) and pool.refusal == ""
+    assert aoti._cuda_bytes([torch.zeros(4), 3]) == (None, 0)
+
+
+@pytest.mark.gpu
+def test_a_full_gpu_keeps_the_compile_in_the_build_process(tmp_path: Path) -> None:
+    """On the GPU: with all but a little of its memory taken, the pool refuses a compile (none running), and the
+    engine compiled in-process; with the memory back, a worker compiles the same program and both engines compute
+    what eager does."""
+    torch.manual_seed(0)
+    w1, b1, w2 = (torch.randn(s, device="cuda", dtype=torch.bfloat16) for s in ((256, 128), (256,), (64, 256)))
+    x = torch.randn(32, 128, device="cuda", dtype=torch.bfloat16)
+    model = _TwoLinears()
+    args = (w1, b1, w2, x)
+    ep = torch.export.export(model, args)
+    want = model(*args)
+    pool = aoti.CompilePool(2)
+    try:
+        free = torch.cuda.mem_get_info()[0]
+        hog = torch.empty(free - (1 << 30), dtype=torch.uint8, device="cuda")
+        assert not pool.admit(args) and "compiled in the build process" in pool.refusal
+        del hog
+        torch.cuda.empty_cache()
+        assert pool.admit(args)
+        cxx = aoti.TorchAOTBackend().compiler.path
+        files, _ = pool.submit(ep, args, cxx, "default", tmp_path / "programs").result()
+    finally:
+        pool.close()
+    from torch._inductor.package import package_aoti
+
+    package_aoti(str(tmp_path / "w.pt2"), [Path(f) for f in files])
+    got = torch._inductor.aoti_load_package(str(tmp_path / "w.pt2"))(*args)
+    assert_rel_close(got[0].float() if isinstance(got, (list, tuple)) else got.float(), want.float(), 1e-2, "worker")
+
+
+class _TwoLinears(torch.nn.Module):
+    def forward(self, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(torch.nn.functional.relu(torch.nn.functional.linear(x, w1, b1)), w2)

@@ -36,7 +36,7 @@ import struct
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -430,20 +430,77 @@ def compile_job(job: CompileJob) -> tuple[list[str], float]:
     return [str(f) for f in files], time.perf_counter() - t0
 
 
+# GPU memory a CUDA compile worker needs beyond its example inputs: its CUDA context (~0.5 GiB), and Inductor's
+# autotuning run of the whole graph on those inputs (a 1080p DiT block's activations: a few GiB). An estimate
+# that errs high, not a measurement: the gate below only decides how many compiles run at once.
+WORKER_GPU_HEADROOM = 6 << 30
+
+
+def _cuda_bytes(args: Sequence[Any]) -> tuple[torch.device | None, int]:
+    """The CUDA device of `args` and the bytes a worker allocates there for them (its zero example inputs)."""
+    cuda = [a for a in args if isinstance(a, torch.Tensor) and a.is_cuda]
+    if not cuda:
+        return None, 0
+    return cuda[0].device, sum(a.untyped_storage().nbytes() for a in cuda)
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
 class CompilePool:
     """`jobs` worker processes that compile exported programs while the build process exports the next engines
     (`fvrt-build --jobs N`). Export needs the model and stays in the build process; an AOTInductor compile needs
     only the program and the layouts of its inputs, and spends its time in Python code generation and one
     single-threaded C++ compile of the wrapper, so compiles of different engines run side by side. Workers are
     spawned, not forked: the build process may hold a CUDA context. Programs are saved under the folder given
-    to `submit` (the temporary build directory) and removed when their compile has been collected."""
+    to `submit` (the temporary build directory) and removed when their compile has been collected.
 
-    def __init__(self, jobs: int) -> None:
+    A CUDA worker allocates its own copy of the engine's inputs (the weights among them: 1.9 GiB for text_in's
+    embedding table) and runs the graph once to autotune, in its own CUDA context. A full-size build whose
+    process holds the calibrated pipeline (75 GiB of an 80 GiB H100 in `scripts/bench.py`, 2026-12-08) has no
+    room for that, so `admit` lets a CUDA compile go to a worker only while the GPU's free memory covers it and
+    the compiles still running; otherwise it waits for one of them, and with none running the compile stays in
+    the build process, which passes its own tensors and needs no copy."""
+
+    def __init__(self, jobs: int, free_gpu_bytes: Callable[[torch.device], int] | None = None) -> None:
         if jobs < 2:
             raise ValueError(f"a compile pool needs at least 2 jobs, got {jobs}")
         self.jobs = jobs
         self._executor: ProcessPoolExecutor | None = None
         self._count = 0
+        self._free_gpu_bytes = free_gpu_bytes or (lambda device: torch.cuda.mem_get_info(device)[0])
+        self._running: dict[Future, int] = {}  # CUDA compiles handed out and not yet done -> bytes reserved
+        self.refusal = ""  # why `admit` last kept a compile in the build process
+
+    def admit(self, args: Sequence[Any]) -> bool:
+        """Whether a worker may compile a program with example inputs `args` (see the class). CPU compiles always
+        may. A CUDA compile needs its inputs' bytes plus `WORKER_GPU_HEADROOM` free on the GPU, after what the
+        running CUDA compiles were granted; while that is short and a compile runs, this waits for one to end.
+        False (with `refusal` saying why) when the GPU is short with none running, even after the build process
+        has returned its allocator's cached blocks to the driver."""
+        self.refusal = ""
+        device, inputs = _cuda_bytes(args)
+        if device is None:
+            return True
+        need = inputs + WORKER_GPU_HEADROOM
+        emptied = False
+        while True:
+            self._running = {f: b for f, b in self._running.items() if not f.done()}
+            free = self._free_gpu_bytes(device) - sum(self._running.values())
+            if free >= need:
+                return True
+            if self._running:
+                wait(list(self._running), return_when=FIRST_COMPLETED)
+            elif not emptied:
+                torch.cuda.empty_cache()
+                emptied = True
+            else:
+                self.refusal = (
+                    f"{_gib(max(free, 0))} free on the GPU, a worker needs {_gib(need)} "
+                    f"({_gib(inputs)} of inputs): compiled in the build process"
+                )
+                return False
 
     def submit(self, ep: Any, args: Sequence[torch.Tensor], cxx: str | None, attention: str, folder: Path) -> Future:
         if self._executor is None:
@@ -454,7 +511,11 @@ class CompilePool:
         torch.export.save(ep, str(program))
         threads = max(1, (os.cpu_count() or 1) // self.jobs)
         job = CompileJob(str(program), tuple(_layout(a) for a in args), cxx, attention, threads)
-        return self._executor.submit(compile_job, job)
+        future = self._executor.submit(compile_job, job)
+        device, inputs = _cuda_bytes(args)
+        if device is not None:
+            self._running[future] = inputs + WORKER_GPU_HEADROOM
+        return future
 
     def close(self) -> None:
         """Cancel what has not started and stop the workers (at once: a failed build does not wait for them)."""
@@ -546,7 +607,7 @@ class TorchAOTBackend:
             ep = export(module, names, weights, inputs, conv_layout)
             _check_no_baked_weights(ep, module, spec.name)
             t1 = time.perf_counter()
-            if self.pool is not None and program_dir is not None:
+            if self.pool is not None and program_dir is not None and self.pool.admit((*weights, *inputs)):
                 pending = self.pool.submit(ep, (*weights, *inputs), self.compiler.path, attention, program_dir)
             else:
                 files = compile_program(ep, (*weights, *inputs), self.compiler.path)
@@ -636,7 +697,8 @@ class TorchAOTBackend:
                 if c.pending is not None:
                     log(f"{spec.name} [{key}]: export {c.export_s:.1f} s, compile handed to a worker")
                 else:
-                    log(f"{spec.name} [{key}]: export {c.export_s:.1f} s, compile {c.compile_s:.1f} s")
+                    why = f" ({self.pool.refusal})" if self.pool is not None and self.pool.refusal else ""
+                    log(f"{spec.name} [{key}]: export {c.export_s:.1f} s, compile {c.compile_s:.1f} s{why}")
         kernels = plugin.save_kernels(out_dir, spec.name, op_shapes, device) if ships else []
         if kernels:
             log(f"{spec.name}: {len(kernels)} {plugin.NAME} kernels compiled and exported")
