@@ -201,3 +201,21 @@ def test_a_full_gpu_keeps_the_compile_in_the_build_process(tmp_path: Path) -> No
 class _TwoLinears(torch.nn.Module):
     def forward(self, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(torch.nn.functional.relu(torch.nn.functional.linear(x, w1, b1)), w2)
+
+
+def test_saved_programs_leave_the_weights_out(tmp_path: Path) -> None:
+    """The program a worker loads is the graph alone: `torch.export.save` would also write the example inputs,
+    which are the engine's weights (here 8 MiB); the build process's program keeps its example inputs."""
+    w1, b1, w2 = torch.randn(1024, 1024), torch.randn(1024), torch.randn(1024, 1024)
+    x = torch.randn(4, 1024)
+    ep = torch.export.export(_TwoLinears(), (w1, b1, w2, x))
+    pool = aoti.CompilePool(2)
+    try:
+        files, _ = pool.submit(ep, (w1, b1, w2, x), None, "default", tmp_path / "programs").result()
+    finally:
+        pool.close()
+    (program,) = (tmp_path / "programs").iterdir()
+    assert program.stat().st_size < 1 << 20, program.stat().st_size
+    assert torch.export.load(str(program)).example_inputs is None
+    assert ep.example_inputs is not None and ep.example_inputs[0][0] is w1
+    assert files

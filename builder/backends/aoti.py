@@ -508,7 +508,14 @@ class CompilePool:
         folder.mkdir(parents=True, exist_ok=True)
         self._count += 1
         program = folder / f"{self._count}.program.pt2"
-        torch.export.save(ep, str(program))
+        # torch.export.save writes the program's example inputs too, and they are the engine's weights (copied off
+        # the GPU, written, and loaded again by the worker beside its zeros): left out
+        examples = ep.example_inputs
+        ep.example_inputs = None
+        try:
+            torch.export.save(ep, str(program))
+        finally:
+            ep.example_inputs = examples
         threads = max(1, (os.cpu_count() or 1) // self.jobs)
         job = CompileJob(str(program), tuple(_layout(a) for a in args), cxx, attention, threads)
         future = self._executor.submit(compile_job, job)
