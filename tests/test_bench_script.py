@@ -168,3 +168,49 @@ def test_the_markdown_shows_a_later_precisions_psnr_against_the_official_pipelin
     assert "official" not in bench.table(res)
     q |= {"video_psnr_db_vs_official": 36.3, "audio_snr_db_vs_official": 28.5}
     assert "against the official pipeline 36.3 dB, audio 28.5 dB" in bench.table(res)
+
+
+def _official_run(compute: float, frames: int = 7) -> bench.OfficialRun:
+    stages = dict.fromkeys(("text_encode", "stage_1", "upsample", "stage_2", "video_decode", "audio_decode"), 1.0)
+    return bench.OfficialRun(
+        frames=torch.full((2, 4, 4, 3), frames, dtype=torch.uint8),
+        audio=torch.zeros(2, 8),
+        compute_s={**stages, "end_to_end": compute},
+        mp4_s=compute / 10,
+        model_build_s={"stage_1": 2.0},
+        peak_gpu_GiB=compute,
+    )
+
+
+def test_the_official_side_reports_its_last_run_and_keeps_every_run() -> None:
+    """`--official-runs 2`: the first (cold) run is kept in "runs", the second (warm) one is timed and drives the
+    ratios; the peak is the highest of all; a run that decodes different output is flagged."""
+    runs = iter([_official_run(24.1), _official_run(20.3)])
+    logs: list[str] = []
+    out, (frames, _) = bench.official_runs(lambda: next(runs), 2, logs.append)
+    assert out["total_s"] == {"compute": 20.3, "mp4": pytest.approx(2.03), "end_to_end": pytest.approx(22.33)}
+    assert out["runs"] == [{"compute": 24.1, "mp4": pytest.approx(2.41)}, {"compute": 20.3, "mp4": pytest.approx(2.03)}]
+    assert out["timed_run"] == "2 of 2 (warm)" and out["identical"] and out["peak_gpu_GiB"] == 24.1
+    assert int(frames[0, 0, 0, 0]) == 7 and len(logs) == 2 and "run 1/2: compute 24.10 s" in logs[0]
+    out["speedup"] = bench.speedups(out["total_s"], PRECISIONS)
+    _, ratios = bench.official_rows(out)
+    assert "official: run 2 of 2 (warm) timed; every run's compute + MP4 s: 24.10 + 2.41, 20.30 + 2.03" in ratios
+    assert ratios.endswith("identical output")
+
+    runs = iter([_official_run(24.1, frames=7), _official_run(20.3, frames=8)])
+    out, _ = bench.official_runs(lambda: next(runs), 2, logs.append)
+    assert not out["identical"]
+    out["speedup"] = {}
+    assert bench.official_rows(out)[1].endswith("OUTPUT DIFFERED between runs")
+
+    out, _ = bench.official_runs(lambda: _official_run(24.1), 1, logs.append)
+    assert out["timed_run"] == "1 of 1 (cold: the process's first)" and out["total_s"]["compute"] == 24.1
+
+
+def test_no_official_run_is_one_line_and_exit_2(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--random", "tiny", "--device", "cpu", "--official-runs", "0"])
+    with pytest.raises(SystemExit) as exc:
+        bench.main()
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--official-runs" in err, err
