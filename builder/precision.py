@@ -41,24 +41,13 @@ def stage_precision(plan: Plan, spec: EngineSpec) -> str:
 
 def quantize_dit(plan: Plan, ckpt: LTXCheckpoint, scratch: Path, log: Log) -> dict[str, Any]:
     """Calibrate the DiT on real pipeline runs (calib_data) with ModelOpt and convert its Linears in place."""
-    from fvrt.builder.quant.calibrate import quantize_model
+    from fvrt.builder.quant.calibrate import quantize_model, quantize_observed
     from fvrt.builder.quant.nvfp4 import BLOCK as NVFP4_BLOCK
-    from fvrt.builder.quant.pipeline_calib import pipeline_dit_inputs, read_prompts, spread
+    from fvrt.builder.quant.pipeline_calib import pipeline_dit_amax, pipeline_dit_inputs, read_prompts, spread
     from fvrt.builder.quant.recipe import Precision, QuantRecipe
 
     req = plan.request
     profile = plan.profiles[0]
-    prompts: list[str] = []
-    images: list[Path] = []
-    if req.calib_inputs is not None:
-        inputs = list(req.calib_inputs)
-        log(f"calibration: {len(inputs)} recorded DiT passes given")
-    else:
-        prompts_file, images = calibration_files(req)
-        prompts = spread(read_prompts(prompts_file), req.calib_count)
-        tok = calib_tokenizer(plan, scratch)
-        log(f"calibration: {len(prompts)} pipeline runs at {profile.name} ({prompts_file}, {len(images)} images)")
-        inputs = pipeline_dit_inputs(ckpt, profile, prompts, tok, images=images, device=plan.device, log=log)
     recipe_ = QuantRecipe.named(req.precision)
     exclude = list(recipe_.exclude)
     if recipe_.precision is Precision.NVFP4:  # 16-element blocks: narrower inputs stay bf16 (never in the 22B)
@@ -66,8 +55,31 @@ def quantize_dit(plan: Plan, ckpt: LTXCheckpoint, scratch: Path, log: Log) -> di
         exclude += odd
         if odd:
             log(f"calibration: {len(odd)} Linears with an input width not a multiple of {NVFP4_BLOCK} stay bf16")
-    report = quantize_model(ckpt.dit, recipe_, inputs, method=req.calib_method, exclude=exclude)
-    del inputs
+    prompts: list[str] = []
+    images: list[Path] = []
+    if req.calib_inputs is not None:
+        inputs = list(req.calib_inputs)
+        log(f"calibration: {len(inputs)} recorded DiT passes given")
+        report = quantize_model(ckpt.dit, recipe_, inputs, method=req.calib_method, exclude=exclude)
+        del inputs
+    else:
+        prompts_file, images = calibration_files(req)
+        prompts = spread(read_prompts(prompts_file), req.calib_count)
+        tok = calib_tokenizer(plan, scratch)
+        log(f"calibration: {len(prompts)} pipeline runs at {profile.name} ({prompts_file}, {len(images)} images)")
+        if req.calib_method == "hooks":  # the statistics gathered during the runs: nothing recorded or replayed
+            report = quantize_observed(
+                ckpt.dit,
+                recipe_,
+                lambda names: pipeline_dit_amax(
+                    ckpt, profile, prompts, tok, names, images=images, device=plan.device, log=log
+                ),
+                exclude=exclude,
+            )
+        else:  # ModelOpt calibrates in its own forward loop: the passes are recorded, then replayed through it
+            inputs = pipeline_dit_inputs(ckpt, profile, prompts, tok, images=images, device=plan.device, log=log)
+            report = quantize_model(ckpt.dit, recipe_, inputs, method=req.calib_method, exclude=exclude)
+            del inputs
     log(f"calibration: {len(report.layers)} DiT Linears -> {req.precision} from {report.passes} DiT passes")
     return {
         "recipe": {**recipe_.to_json(), "exclude": exclude},

@@ -14,7 +14,8 @@ weights (regenerated from the build's seed; scripts/official_distilled.py), eage
 precision's dtype (bf16 for bf16 / fp8 / nvfp4 with any +fa8, +fa8s, +fa4, +sage, +fa3 or +ft8); `--official-runs`
 times (default 2), the last one compared (warm, as fvrt's warm runs; every run kept); its per-stage compute times
 (model building timed apart), its MP4 encode (ltx-pipelines' own `encode_video`, PyAV), peak memory, and two
-same-run ratios per fvrt distilled run: "compute" (both sides without the MP4) and "end to end" (both with it). No ratio is ever taken against a number from another run. Writes `bench.json` and `bench.md` to --out.
+same-run ratios per fvrt distilled run: "compute" (both sides without the MP4) and "end to end" (both with it).
+No ratio is ever taken against a number from another run. Writes `bench.json` and `bench.md` to --out.
 
 GPU machine (1080p, full-size random weights; engines are rebuilt only when missing or stale):
     FVRT_CXX=g++-12 python3 scripts/bench.py --random full --device cuda --profile 1080p --out $OUT

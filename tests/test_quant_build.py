@@ -23,7 +23,7 @@ from fvrt.builder.eager import EagerEngineSet
 from fvrt.builder.engines import PRESET_PROFILES
 from fvrt.builder.quant.calibrate import quantize_model
 from fvrt.builder.quant.pipeline_calib import pipeline_dit_inputs, read_prompts, spread
-from fvrt.builder.quant.recipe import QuantRecipe
+from fvrt.builder.quant.recipe import Precision, QuantRecipe
 from fvrt.builder.random_release import load_tiny_release, write_tiny_release
 from fvrt.runtime.engine import EngineDir, check_environment
 from fvrt.runtime.manifest import EngineError, read_manifest
@@ -389,3 +389,57 @@ def test_nvfp4_block_exports_fp4_qdq_that_the_onnx_reference_matches(tmp_path: P
 def _layer_weights(spec: object, names: list[str]) -> list[torch.Tensor]:
     params = dict(spec.per_layer[0].named_parameters())  # type: ignore[attr-defined]
     return [params[n].detach() for n in names]
+
+
+def test_statistics_gathered_during_the_pipeline_runs_equal_the_replay(module_tmp: Callable[[str], Path]) -> None:
+    """`--calib-method hooks` without recorded inputs: `pipeline_dit_amax` observes every selected Linear while
+    the calibration runs execute (block Linears hooked once on their group's code, named per layer), and must give
+    what recording the passes and replaying them through the whole DiT gives, bit for bit, for every layer, from
+    as many passes; no decoder runs."""
+    from fvrt.builder.quant.calibrate import collect_amax_hooks
+    from fvrt.builder.quant.pipeline_calib import pipeline_dit_amax
+
+    folder = module_tmp("release-observed")
+    write_tiny_release(folder, ModelVersion.LTX23, seed=0)
+    ckpt = load_tiny_release(folder, torch.bfloat16, "cpu")
+    tok = module_tmp("tok-observed")
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(str(folder / "gemma"), local_files_only=True).save_pretrained(str(tok))
+    prompts = spread(read_prompts(PROMPTS), COUNT)
+    # every Linear of the DiT, not only the recipe's (block 1 alone at tiny size): both layers run one group's code,
+    # and the Linears outside the blocks are hooked directly
+    names = QuantRecipe(precision=Precision.FP8).select_linears(ckpt.dit, exclude=())
+    blocks = {n.split(".")[1] for n in names if n.startswith("transformer_blocks.")}
+    assert blocks == {"0", "1"} and any(not n.startswith("transformer_blocks.") for n in names)
+    calls: list[str] = []
+    run = EagerEngineSet.run
+
+    def counted(self: EagerEngineSet, name: str, key: str, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        calls.append(name)
+        return run(self, name, key, *inputs)
+
+    with mock.patch.object(EagerEngineSet, "run", counted):
+        observed, passes = pipeline_dit_amax(ckpt, TINY, prompts, tok, names, images=IMAGES)
+    assert "video_decoder" not in calls and "audio_decoder" not in calls
+    inputs = pipeline_dit_inputs(ckpt, TINY, prompts, tok, images=IMAGES)
+    replayed = collect_amax_hooks(ckpt.dit, names, inputs)
+    assert passes == len(inputs) == COUNT * (8 + 3)
+    assert sorted(observed) == sorted(names)
+    for n in names:  # the same inputs through the same modules: the same bits
+        assert torch.equal(observed[n], replayed[n]), (n, observed[n], replayed[n])
+
+
+def test_fp8_build_calibrated_by_hooks_during_the_runs(tmp_path: Path, models: tuple, bf16_dit: Path) -> None:
+    """`--calib-method hooks` from prompts (what the bench's GPU builds use): the statistics come from the runs
+    themselves (`pipeline_dit_amax`), and the engines equal the eager model quantised by ModelOpt on the recorded
+    passes of the same runs (the two calibrators give the same maxima)."""
+    fp8 = next_to(bf16_dit, tmp_path / "fp8-hooks")
+    logs: list[str] = []
+    req = BuildRequest(out_dir=fp8, random="tiny", precision="fp8", stages=("dit",), calib_prompts=PROMPTS,
+                       calib_count=COUNT, calib_method="hooks")  # fmt: skip
+    with mock.patch("fvrt.builder.quant.pipeline_calib.pipeline_dit_inputs", side_effect=AssertionError("recorded")):
+        build_engines(req, log=logs.append)
+    q = read_manifest(fp8).stages["dit_block_1"].extra["quantization"]
+    assert q["method"] == "hooks" and q["passes"] == COUNT * (8 + 3) and q["prompts"] == COUNT
+    assert_blocks_match(EngineDir.open(fp8), models[1])

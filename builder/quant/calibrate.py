@@ -43,6 +43,12 @@ def run_dit(model: nn.Module, inputs: Inputs) -> Any:
 # ---- amax collection ------------------------------------------------------------------------------------------
 
 
+def observe_amax(amax: dict[str, torch.Tensor], name: str, x: torch.Tensor) -> None:
+    """Fold max |x| (float32 []) into `amax[name]`: the statistic both calibrators collect."""
+    a = x.detach().abs().amax().float()
+    amax[name] = a if name not in amax else torch.maximum(amax[name], a)
+
+
 def collect_amax_hooks(
     model: nn.Module, names: Sequence[str], inputs: Iterable[Inputs], run: Runner = run_dit
 ) -> dict[str, torch.Tensor]:
@@ -51,8 +57,7 @@ def collect_amax_hooks(
 
     def hook_for(name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
         def hook(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            a = args[0].detach().abs().amax().float()
-            amax[name] = a if name not in amax else torch.maximum(amax[name], a)
+            observe_amax(amax, name, args[0])
 
         return hook
 
@@ -217,9 +222,39 @@ def quantize_model(
         amax = collect_amax_hooks(model, names, items, run)
     else:
         raise ValueError(f"calibration method must be 'modelopt' or 'hooks', got {method!r}")
-    amax = {n: amax[n] for n in names}  # module order
-    convert_linears(model, amax, recipe.precision)
-    return QuantReport(recipe.precision, method, names, {k: float(v) for k, v in amax.items()}, len(items))
+    return _convert(model, recipe, names, amax, method, len(items))
+
+
+def quantize_observed(
+    model: nn.Module,
+    recipe: QuantRecipe,
+    observe: Callable[[Sequence[str]], tuple[Mapping[str, torch.Tensor], int]],
+    *,
+    exclude: Sequence[str] | None = None,
+) -> QuantReport:
+    """`quantize_model` with method "hooks" for statistics collected while something else runs the model:
+    `observe(names)` returns the max |input| of each named Linear and how many passes it saw (DiT calibration:
+    `pipeline_calib.pipeline_dit_amax`, during the calibration pipeline runs, with no pass recorded or replayed)."""
+    if recipe.precision is Precision.BF16:
+        return QuantReport(recipe.precision, "hooks", [])
+    names = recipe.select_linears(model, exclude=exclude)
+    check_layers(model, names, recipe.precision)
+    amax, passes = observe(names)
+    _check_seen(names, amax)
+    return _convert(model, recipe, names, amax, "hooks", passes)
+
+
+def _convert(
+    model: nn.Module,
+    recipe: QuantRecipe,
+    names: Sequence[str],
+    amax: Mapping[str, torch.Tensor],
+    method: str,
+    passes: int,
+) -> QuantReport:
+    ordered = {n: amax[n] for n in names}  # module order
+    convert_linears(model, ordered, recipe.precision)
+    return QuantReport(recipe.precision, method, list(names), {k: float(v) for k, v in ordered.items()}, passes)
 
 
 __all__ = [
@@ -228,7 +263,9 @@ __all__ = [
     "collect_amax_modelopt",
     "convert_linears",
     "modelopt_config",
+    "observe_amax",
     "quantize_model",
+    "quantize_observed",
     "replace_module",
     "run_dit",
 ]
