@@ -104,10 +104,10 @@ def pipeline_dit_amax(
 ) -> tuple[dict[str, torch.Tensor], int]:
     """`pipeline_dit_inputs` then `calibrate.collect_amax_hooks` over what it recorded, in one go: the max |input|
     of each named DiT Linear (`transformer_blocks.<i>.<path>` or any other DiT module) observed while the same
-    pipeline runs execute, and the number of DiT passes they made. Nothing is recorded or replayed: at 1080p on the H100
-    (2026-12-08) the replay of the 88 recorded passes and the conversion took 129.5 s of a 266 s calibration, and
-    the recorded inputs held GPU memory until then. The pipeline runs the DiT as the engines do (prep, in, the blocks through
-    their group's code, out); a test holds the statistics equal to the replay's."""
+    pipeline runs execute, and the number of DiT passes they made. Nothing is recorded or replayed: at 1080p on
+    the H100 (2026-12-08) the replay of the 88 recorded passes and the conversion took 129.5 s of a 266 s
+    calibration, and the recorded inputs held GPU memory until then. The pipeline runs the DiT as the engines
+    do (prep, in, the blocks through their group's code, out); a test holds the statistics equal to the replay's."""
     engines = _ObservedBlocks(ckpt, [profile], device=device)
     dit = ckpt.dit
     amax: dict[str, torch.Tensor] = {}
