@@ -161,6 +161,15 @@ def test_cuda_compiles_go_to_workers_only_while_the_gpu_has_room(monkeypatch: py
     assert pool.refusal == f"{head / gib:.1f} GiB free on the GPU, a worker needs {need}: compiled in the build process"
 
 
+def test_a_worker_needs_the_bytes_of_its_strided_copies() -> None:
+    """What `_example` allocates for an input: its size and strides, not the storage it is a view of."""
+    base = torch.zeros(1000, 64)
+    assert aoti._strided_bytes(base[10:20]) == 10 * 64 * 4  # a slice of a larger storage
+    assert aoti._strided_bytes(base[:, :8]) == (999 * 64 + 8) * 4  # a strided view spans its rows
+    assert aoti._strided_bytes(base.t()) == base.numel() * 4 and aoti._strided_bytes(base[:0]) == 0
+    assert aoti._strided_bytes(torch.zeros(3, dtype=torch.bfloat16).expand(5, 3)) == 3 * 2  # stride 0
+
+
 def test_cpu_compiles_always_go_to_workers() -> None:
     pool = aoti.CompilePool(2, free_gpu_bytes=lambda device: pytest.fail("a CPU compile asked for GPU memory"))
     assert pool.admit([torch.zeros(4), torch.zeros(2, dtype=torch.int64)]) and pool.refusal == ""

@@ -436,12 +436,20 @@ def compile_job(job: CompileJob) -> tuple[list[str], float]:
 WORKER_GPU_HEADROOM = 6 << 30
 
 
+def _strided_bytes(t: torch.Tensor) -> int:
+    """The bytes `torch.empty_strided(t.shape, t.stride())` allocates (what `_example` makes of `t` in a worker),
+    whatever storage `t` itself is a view of."""
+    if t.numel() == 0:
+        return 0
+    return (1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True))) * t.element_size()
+
+
 def _cuda_bytes(args: Sequence[Any]) -> tuple[torch.device | None, int]:
     """The CUDA device of `args` and the bytes a worker allocates there for them (its zero example inputs)."""
     cuda = [a for a in args if isinstance(a, torch.Tensor) and a.is_cuda]
     if not cuda:
         return None, 0
-    return cuda[0].device, sum(a.untyped_storage().nbytes() for a in cuda)
+    return cuda[0].device, sum(_strided_bytes(a) for a in cuda)
 
 
 def _gib(n: float) -> str:
