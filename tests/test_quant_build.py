@@ -7,8 +7,9 @@ CPU runs FP8 / NVFP4 through the layers' exact emulation; the real FP8 GEMM path
 
 from __future__ import annotations
 
+import contextlib
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from unittest import mock
 
@@ -62,6 +63,20 @@ def fp8_build(module_tmp: Callable[[str], Path], bf16_dit: Path) -> Path:
     return out
 
 
+@contextlib.contextmanager
+def engine_calls() -> Iterator[list[str]]:
+    """The names of the engines an `EagerEngineSet` runs inside the block, in call order."""
+    calls: list[str] = []
+    run = EagerEngineSet.run
+
+    def counted(self: EagerEngineSet, name: str, key: str, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        calls.append(name)
+        return run(self, name, key, *inputs)
+
+    with mock.patch.object(EagerEngineSet, "run", counted):
+        yield calls
+
+
 @pytest.fixture(scope="module")
 def models(module_tmp: Callable[[str], Path]) -> tuple:
     """(bf16 checkpoint, the same checkpoint quantised as the build does it, the recorded calibration passes)."""
@@ -74,14 +89,7 @@ def models(module_tmp: Callable[[str], Path]) -> tuple:
     from transformers import AutoTokenizer
 
     AutoTokenizer.from_pretrained(str(folder / "gemma"), local_files_only=True).save_pretrained(str(tok))
-    calls: list[str] = []
-    run = EagerEngineSet.run
-
-    def counted(self: EagerEngineSet, name: str, key: str, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        calls.append(name)
-        return run(self, name, key, *inputs)
-
-    with mock.patch.object(EagerEngineSet, "run", counted):
+    with engine_calls() as calls:
         inputs = pipeline_dit_inputs(quant, TINY, prompts, tok, images=IMAGES)
     quantize_model(quant.dit, QuantRecipe.named("fp8"), inputs, method="modelopt")
     return plain, quant, inputs, calls
@@ -412,14 +420,7 @@ def test_statistics_gathered_during_the_pipeline_runs_equal_the_replay(module_tm
     names = QuantRecipe(precision=Precision.FP8).select_linears(ckpt.dit, exclude=())
     blocks = {n.split(".")[1] for n in names if n.startswith("transformer_blocks.")}
     assert blocks == {"0", "1"} and any(not n.startswith("transformer_blocks.") for n in names)
-    calls: list[str] = []
-    run = EagerEngineSet.run
-
-    def counted(self: EagerEngineSet, name: str, key: str, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        calls.append(name)
-        return run(self, name, key, *inputs)
-
-    with mock.patch.object(EagerEngineSet, "run", counted):
+    with engine_calls() as calls:
         observed, passes = pipeline_dit_amax(ckpt, TINY, prompts, tok, names, images=IMAGES)
     assert "video_decoder" not in calls and "audio_decoder" not in calls
     inputs = pipeline_dit_inputs(ckpt, TINY, prompts, tok, images=IMAGES)
