@@ -452,6 +452,13 @@ def _cuda_bytes(args: Sequence[Any]) -> tuple[torch.device | None, int]:
     return cuda[0].device, sum(_strided_bytes(a) for a in cuda)
 
 
+def _worker_gpu_need(args: Sequence[Any]) -> tuple[torch.device | None, int, int]:
+    """The CUDA device of `args` (None: a CPU compile), the bytes of a worker's copies of them, and what a worker
+    compiling with them needs free on that GPU (the copies plus `WORKER_GPU_HEADROOM`)."""
+    device, inputs = _cuda_bytes(args)
+    return device, inputs, inputs + WORKER_GPU_HEADROOM
+
+
 def _gib(n: float) -> str:
     return f"{n / 2**30:.1f} GiB"
 
@@ -488,10 +495,9 @@ class CompilePool:
         False (with `refusal` saying why) when the GPU is short with none running, even after the build process
         has returned its allocator's cached blocks to the driver."""
         self.refusal = ""
-        device, inputs = _cuda_bytes(args)
+        device, inputs, need = _worker_gpu_need(args)
         if device is None:
             return True
-        need = inputs + WORKER_GPU_HEADROOM
         emptied = False
         while True:
             self._running = {f: b for f, b in self._running.items() if not f.done()}
@@ -527,9 +533,9 @@ class CompilePool:
         threads = max(1, (os.cpu_count() or 1) // self.jobs)
         job = CompileJob(str(program), tuple(_layout(a) for a in args), cxx, attention, threads)
         future = self._executor.submit(compile_job, job)
-        device, inputs = _cuda_bytes(args)
+        device, _, need = _worker_gpu_need(args)
         if device is not None:
-            self._running[future] = inputs + WORKER_GPU_HEADROOM
+            self._running[future] = need
         return future
 
     def close(self) -> None:
