@@ -82,6 +82,11 @@ class _ObservedBlocks(EagerEngineSet):
 
     layer: int | None = None
 
+    def block_code(self, layer: int) -> torch.nn.Module:
+        """The block whose code runs layer `layer` (its group's first block)."""
+        spec, _ = self._blocks[layer]
+        return spec.module.block
+
     def run_block(self, key: str, layer: int, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.layer = layer
         try:
@@ -114,21 +119,19 @@ def pipeline_dit_amax(
     wanted = set(names)
     handles = []
     # a Linear inside a block: hooked once on its group's code (the group's first block), named per layer
-    per_block: dict[tuple[int, str], None] = {}
+    per_block: dict[tuple[int, str], torch.nn.Module] = {}  # (id of the group's code, path in the block) -> Linear
     for name in names:
         parts = name.split(".", 2)
         if parts[0] == "transformer_blocks" and len(parts) == 3 and parts[1].isdigit():
-            spec, _ = engines._blocks[int(parts[1])]
-            per_block[(id(spec), parts[2])] = None
+            code = engines.block_code(int(parts[1]))
+            per_block[(id(code), parts[2])] = code.get_submodule(parts[2])
             continue
 
         def direct(_m: torch.nn.Module, args: tuple[torch.Tensor, ...], name: str = name) -> None:
             observe_amax(amax, name, args[0])
 
         handles.append(dit.get_submodule(name).register_forward_pre_hook(direct))
-    specs = {id(spec): spec for spec, _ in engines._blocks.values()}
-    for spec_id, path in per_block:
-        template = specs[spec_id].module.block
+    for (_, path), linear in per_block.items():
 
         def in_block(_m: torch.nn.Module, args: tuple[torch.Tensor, ...], path: str = path) -> None:
             if engines.layer is None:
@@ -137,7 +140,7 @@ def pipeline_dit_amax(
             if name in wanted:  # the group's code also runs layers whose Linear the recipe leaves out
                 observe_amax(amax, name, args[0])
 
-        handles.append(template.get_submodule(path).register_forward_pre_hook(in_block))
+        handles.append(linear.register_forward_pre_hook(in_block))
     passes = 0
 
     def count(key: str, *call: torch.Tensor) -> None:
