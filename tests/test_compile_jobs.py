@@ -115,16 +115,10 @@ def test_compile_pool_needs_two_jobs() -> None:
 
 
 class _FakeCuda:
-    """A tensor stand-in on a CUDA device with `nbytes` of storage (the gate reads nothing else)."""
-
-    is_cuda = True
-    device = torch.device("cuda", 0)
+    """An input of `nbytes` on the GPU, as the test's stand-in for `_cuda_bytes` reads it."""
 
     def __init__(self, nbytes: int) -> None:
         self.nbytes = nbytes
-
-    def untyped_storage(self) -> _FakeCuda:
-        return self
 
 
 def test_cuda_compiles_go_to_workers_only_while_the_gpu_has_room(monkeypatch: pytest.MonkeyPatch) -> None:
